@@ -1,1 +1,64 @@
-fn main() {}
+//! `coloblk`: COLO-style block replication for fault-tolerant virtual machines.
+//!
+//! One binary with subcommands; the engine lives in the library crates so a VMM can embed it.
+
+#![forbid(unsafe_code)]
+
+mod disk_spec;
+mod serve;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "coloblk",
+    version,
+    about = "COLO-style block replication for fault-tolerant virtual machines",
+    long_about = "COLO-style block replication for fault-tolerant virtual machines.\n\n\
+        A primary serves a VM's disk over NBD and forwards every write to a secondary; the \
+        secondary keeps the primary's image current while a speculative VM runs on an overlay \
+        view that checkpoints empty and failover merges.\n\n\
+        Logs go to stderr; set RUST_LOG (e.g. RUST_LOG=debug) to change their level."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve images over NBD (like qemu-nbd, several exports at once).
+    Serve(serve::ServeArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("coloblk: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Serve(args) => serve::run(args).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("coloblk: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
