@@ -31,7 +31,9 @@ pub use error::{BlockError, ErrorKind, Op, Result};
 pub use extent::{Extent, ExtentList};
 pub use memory::MemoryDev;
 pub use pool::IoPool;
-pub use qcow2::{Qcow2, Qcow2Options};
+pub use qcow2::{
+    DEFAULT_CLUSTER_SIZE, ImageFormat, Qcow2, Qcow2Backing, Qcow2CreateOptions, Qcow2Options,
+};
 pub use raw::{RawFile, RawOptions};
 
 /// Flags of a write. `fua` asks that the data be durable before the write completes.

@@ -1,0 +1,147 @@
+//! Shared helpers for the end-to-end tests: start our binary and real peers, wait for their
+//! sockets, run tools and check their exit status, and clean up every process on drop.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// The `coloblk` binary under test.
+pub fn coloblk() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_coloblk"))
+}
+
+/// Is `tool` on PATH? The test script installs every peer, so a missing one is a setup bug:
+/// tests fail loudly unless COLOBLK_ALLOW_MISSING_PEERS is set.
+pub fn require(tool: &str) -> bool {
+    let found = Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !found && std::env::var_os("COLOBLK_ALLOW_MISSING_PEERS").is_none() {
+        panic!("{tool} is not installed; run scripts/test, which installs the test peers");
+    }
+    found
+}
+
+/// A child process killed (and reaped) on drop.
+pub struct Proc {
+    pub child: Child,
+    pub name: String,
+}
+
+impl Proc {
+    pub fn spawn(name: &str, cmd: &mut Command) -> Proc {
+        let child = cmd
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        Proc { child, name: name.to_string() }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// Sends a signal (by number) to the process.
+    pub fn signal(&self, sig: &str) {
+        let st = Command::new("kill").args([&format!("-{sig}"), &self.pid().to_string()]).status().unwrap();
+        assert!(st.success(), "kill -{sig} {} failed", self.name);
+    }
+
+    /// Waits for the process to exit, at most `limit`.
+    pub fn wait_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let start = Instant::now();
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st;
+            }
+            assert!(start.elapsed() < limit, "{} did not exit within {limit:?}", self.name);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Waits until `path` exists and accepts connections.
+pub fn wait_socket(path: &Path, proc_: &mut Proc) {
+    let start = Instant::now();
+    loop {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return;
+        }
+        if let Some(st) = proc_.child.try_wait().unwrap() {
+            panic!("{} exited with {st} before listening on {}", proc_.name, path.display());
+        }
+        assert!(start.elapsed() < Duration::from_secs(20), "{} never listened", proc_.name);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Runs a command, asserts success, returns its output.
+pub fn run(cmd: &mut Command) -> Output {
+    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed with {}\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+pub fn stdout(cmd: &mut Command) -> String {
+    String::from_utf8(run(cmd).stdout).unwrap()
+}
+
+/// The NBD URI of export `name` on unix socket `sock`.
+pub fn unix_uri(name: &str, sock: &Path) -> String {
+    format!("nbd+unix:///{name}?socket={}", sock.display())
+}
+
+/// A sparse raw file of `len` bytes.
+pub fn raw_image(dir: &Path, name: &str, len: u64) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::File::create(&p).unwrap().set_len(len).unwrap();
+    p
+}
+
+/// `coloblk serve` on a unix socket in `dir`, already listening.
+pub struct Served {
+    pub proc_: Proc,
+    pub sock: PathBuf,
+}
+
+pub fn serve(dir: &Path, exports: &[&str]) -> Served {
+    let sock = dir.join("coloblk.sock");
+    let mut cmd = coloblk();
+    cmd.arg("serve").arg("--listen").arg(format!("unix:{}", sock.display()));
+    for e in exports {
+        cmd.arg("--export").arg(e);
+    }
+    let mut proc_ = Proc::spawn("coloblk serve", &mut cmd);
+    wait_socket(&sock, &mut proc_);
+    Served { proc_, sock }
+}
+
+/// Deterministic pseudo-random bytes (xorshift), so tests need no rand crate.
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
