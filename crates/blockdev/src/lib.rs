@@ -19,6 +19,7 @@
 
 mod error;
 mod extent;
+pub mod fault;
 mod memory;
 mod pool;
 mod qcow2;

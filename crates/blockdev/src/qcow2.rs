@@ -128,7 +128,10 @@ pub struct Qcow2CreateOptions {
 
 impl Default for Qcow2CreateOptions {
     fn default() -> Self {
-        Qcow2CreateOptions { cluster_size: DEFAULT_CLUSTER_SIZE, backing: None }
+        Qcow2CreateOptions {
+            cluster_size: DEFAULT_CLUSTER_SIZE,
+            backing: None,
+        }
     }
 }
 
@@ -169,6 +172,11 @@ fn io_error(err: io::Error, op: Op, offset: u64, path: &Path) -> BlockError {
     BlockError::new(kind, op, offset).context(context)
 }
 
+/// Whether `x` is a multiple of `pow2`, a power of two.
+fn aligned(x: u64, pow2: u64) -> bool {
+    x & (pow2 - 1) == 0
+}
+
 /// The fields of the qcow2 header imago does not expose.
 struct HeaderFacts {
     version: u32,
@@ -189,10 +197,17 @@ fn read_header(path: &Path) -> Result<HeaderFacts> {
     let version = u32::from_be_bytes([head[4], head[5], head[6], head[7]]);
     let cluster_bits = u32::from_be_bytes([head[20], head[21], head[22], head[23]]);
     if !(9..=21).contains(&cluster_bits) {
-        return Err(BlockError::new(ErrorKind::InvalidArgument, Op::Open, 0)
-            .context(format!("{}: bad cluster_bits {cluster_bits}", path.display())));
+        return Err(
+            BlockError::new(ErrorKind::InvalidArgument, Op::Open, 0).context(format!(
+                "{}: bad cluster_bits {cluster_bits}",
+                path.display()
+            )),
+        );
     }
-    Ok(HeaderFacts { version, cluster_size: 1 << cluster_bits })
+    Ok(HeaderFacts {
+        version,
+        cluster_size: 1 << cluster_bits,
+    })
 }
 
 /// Allocation state of a run of the image's own clusters.
@@ -219,7 +234,11 @@ impl Alloc {
         match self {
             Alloc::Data => Extent::data(len),
             Alloc::Zero => Extent::zero(len),
-            Alloc::Backing => Extent { len, hole: true, zero: false },
+            Alloc::Backing => Extent {
+                len,
+                hole: true,
+                zero: false,
+            },
             Alloc::Unallocated => Extent::hole(len),
         }
     }
@@ -241,7 +260,9 @@ fn walk_mappings(
         let alloc = match mapping {
             ShallowMapping::Raw { .. } | ShallowMapping::Special { .. } => Alloc::Data,
             ShallowMapping::Zero { explicit: true, .. } => Alloc::Zero,
-            ShallowMapping::Zero { explicit: false, .. } => Alloc::Unallocated,
+            ShallowMapping::Zero {
+                explicit: false, ..
+            } => Alloc::Unallocated,
             ShallowMapping::Indirect { .. } => Alloc::Backing,
             ShallowMapping::Eof { .. } => break,
             // A mapping kind newer than this code: calling it data is never wrong.
@@ -257,12 +278,16 @@ fn walk_mappings(
     Ok(())
 }
 
-/// Ranges within `offset..end` allocated in this image (data or zero clusters), neighbours
-/// merged.
-fn allocated_ranges(access: &FormatAccess<File>, offset: u64, end: u64) -> io::Result<Vec<(u64, u64)>> {
+/// The runs of `offset..end` whose state satisfies `keep`, neighbours merged.
+fn ranges_where(
+    access: &FormatAccess<File>,
+    offset: u64,
+    end: u64,
+    keep: impl Fn(Alloc) -> bool,
+) -> io::Result<Vec<(u64, u64)>> {
     let mut ranges: Vec<(u64, u64)> = Vec::new();
     walk_mappings(access, offset, end, |pos, len, alloc| {
-        if !alloc.allocated() {
+        if !keep(alloc) {
             return;
         }
         match ranges.last_mut() {
@@ -273,6 +298,14 @@ fn allocated_ranges(access: &FormatAccess<File>, offset: u64, end: u64) -> io::R
     Ok(ranges)
 }
 
+/// Runs that may not read as zeroes: data here, or unallocated over a backing image. Zero
+/// clusters, and unallocated clusters at the bottom of a chain, read as zeroes already, so
+/// zeroing a fresh image (as `qemu-img convert` and nbdcopy do first) costs a walk of the L1
+/// table instead of an L2 table for every 512 MiB.
+fn maybe_nonzero(alloc: Alloc) -> bool {
+    matches!(alloc, Alloc::Data | Alloc::Backing)
+}
+
 /// Discards the allocated clusters of `offset..end` so they read from the backing image again.
 /// Returns the bytes of allocated ranges handed to imago.
 ///
@@ -280,25 +313,67 @@ fn allocated_ranges(access: &FormatAccess<File>, offset: u64, end: u64) -> io::R
 /// range it is given, which would grow an overlay while emptying it.
 fn discard_allocated(image: &Image, offset: u64, end: u64, op: Op) -> Result<u64> {
     let mut access = image.access.write();
-    let ranges = allocated_ranges(&access, offset, end).map_err(|e| image.error(e, op, offset))?;
+    let ranges = ranges_where(&access, offset, end, Alloc::allocated)
+        .map_err(|e| image.error(e, op, offset))?;
     let mut total = 0;
     for (start, len) in ranges {
-        access.discard_to_backing(start, len).map_err(|e| image.error(e, op, start))?;
+        access
+            .discard_to_backing(start, len)
+            .map_err(|e| image.error(e, op, start))?;
         total += len;
     }
     Ok(total)
 }
 
-/// Writes `len` zero bytes as data (v2 images, which have no zero clusters).
-fn write_zero_data(image: &Image, offset: u64, len: u64) -> Result<()> {
-    let zeroes = vec![0u8; len.min(ZERO_CHUNK) as usize];
+/// Makes `offset..end` read as zeroes, touching only the runs that may not yet.
+///
+/// v3 images get zero clusters for whole clusters (imago writes zeroes into partial ones);
+/// with `unmap` the zeroed clusters' storage is freed, which needs exclusive access. v2 images
+/// have no zero clusters, so zeroes are written as data.
+fn zero_range(
+    image: &Image,
+    offset: u64,
+    end: u64,
+    zero_clusters: bool,
+    unmap: bool,
+) -> Result<()> {
+    let err = |e, at| image.error(e, Op::WriteZeroes, at);
+    if zero_clusters && unmap {
+        let mut access = image.access.write();
+        let ranges =
+            ranges_where(&access, offset, end, maybe_nonzero).map_err(|e| err(e, offset))?;
+        for (start, len) in ranges {
+            access
+                .discard_to_zero(start, len)
+                .map_err(|e| err(e, start))?;
+        }
+        return Ok(());
+    }
     let access = image.access.read();
+    let ranges = ranges_where(&access, offset, end, maybe_nonzero).map_err(|e| err(e, offset))?;
+    for (start, len) in ranges {
+        if zero_clusters {
+            access.write_zeroes(start, len).map_err(|e| err(e, start))?;
+        } else {
+            write_zero_data(&access, start, len).map_err(|(e, at)| err(e, at))?;
+        }
+    }
+    Ok(())
+}
+
+/// Writes `len` zero bytes as data; on failure returns the error and where it happened.
+fn write_zero_data(
+    access: &FormatAccess<File>,
+    offset: u64,
+    len: u64,
+) -> Result<(), (io::Error, u64)> {
+    let zeroes = vec![0u8; len.min(ZERO_CHUNK) as usize];
     let mut done = 0;
     while done < len {
         let n = (len - done).min(ZERO_CHUNK) as usize;
         access
             .write(&zeroes[..n], offset + done)
-            .map_err(|e| image.error(e, Op::WriteZeroes, offset + done))?;
+            .map_err(|e| (e, offset + done))?;
         done += n as u64;
     }
     Ok(())
@@ -347,7 +422,9 @@ impl Qcow2 {
         };
         // Permissive: the chain named in the header is opened as recorded. Images come from the
         // operator, not from guests, so that is the intended trust model.
-        let qcow2 = builder.open(PermissiveImplicitOpenGate::default()).map_err(open_err)?;
+        let qcow2 = builder
+            .open(PermissiveImplicitOpenGate::default())
+            .map_err(open_err)?;
         let has_backing = match &opts.backing {
             Qcow2Backing::FromHeader => qcow2.implicit_backing_file().is_some(),
             Qcow2Backing::None => false,
@@ -367,7 +444,10 @@ impl Qcow2 {
             fast_zero: !opts.read_only && zero_clusters,
         };
         Ok(Qcow2 {
-            image: Some(Arc::new(Image { access: RwLock::new(access), path: path.clone() })),
+            image: Some(Arc::new(Image {
+                access: RwLock::new(access),
+                path: path.clone(),
+            })),
             path,
             info,
             cluster_size: header.cluster_size,
@@ -378,10 +458,16 @@ impl Qcow2 {
     }
 
     /// [`Qcow2::open`] on the I/O pool, for callers on a tokio worker.
-    pub async fn open_async(path: impl AsRef<Path>, opts: Qcow2Options, pool: IoPool) -> Result<Self> {
+    pub async fn open_async(
+        path: impl AsRef<Path>,
+        opts: Qcow2Options,
+        pool: IoPool,
+    ) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
         let runner = pool.clone();
-        runner.run(Op::Open, 0, move || Qcow2::open(path, opts, pool)).await
+        runner
+            .run(Op::Open, 0, move || Qcow2::open(path, opts, pool))
+            .await
     }
 
     /// Creates (or overwrites) a qcow2 v3 image of `len` bytes with 16-bit refcounts, using
@@ -392,16 +478,22 @@ impl Qcow2 {
     pub fn create(path: impl AsRef<Path>, len: u64, opts: Qcow2CreateOptions) -> Result<()> {
         let path = path.as_ref();
         let create_err = |e: io::Error| io_error(e, Op::Create, 0, path);
-        if len % 512 != 0 {
-            return Err(BlockError::new(ErrorKind::InvalidArgument, Op::Create, 0)
-                .context(format!("{}: size {len} is not a multiple of 512", path.display())));
+        if !aligned(len, 512) {
+            return Err(
+                BlockError::new(ErrorKind::InvalidArgument, Op::Create, 0).context(format!(
+                    "{}: size {len} is not a multiple of 512",
+                    path.display()
+                )),
+            );
         }
         let backing = match &opts.backing {
             None => None,
             Some((backing, format)) => {
                 let name = backing.to_str().ok_or_else(|| {
-                    BlockError::new(ErrorKind::InvalidArgument, Op::Create, 0)
-                        .context(format!("backing file name {} is not UTF-8", backing.display()))
+                    BlockError::new(ErrorKind::InvalidArgument, Op::Create, 0).context(format!(
+                        "backing file name {} is not UTF-8",
+                        backing.display()
+                    ))
                 })?;
                 // The header records the name as given; check now that it resolves, rather
                 // than creating an image that cannot be opened.
@@ -426,7 +518,9 @@ impl Qcow2 {
             builder = builder.backing(name, format);
         }
         builder.create().map_err(create_err)?;
-        StdFile::open(path).and_then(|f| f.sync_all()).map_err(create_err)
+        StdFile::open(path)
+            .and_then(|f| f.sync_all())
+            .map_err(create_err)
     }
 
     /// [`Qcow2::create`] on the I/O pool.
@@ -437,7 +531,8 @@ impl Qcow2 {
         pool: &IoPool,
     ) -> Result<()> {
         let path = path.as_ref().to_path_buf();
-        pool.run(Op::Create, 0, move || Qcow2::create(path, len, opts)).await
+        pool.run(Op::Create, 0, move || Qcow2::create(path, len, opts))
+            .await
     }
 
     /// The image file.
@@ -470,7 +565,9 @@ impl Qcow2 {
         let image = self.image();
         let len = self.info.len;
         self.pool
-            .run(Op::Discard, 0, move || discard_allocated(&image, 0, len, Op::Discard))
+            .run(Op::Discard, 0, move || {
+                discard_allocated(&image, 0, len, Op::Discard)
+            })
             .await
     }
 
@@ -479,29 +576,32 @@ impl Qcow2 {
         let Some(image) = self.image.take() else {
             return Ok(());
         };
-        if self.info.read_only {
-            self.pool.run(Op::Flush, 0, move || Ok(drop(image))).await
-        } else {
-            self.pool
-                .run(Op::Flush, 0, move || {
+        let read_only = self.info.read_only;
+        self.pool
+            .run(Op::Flush, 0, move || {
+                if !read_only {
                     image.flush(Op::Flush, 0)?;
-                    drop(image);
-                    Ok(())
-                })
-                .await
-        }
+                }
+                drop(image);
+                Ok(())
+            })
+            .await
     }
 
     fn image(&self) -> Arc<Image> {
-        Arc::clone(self.image.as_ref().expect("the image is present until the device is dropped"))
+        Arc::clone(
+            self.image
+                .as_ref()
+                .expect("the image is present until the device is dropped"),
+        )
     }
 
     /// Whether write-zeroes of `offset..offset+len` can be done with zero clusters alone.
     fn zeroes_are_fast(&self, offset: u64, len: u64) -> bool {
         let end = offset + len;
         self.zero_clusters
-            && offset % self.cluster_size == 0
-            && (end % self.cluster_size == 0 || end == self.info.len)
+            && aligned(offset, self.cluster_size)
+            && (aligned(end, self.cluster_size) || end == self.info.len)
     }
 }
 
@@ -572,14 +672,17 @@ impl BlockDev for Qcow2 {
             return Ok(());
         }
         let image = self.image();
-        self.pool.run(Op::Flush, 0, move || image.flush(Op::Flush, 0)).await
+        self.pool
+            .run(Op::Flush, 0, move || image.flush(Op::Flush, 0))
+            .await
     }
 
     /// Whole clusters become zero clusters (v3), which also hide the backing image; partial
     /// clusters get zeroes written as data (after copy-on-write from the backing image). With
     /// `may_unmap` the zeroed clusters' storage is freed, otherwise it stays allocated.
     /// `fast_only` fails with [`ErrorKind::NotSupported`] unless the range is whole clusters of
-    /// a v3 image. v2 images write zeroes as data.
+    /// a v3 image. v2 images write zeroes as data. Parts that read as zeroes already (zero
+    /// clusters; unallocated clusters without a backing image) are left untouched.
     async fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
         check_write(&self.info, Op::WriteZeroes, offset, len)?;
         if len == 0 {
@@ -591,21 +694,16 @@ impl BlockDev for Qcow2 {
             } else {
                 "qcow2 v2 images have no zero clusters".to_string()
             };
-            return Err(BlockError::new(ErrorKind::NotSupported, Op::WriteZeroes, offset)
-                .context(format!("{}: {why}", self.path.display())));
+            return Err(
+                BlockError::new(ErrorKind::NotSupported, Op::WriteZeroes, offset)
+                    .context(format!("{}: {why}", self.path.display())),
+            );
         }
         let image = self.image();
         let zero_clusters = self.zero_clusters;
         self.pool
             .run(Op::WriteZeroes, offset, move || {
-                let err = |e| image.error(e, Op::WriteZeroes, offset);
-                if !zero_clusters {
-                    write_zero_data(&image, offset, len)?;
-                } else if flags.may_unmap {
-                    image.access.write().discard_to_zero(offset, len).map_err(err)?;
-                } else {
-                    image.access.read().write_zeroes(offset, len).map_err(err)?;
-                }
+                zero_range(&image, offset, offset + len, zero_clusters, flags.may_unmap)?;
                 if flags.fua {
                     image.flush(Op::WriteZeroes, offset)?;
                 }
@@ -637,15 +735,21 @@ impl BlockDev for Qcow2 {
     async fn block_status(&self, offset: u64, len: u64) -> Result<ExtentList> {
         check_range(Op::BlockStatus, offset, len, self.info.len)?;
         if len == 0 {
-            return Err(BlockError::new(ErrorKind::InvalidArgument, Op::BlockStatus, offset));
+            return Err(BlockError::new(
+                ErrorKind::InvalidArgument,
+                Op::BlockStatus,
+                offset,
+            ));
         }
         let image = self.image();
         self.pool
             .run(Op::BlockStatus, offset, move || {
                 let mut list = ExtentList::new();
                 let access = image.access.read();
-                walk_mappings(&access, offset, offset + len, |_, n, alloc| list.push(alloc.extent(n)))
-                    .map_err(|e| image.error(e, Op::BlockStatus, offset))?;
+                walk_mappings(&access, offset, offset + len, |_, n, alloc| {
+                    list.push(alloc.extent(n))
+                })
+                .map_err(|e| image.error(e, Op::BlockStatus, offset))?;
                 Ok(list)
             })
             .await
@@ -659,7 +763,15 @@ mod tests {
     async fn fresh(len: u64, cluster_size: u32) -> (tempfile::TempDir, Qcow2) {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("disk.qcow2");
-        Qcow2::create(&p, len, Qcow2CreateOptions { cluster_size, backing: None }).unwrap();
+        Qcow2::create(
+            &p,
+            len,
+            Qcow2CreateOptions {
+                cluster_size,
+                backing: None,
+            },
+        )
+        .unwrap();
         let dev = Qcow2::open(&p, Qcow2Options::default(), IoPool::default()).unwrap();
         (dir, dev)
     }
@@ -667,14 +779,19 @@ mod tests {
     #[tokio::test]
     async fn unwritten_image_is_one_zero_hole() {
         let (_d, dev) = fresh(1 << 20, 4096).await;
-        assert_eq!(dev.block_status(0, 1 << 20).await.unwrap().0, vec![Extent::hole(1 << 20)]);
+        assert_eq!(
+            dev.block_status(0, 1 << 20).await.unwrap().0,
+            vec![Extent::hole(1 << 20)]
+        );
         assert_eq!(&dev.read(0, 8192).await.unwrap()[..], &[0u8; 8192][..]);
     }
 
     #[tokio::test]
     async fn discard_of_partial_clusters_keeps_their_data() {
         let (_d, dev) = fresh(1 << 20, 4096).await;
-        dev.write(0, Bytes::from(vec![3u8; 3 * 4096]), WriteFlags::default()).await.unwrap();
+        dev.write(0, Bytes::from(vec![3u8; 3 * 4096]), WriteFlags::default())
+            .await
+            .unwrap();
         dev.discard(100, 2 * 4096).await.unwrap();
         let got = dev.read(0, 3 * 4096).await.unwrap();
         assert!(got[..4096].iter().all(|&b| b == 3));
@@ -686,14 +803,21 @@ mod tests {
     async fn make_empty_of_an_unwritten_image_allocates_nothing() {
         let (_d, dev) = fresh(1 << 30, 65536).await;
         assert_eq!(dev.make_empty().await.unwrap(), 0);
-        assert_eq!(dev.block_status(0, 1 << 30).await.unwrap().0, vec![Extent::hole(1 << 30)]);
+        assert_eq!(
+            dev.block_status(0, 1 << 30).await.unwrap().0,
+            vec![Extent::hole(1 << 30)]
+        );
     }
 
     #[test]
     fn create_refuses_sizes_qemu_refuses() {
         let dir = tempfile::tempdir().unwrap();
-        let e = Qcow2::create(dir.path().join("x.qcow2"), 1000, Qcow2CreateOptions::default())
-            .unwrap_err();
+        let e = Qcow2::create(
+            dir.path().join("x.qcow2"),
+            1000,
+            Qcow2CreateOptions::default(),
+        )
+        .unwrap_err();
         assert_eq!(e.kind, ErrorKind::InvalidArgument);
     }
 

@@ -1,1 +1,5 @@
-//! (in progress)
+//! The coloblk replication engine.
+
+#![forbid(unsafe_code)]
+
+pub mod primary;

@@ -1,0 +1,297 @@
+//! The forwarding queue: carries the primary's changes to the secondary in order, pipelined,
+//! within a bound in bytes and requests, and turns every failure into the node's sticky error
+//! plus dirty ranges instead of an error for the VM.
+//!
+//! ```text
+//!  VM write -> local disk -> push(op) --bounded queue--> forwarder task --link--> secondary
+//!                                   (backpressure)        | overlaps wait for the earlier op
+//!                                                         | barrier: wait all, flush, answer
+//! ```
+//!
+//! Order: ops enter the queue in local completion order (the node's range lock ensures that for
+//! overlapping writes); the forwarder never sends an op while an overlapping earlier op is still
+//! in flight, so overlapping writes reach the secondary in that same order, while disjoint ones
+//! are pipelined.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use blockdev::{BlockDev, BlockError, ErrorKind, WriteFlags, ZeroFlags};
+use bytes::Bytes;
+use parking_lot::Mutex;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, broadcast, oneshot};
+use tokio::task::JoinSet;
+use tracing::{debug, warn};
+
+use super::dirty::DirtyBitmap;
+use super::{PrimaryEvent, QueueLimits};
+
+/// One change to carry to the secondary.
+#[derive(Debug, Clone)]
+pub enum Change {
+    Write { offset: u64, data: Bytes, fua: bool },
+    Zeroes { offset: u64, len: u64, flags: ZeroFlags },
+    Discard { offset: u64, len: u64 },
+    Flush,
+}
+
+impl Change {
+    /// The byte range the change touches (none for a flush).
+    pub fn range(&self) -> Option<(u64, u64)> {
+        match self {
+            Change::Write { offset, data, .. } => Some((*offset, data.len() as u64)),
+            Change::Zeroes { offset, len, .. } | Change::Discard { offset, len } => Some((*offset, *len)),
+            Change::Flush => None,
+        }
+    }
+
+    fn payload_bytes(&self) -> usize {
+        match self {
+            Change::Write { data, .. } => data.len(),
+            _ => 0,
+        }
+    }
+}
+
+/// What a forwarded change or a barrier reports back.
+pub type Ack = Result<(), String>;
+
+enum Item {
+    Change { change: Change, ack: Option<oneshot::Sender<Ack>>, _budget: Budget },
+    /// Answers once everything before it is acknowledged (and flushed when asked).
+    Barrier { flush: bool, ack: oneshot::Sender<Ack> },
+}
+
+struct Budget {
+    _requests: OwnedSemaphorePermit,
+    _bytes: Option<OwnedSemaphorePermit>,
+}
+
+/// Counters exposed in status and metrics.
+#[derive(Debug, Default)]
+pub struct ForwardStats {
+    pub forwarded_writes: AtomicU64,
+    pub forwarded_bytes: AtomicU64,
+    pub forward_errors: AtomicU64,
+    pub queued_requests: AtomicU64,
+    pub queued_bytes: AtomicU64,
+}
+
+/// State shared by the node and the forwarder task.
+pub struct Shared {
+    pub link: Mutex<Option<Arc<dyn BlockDev>>>,
+    /// The link failed or hung: stop waiting for it and record writes as dirty instead.
+    pub link_down: AtomicBool,
+    pub error: Mutex<Option<String>>,
+    pub dirty: DirtyBitmap,
+    pub stats: ForwardStats,
+    pub events: broadcast::Sender<PrimaryEvent>,
+    pub timeout: Option<Duration>,
+}
+
+impl Shared {
+    /// Records a failure: sticky error, counted, an event, and the range marked dirty.
+    pub fn fail(&self, range: Option<(u64, u64)>, err: &str, link_lost: bool) {
+        self.stats.forward_errors.fetch_add(1, Ordering::Relaxed);
+        if let Some((o, l)) = range {
+            self.dirty.mark(o, l);
+        }
+        let first = {
+            let mut e = self.error.lock();
+            let first = e.is_none();
+            e.get_or_insert_with(|| err.to_string());
+            first
+        };
+        if first {
+            warn!("forwarding to the secondary failed: {err}");
+        }
+        if link_lost && !self.link_down.swap(true, Ordering::SeqCst) {
+            warn!("secondary link lost: {err}; serving at local speed, recording dirty ranges");
+            let _ = self.events.send(PrimaryEvent::LinkLost { reason: err.to_string() });
+        }
+        let _ = self.events.send(PrimaryEvent::ForwardFailed {
+            offset: range.map_or(0, |r| r.0),
+            len: range.map_or(0, |r| r.1),
+            error: err.to_string(),
+        });
+    }
+
+    fn usable_link(&self) -> Option<Arc<dyn BlockDev>> {
+        if self.link_down.load(Ordering::SeqCst) {
+            return None;
+        }
+        self.link.lock().clone()
+    }
+}
+
+/// The bounded queue and its consumer.
+pub struct Forwarder {
+    items: Mutex<VecDeque<Item>>,
+    wake: Notify,
+    requests: Arc<Semaphore>,
+    bytes: Arc<Semaphore>,
+    byte_limit: usize,
+    max_in_flight: usize,
+    shared: Arc<Shared>,
+}
+
+impl Forwarder {
+    pub fn new(limits: QueueLimits, shared: Arc<Shared>) -> Arc<Self> {
+        Arc::new(Forwarder {
+            items: Mutex::new(VecDeque::new()),
+            wake: Notify::new(),
+            requests: Arc::new(Semaphore::new(limits.max_requests.max(1))),
+            bytes: Arc::new(Semaphore::new(limits.max_bytes.max(1))),
+            byte_limit: limits.max_bytes.max(1),
+            max_in_flight: limits.max_in_flight.max(1),
+            shared,
+        })
+    }
+
+    /// Queues a change, waiting while the queue is full (backpressure). The receiver, if
+    /// asked for, reports the secondary's answer.
+    pub async fn push(&self, change: Change, want_ack: bool) -> Option<oneshot::Receiver<Ack>> {
+        let requests = self.requests.clone().acquire_owned().await.ok()?;
+        let n = change.payload_bytes().min(self.byte_limit);
+        let bytes = if n > 0 { Some(self.bytes.clone().acquire_many_owned(n as u32).await.ok()?) } else { None };
+        let (tx, rx) = if want_ack {
+            let (tx, rx) = oneshot::channel();
+            (Some(tx), Some(rx))
+        } else {
+            (None, None)
+        };
+        self.shared.stats.queued_requests.fetch_add(1, Ordering::Relaxed);
+        self.shared.stats.queued_bytes.fetch_add(change.payload_bytes() as u64, Ordering::Relaxed);
+        let item = Item::Change { change, ack: tx, _budget: Budget { _requests: requests, _bytes: bytes } };
+        self.items.lock().push_back(item);
+        self.wake.notify_one();
+        rx
+    }
+
+    /// Queues a barrier; the receiver answers once everything queued before is acknowledged.
+    pub fn barrier(&self, flush: bool) -> oneshot::Receiver<Ack> {
+        let (tx, rx) = oneshot::channel();
+        self.items.lock().push_back(Item::Barrier { flush, ack: tx });
+        self.wake.notify_one();
+        rx
+    }
+
+    async fn next(&self) -> Item {
+        loop {
+            let waiter = self.wake.notified();
+            if let Some(item) = self.items.lock().pop_front() {
+                return item;
+            }
+            waiter.await;
+        }
+    }
+
+    /// The forwarder task: runs until the node is dropped.
+    pub async fn run(self: Arc<Self>) {
+        let mut in_flight: JoinSet<()> = JoinSet::new();
+        let mut ranges: Vec<(tokio::task::Id, u64, u64)> = Vec::new();
+        loop {
+            let item = tokio::select! {
+                biased;
+                Some(done) = in_flight.join_next_with_id(), if !in_flight.is_empty() => {
+                    retire(&mut ranges, done);
+                    continue;
+                }
+                item = self.next() => item,
+            };
+            match item {
+                Item::Change { change, ack, _budget } => {
+                    let range = change.range();
+                    if let Some((o, l)) = range {
+                        while in_flight.len() >= self.max_in_flight
+                            || ranges.iter().any(|(_, s, e)| *s < o + l && o < *e)
+                        {
+                            let done = in_flight.join_next_with_id().await.expect("non-empty");
+                            retire(&mut ranges, done);
+                        }
+                    } else {
+                        // A flush covers everything before it.
+                        while let Some(done) = in_flight.join_next_with_id().await {
+                            retire(&mut ranges, done);
+                        }
+                    }
+                    let shared = self.shared.clone();
+                    let handle = in_flight.spawn(async move {
+                        let r = send(&shared, &change).await;
+                        shared.stats.queued_requests.fetch_sub(1, Ordering::Relaxed);
+                        shared.stats.queued_bytes.fetch_sub(change.payload_bytes() as u64, Ordering::Relaxed);
+                        if let Some(ack) = ack {
+                            let _ = ack.send(r);
+                        }
+                        drop(_budget);
+                    });
+                    if let Some((o, l)) = range {
+                        ranges.push((handle.id(), o, o + l));
+                    }
+                }
+                Item::Barrier { flush, ack } => {
+                    while let Some(done) = in_flight.join_next_with_id().await {
+                        retire(&mut ranges, done);
+                    }
+                    let r = if flush { send(&self.shared, &Change::Flush).await } else { Ok(()) };
+                    let r = r.and_then(|()| match self.shared.error.lock().clone() {
+                        Some(e) => Err(e),
+                        None => Ok(()),
+                    });
+                    let _ = ack.send(r);
+                }
+            }
+        }
+    }
+}
+
+fn retire(ranges: &mut Vec<(tokio::task::Id, u64, u64)>, done: Result<(tokio::task::Id, ()), tokio::task::JoinError>) {
+    let id = match done {
+        Ok((id, ())) => id,
+        Err(e) => e.id(),
+    };
+    ranges.retain(|(i, _, _)| *i != id);
+}
+
+/// Sends one change over the link, with the link timeout; failures become sticky.
+async fn send(shared: &Shared, change: &Change) -> Ack {
+    let range = change.range();
+    let Some(link) = shared.usable_link() else {
+        if let Some((o, l)) = range {
+            shared.dirty.mark(o, l);
+        }
+        return Err(shared.error.lock().clone().unwrap_or_else(|| "the secondary is not connected".into()));
+    };
+    let op = async {
+        match change.clone() {
+            Change::Write { offset, data, fua } => link.write(offset, data, WriteFlags { fua }).await,
+            Change::Zeroes { offset, len, flags } => link.write_zeroes(offset, len, flags).await,
+            Change::Discard { offset, len } => link.discard(offset, len).await,
+            Change::Flush => link.flush().await,
+        }
+    };
+    let result = match shared.timeout {
+        Some(t) => tokio::time::timeout(t, op).await.unwrap_or_else(|_| {
+            Err(BlockError::new(ErrorKind::TimedOut, blockdev::Op::Write, range.map_or(0, |r| r.0))
+                .context(format!("the secondary did not answer within {t:?}")))
+        }),
+        None => op.await,
+    };
+    match result {
+        Ok(()) => {
+            if let Change::Write { data, .. } = change {
+                shared.stats.forwarded_writes.fetch_add(1, Ordering::Relaxed);
+                shared.stats.forwarded_bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
+            }
+            Ok(())
+        }
+        Err(e) => {
+            let lost = matches!(e.kind, ErrorKind::Shutdown | ErrorKind::TimedOut);
+            debug!("forward failed: {e}");
+            shared.fail(range, &e.to_string(), lost);
+            Err(e.to_string())
+        }
+    }
+}

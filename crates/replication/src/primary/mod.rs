@@ -1,0 +1,387 @@
+//! The primary replication node: serves the VM from the local disk and carries every change to
+//! the secondary.
+//!
+//! ```text
+//!   VM (BlockDev) --> PrimaryNode --read/write--> local disk
+//!                         |
+//!                         '--changes--> Forwarder --link (NBD client)--> secondary replica
+//! ```
+//!
+//! Differences from QEMU's primary (quorum + replication + NBD), on purpose:
+//! - a local write error always reaches the VM (QEMU's quorum with vote-threshold=1 hides it);
+//! - `async` mode (the default) acknowledges the VM once the local write is done; `sync` mode
+//!   waits for the secondary as QEMU does;
+//! - write-zeroes and discard travel as such (QEMU sends zeroes as data and drops discards);
+//! - a forwarding failure is sticky, counted, raised as an event and fails the next checkpoint
+//!   (drain) unless forced — QEMU only records it where COLO never looks;
+//! - every write the secondary may have missed is recorded in a dirty bitmap for resync;
+//! - `checkpoint` is a drain barrier (QEMU relies on stopping the VM to drain).
+
+mod dirty;
+mod forward;
+mod range_lock;
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use blockdev::{BlockDev, BlockError, DevInfo, ExtentList, WriteFlags, ZeroFlags};
+use bytes::Bytes;
+use parking_lot::Mutex;
+use tokio::sync::broadcast;
+
+pub use dirty::DirtyBitmap;
+pub use forward::ForwardStats;
+use forward::{Change, Forwarder, Shared};
+use range_lock::RangeLock;
+
+/// When a VM write completes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ForwardMode {
+    /// When the local write and the forward have both finished (QEMU's behaviour).
+    Sync,
+    /// When the local write is done; the forward follows through the bounded queue.
+    #[default]
+    Async,
+}
+
+impl std::str::FromStr for ForwardMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "sync" => Ok(ForwardMode::Sync),
+            "async" => Ok(ForwardMode::Async),
+            _ => Err(format!("unknown mode '{s}' (async or sync)")),
+        }
+    }
+}
+
+/// Bounds of the forwarding queue.
+#[derive(Debug, Clone, Copy)]
+pub struct QueueLimits {
+    /// Payload bytes queued or in flight.
+    pub max_bytes: usize,
+    /// Changes queued or in flight.
+    pub max_requests: usize,
+    /// Changes in flight on the link at once.
+    pub max_in_flight: usize,
+}
+
+impl Default for QueueLimits {
+    fn default() -> Self {
+        QueueLimits { max_bytes: 64 << 20, max_requests: 16384, max_in_flight: 64 }
+    }
+}
+
+/// Primary configuration.
+#[derive(Debug, Clone)]
+pub struct PrimaryConfig {
+    pub mode: ForwardMode,
+    pub queue: QueueLimits,
+    /// Granularity of the dirty bitmap (a power of two).
+    pub dirty_granularity: u64,
+    /// A forward that takes longer declares the secondary lost.
+    pub link_timeout: Option<Duration>,
+}
+
+impl Default for PrimaryConfig {
+    fn default() -> Self {
+        PrimaryConfig {
+            mode: ForwardMode::Async,
+            queue: QueueLimits::default(),
+            dirty_granularity: 64 << 10,
+            link_timeout: Some(Duration::from_secs(10)),
+        }
+    }
+}
+
+/// Stages, as QEMU's `ReplicationStage` (a primary only uses NONE, RUNNING and DONE).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PrimaryStage {
+    None,
+    Running,
+    Done,
+}
+
+/// Errors of the control operations, with QEMU's texts.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PrimaryError {
+    #[error("Block replication is running or done")]
+    RunningOrDone,
+    #[error("Block replication is not running")]
+    NotRunning,
+    #[error("I/O error occurred")]
+    IoError,
+    #[error("The parameter mode's value is invalid, needs 0, but got 1")]
+    WrongMode,
+    #[error("no secondary link is set: connect to the secondary first")]
+    NoLink,
+    #[error("disk lengths differ: the primary disk has {local} bytes, the secondary {remote}")]
+    LengthMismatch { local: u64, remote: u64 },
+    #[error("checkpoint refused: forwarding failed earlier ({0}); the secondary may be missing writes")]
+    DrainFailed(String),
+}
+
+/// Something operators should hear about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PrimaryEvent {
+    ForwardFailed { offset: u64, len: u64, error: String },
+    LinkLost { reason: String },
+}
+
+/// A snapshot for status displays and metrics.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PrimaryStatus {
+    pub stage: PrimaryStage,
+    pub mode: ForwardMode,
+    pub error: Option<String>,
+    pub link_up: bool,
+    pub queued_requests: u64,
+    pub queued_bytes: u64,
+    pub forwarded_writes: u64,
+    pub forwarded_bytes: u64,
+    pub forward_errors: u64,
+    pub dirty_clusters: u64,
+    pub dirty_bytes: u64,
+}
+
+/// Which replication mode a start asks for (QEMU's `ReplicationMode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplicationMode {
+    Primary = 0,
+    Secondary = 1,
+}
+
+/// The primary node. Cloning shares it.
+#[derive(Clone)]
+pub struct PrimaryNode {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    local: Arc<dyn BlockDev>,
+    mode: ForwardMode,
+    stage: Mutex<PrimaryStage>,
+    shared: Arc<Shared>,
+    forwarder: Arc<Forwarder>,
+    order: RangeLock,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl PrimaryNode {
+    /// A primary over `local`, not started, with no link yet. Must run inside a tokio runtime.
+    pub fn new(local: Arc<dyn BlockDev>, config: PrimaryConfig) -> Self {
+        let (events, _) = broadcast::channel(256);
+        let shared = Arc::new(Shared {
+            link: Mutex::new(None),
+            link_down: false.into(),
+            error: Mutex::new(None),
+            dirty: DirtyBitmap::new(local.len(), config.dirty_granularity),
+            stats: ForwardStats::default(),
+            events,
+            timeout: config.link_timeout,
+        });
+        let forwarder = Forwarder::new(config.queue, shared.clone());
+        let task = tokio::spawn(forwarder.clone().run());
+        PrimaryNode {
+            inner: Arc::new(Inner {
+                local,
+                mode: config.mode,
+                stage: Mutex::new(PrimaryStage::None),
+                shared,
+                forwarder,
+                order: RangeLock::default(),
+                task,
+            }),
+        }
+    }
+
+    /// Sets (or replaces, after a reconnect) the link to the secondary. The dirty bitmap is
+    /// kept; a new link is assumed healthy.
+    pub fn set_link(&self, link: Arc<dyn BlockDev>) -> Result<(), PrimaryError> {
+        let (local, remote) = (self.inner.local.len(), link.len());
+        if local != remote {
+            return Err(PrimaryError::LengthMismatch { local, remote });
+        }
+        *self.inner.shared.link.lock() = Some(link);
+        self.inner.shared.link_down.store(false, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Subscribes to events.
+    pub fn events(&self) -> broadcast::Receiver<PrimaryEvent> {
+        self.inner.shared.events.subscribe()
+    }
+
+    pub fn dirty(&self) -> &DirtyBitmap {
+        &self.inner.shared.dirty
+    }
+
+    pub fn stage(&self) -> PrimaryStage {
+        *self.inner.stage.lock()
+    }
+
+    /// `replication_start(mode)`.
+    pub fn start(&self, mode: ReplicationMode) -> Result<(), PrimaryError> {
+        let mut stage = self.inner.stage.lock();
+        match *stage {
+            PrimaryStage::Running => return Err(PrimaryError::RunningOrDone),
+            // Continuous replication: a finished node ignores start (QEMU 5.0+).
+            PrimaryStage::Done => return Ok(()),
+            PrimaryStage::None => {}
+        }
+        if mode != ReplicationMode::Primary {
+            return Err(PrimaryError::WrongMode);
+        }
+        if self.inner.shared.link.lock().is_none() {
+            return Err(PrimaryError::NoLink);
+        }
+        *self.inner.shared.error.lock() = None;
+        *stage = PrimaryStage::Running;
+        Ok(())
+    }
+
+    /// `replication_get_error`.
+    pub fn get_error(&self) -> Result<(), PrimaryError> {
+        if self.stage() == PrimaryStage::None {
+            return Err(PrimaryError::NotRunning);
+        }
+        match self.inner.shared.error.lock().is_some() {
+            true => Err(PrimaryError::IoError),
+            false => Ok(()),
+        }
+    }
+
+    /// The sticky forwarding error, in full.
+    pub fn error_detail(&self) -> Option<String> {
+        self.inner.shared.error.lock().clone()
+    }
+
+    /// Waits until every change accepted before this call is acknowledged by the secondary
+    /// (and flushed there if `flush`). Fails if forwarding failed since start, unless `force`.
+    pub async fn drain(&self, flush: bool, force: bool) -> Result<(), PrimaryError> {
+        let r = self.inner.forwarder.barrier(flush).await.unwrap_or_else(|_| Err("forwarder stopped".into()));
+        match r {
+            Err(e) if !force => Err(PrimaryError::DrainFailed(e)),
+            _ => Ok(()),
+        }
+    }
+
+    /// `replication_do_checkpoint`: on the primary a drain barrier with flush (QEMU: a no-op,
+    /// relying on the VM stop to drain). Before start and after stop there is nothing to drain.
+    pub async fn checkpoint(&self) -> Result<(), PrimaryError> {
+        match self.stage() {
+            PrimaryStage::Running => self.drain(true, false).await,
+            PrimaryStage::None | PrimaryStage::Done => Ok(()),
+        }
+    }
+
+    /// `replication_stop(failover)`: the primary goes to DONE (error cleared) either way. Changes
+    /// still queued are drained first, best effort, so a clean stop loses nothing in flight.
+    pub async fn stop(&self, _failover: bool) -> Result<(), PrimaryError> {
+        match self.stage() {
+            PrimaryStage::None => return Err(PrimaryError::NotRunning),
+            PrimaryStage::Done => return Ok(()),
+            PrimaryStage::Running => {}
+        }
+        let _ = self.drain(false, true).await;
+        *self.inner.stage.lock() = PrimaryStage::Done;
+        *self.inner.shared.error.lock() = None;
+        Ok(())
+    }
+
+    pub fn status(&self) -> PrimaryStatus {
+        let s = &self.inner.shared;
+        PrimaryStatus {
+            stage: self.stage(),
+            mode: self.inner.mode,
+            error: s.error.lock().clone(),
+            link_up: s.link.lock().is_some() && !s.link_down.load(Ordering::SeqCst),
+            queued_requests: s.stats.queued_requests.load(Ordering::Relaxed),
+            queued_bytes: s.stats.queued_bytes.load(Ordering::Relaxed),
+            forwarded_writes: s.stats.forwarded_writes.load(Ordering::Relaxed),
+            forwarded_bytes: s.stats.forwarded_bytes.load(Ordering::Relaxed),
+            forward_errors: s.stats.forward_errors.load(Ordering::Relaxed),
+            dirty_clusters: s.dirty.dirty_clusters(),
+            dirty_bytes: s.dirty.dirty_bytes(),
+        }
+    }
+
+    fn forwarding(&self) -> bool {
+        self.stage() == PrimaryStage::Running
+    }
+
+    /// Applies a change locally, then hands it on: forwarded while running, recorded as dirty
+    /// otherwise. Overlapping changes are ordered by the range lock.
+    async fn apply<F>(&self, change: Change, local: F) -> Result<(), BlockError>
+    where
+        F: std::future::Future<Output = Result<(), BlockError>>,
+    {
+        let range = change.range();
+        let guard = match range {
+            Some((o, l)) => Some(self.inner.order.lock(o, l).await),
+            None => None,
+        };
+        // A local failure always reaches the VM, and nothing is forwarded for it.
+        local.await?;
+        if !self.forwarding() {
+            if let Some((o, l)) = range {
+                self.inner.shared.dirty.mark(o, l);
+            }
+            return Ok(());
+        }
+        let sync = self.inner.mode == ForwardMode::Sync;
+        let ack = self.inner.forwarder.push(change, sync).await;
+        drop(guard);
+        if let Some(ack) = ack {
+            // In sync mode the VM waits for the secondary, but a forwarding failure is still
+            // only recorded (sticky error, dirty range), never returned to the VM.
+            let _ = ack.await;
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl BlockDev for PrimaryNode {
+    fn info(&self) -> DevInfo {
+        self.inner.local.info()
+    }
+
+    async fn read(&self, offset: u64, len: usize) -> Result<Bytes, BlockError> {
+        self.inner.local.read(offset, len).await
+    }
+
+    async fn write(&self, offset: u64, data: Bytes, flags: WriteFlags) -> Result<(), BlockError> {
+        let local = self.inner.local.write(offset, data.clone(), flags);
+        self.apply(Change::Write { offset, data, fua: flags.fua }, local).await
+    }
+
+    async fn flush(&self) -> Result<(), BlockError> {
+        let local = self.inner.local.flush();
+        self.apply(Change::Flush, local).await
+    }
+
+    async fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<(), BlockError> {
+        let local = self.inner.local.write_zeroes(offset, len, flags);
+        // The secondary may not be able to zero fast; it must zero all the same.
+        let remote = ZeroFlags { fast_only: false, ..flags };
+        self.apply(Change::Zeroes { offset, len, flags: remote }, local).await
+    }
+
+    async fn discard(&self, offset: u64, len: u64) -> Result<(), BlockError> {
+        let local = self.inner.local.discard(offset, len);
+        self.apply(Change::Discard { offset, len }, local).await
+    }
+
+    async fn block_status(&self, offset: u64, len: u64) -> Result<ExtentList, BlockError> {
+        self.inner.local.block_status(offset, len).await
+    }
+}
