@@ -82,7 +82,12 @@ pub struct BlockError {
 
 impl BlockError {
     pub fn new(kind: ErrorKind, op: Op, offset: u64) -> Self {
-        BlockError { kind, op, offset, context: None }
+        BlockError {
+            kind,
+            op,
+            offset,
+            context: None,
+        }
     }
 
     /// Adds a human-readable detail (file name, underlying error text).

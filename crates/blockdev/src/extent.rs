@@ -12,13 +12,25 @@ pub struct Extent {
 
 impl Extent {
     pub fn data(len: u64) -> Self {
-        Extent { len, hole: false, zero: false }
+        Extent {
+            len,
+            hole: false,
+            zero: false,
+        }
     }
     pub fn hole(len: u64) -> Self {
-        Extent { len, hole: true, zero: true }
+        Extent {
+            len,
+            hole: true,
+            zero: true,
+        }
     }
     pub fn zero(len: u64) -> Self {
-        Extent { len, hole: false, zero: true }
+        Extent {
+            len,
+            hole: false,
+            zero: true,
+        }
     }
     /// Same allocation state (lengths aside).
     pub fn same_kind(&self, other: &Extent) -> bool {

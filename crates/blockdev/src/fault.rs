@@ -10,7 +10,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use crate::{BlockDev, BlockError, DevInfo, ErrorKind, ExtentList, Op, Result, WriteFlags, ZeroFlags};
+use crate::{
+    BlockDev, BlockError, DevInfo, ErrorKind, ExtentList, Op, Result, WriteFlags, ZeroFlags,
+};
 
 /// Wraps a device; every fault is off until switched on.
 pub struct FaultyDev {
@@ -47,7 +49,9 @@ impl FaultyDev {
     async fn before(&self, op: Op, offset: u64, write: bool) -> Result<()> {
         let mut us = self.delay_us.load(Ordering::Relaxed);
         if us > 0 && self.jitter.load(Ordering::Relaxed) {
-            let x = self.seed.fetch_add(0x9E37_79B9_7F4A_7C15, Ordering::Relaxed);
+            let x = self
+                .seed
+                .fetch_add(0x9E37_79B9_7F4A_7C15, Ordering::Relaxed);
             us = (x >> 33) % (us + 1);
         }
         if us > 0 {
@@ -56,7 +60,11 @@ impl FaultyDev {
         while self.hang.load(Ordering::Relaxed) {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        let fail = if write { &self.fail_writes } else { &self.fail_reads };
+        let fail = if write {
+            &self.fail_writes
+        } else {
+            &self.fail_reads
+        };
         if fail.load(Ordering::Relaxed) {
             return Err(BlockError::new(ErrorKind::Io(None), op, offset).context("injected fault"));
         }

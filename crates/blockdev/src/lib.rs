@@ -91,6 +91,11 @@ pub trait BlockDev: Send + Sync + 'static {
         self.info().len
     }
 
+    /// A zero-length device (legal, if useless).
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     /// Reads `len` bytes at `offset`.
     async fn read(&self, offset: u64, len: usize) -> Result<Bytes>;
 
@@ -116,8 +121,11 @@ pub trait BlockDev: Send + Sync + 'static {
 pub fn check_range(op: Op, offset: u64, len: u64, dev_len: u64) -> Result<()> {
     match offset.checked_add(len) {
         Some(end) if end <= dev_len => Ok(()),
-        _ => Err(BlockError::new(ErrorKind::OutOfRange, op, offset)
-            .context(format!("length {len} past the end of a {dev_len}-byte device"))),
+        _ => Err(
+            BlockError::new(ErrorKind::OutOfRange, op, offset).context(format!(
+                "length {len} past the end of a {dev_len}-byte device"
+            )),
+        ),
     }
 }
 

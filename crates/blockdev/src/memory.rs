@@ -26,7 +26,11 @@ pub struct MemoryDev {
 impl MemoryDev {
     /// An empty (all-zero, unallocated) device of `len` bytes.
     pub fn new(len: u64) -> Self {
-        MemoryDev { len, read_only: false, chunks: RwLock::new(BTreeMap::new()) }
+        MemoryDev {
+            len,
+            read_only: false,
+            chunks: RwLock::new(BTreeMap::new()),
+        }
     }
 
     /// A device whose whole content is `data`.
@@ -151,7 +155,11 @@ impl BlockDev for MemoryDev {
     async fn block_status(&self, offset: u64, len: u64) -> Result<ExtentList> {
         check_range(Op::BlockStatus, offset, len, self.len)?;
         if len == 0 {
-            return Err(BlockError::new(ErrorKind::InvalidArgument, Op::BlockStatus, offset));
+            return Err(BlockError::new(
+                ErrorKind::InvalidArgument,
+                Op::BlockStatus,
+                offset,
+            ));
         }
         let chunks = self.chunks.read();
         let mut list = ExtentList::new();
@@ -160,7 +168,11 @@ impl BlockDev for MemoryDev {
         while abs < end {
             let idx = abs / CHUNK;
             let n = (CHUNK - abs % CHUNK).min(end - abs);
-            list.push(if chunks.contains_key(&idx) { Extent::data(n) } else { Extent::hole(n) });
+            list.push(if chunks.contains_key(&idx) {
+                Extent::data(n)
+            } else {
+                Extent::hole(n)
+            });
             abs += n;
         }
         Ok(list)
@@ -183,7 +195,13 @@ mod tests {
     async fn write_straddling_chunks_reads_back_and_allocates_both() {
         let dev = MemoryDev::new(4 * CHUNK);
         let data: Vec<u8> = (0..200u32).map(|i| i as u8).collect();
-        dev.write(CHUNK - 100, Bytes::from(data.clone()), WriteFlags::default()).await.unwrap();
+        dev.write(
+            CHUNK - 100,
+            Bytes::from(data.clone()),
+            WriteFlags::default(),
+        )
+        .await
+        .unwrap();
         assert_eq!(&dev.read(CHUNK - 100, 200).await.unwrap()[..], &data[..]);
         let st = dev.block_status(0, 4 * CHUNK).await.unwrap();
         assert_eq!(st.0, vec![Extent::data(2 * CHUNK), Extent::hole(2 * CHUNK)]);
@@ -192,7 +210,9 @@ mod tests {
     #[tokio::test]
     async fn zeroes_free_whole_chunks_and_clear_partial_ones() {
         let dev = MemoryDev::with_data(&[0xAB; 3 * CHUNK as usize]);
-        dev.write_zeroes(10, 2 * CHUNK, ZeroFlags::default()).await.unwrap();
+        dev.write_zeroes(10, 2 * CHUNK, ZeroFlags::default())
+            .await
+            .unwrap();
         let got = dev.snapshot();
         assert!(got[..10].iter().all(|&b| b == 0xAB));
         assert!(got[10..(2 * CHUNK + 10) as usize].iter().all(|&b| b == 0));
@@ -205,7 +225,10 @@ mod tests {
         let dev = MemoryDev::new(CHUNK).read_only();
         let e = dev.read(CHUNK, 1).await.unwrap_err();
         assert_eq!(e.kind, ErrorKind::OutOfRange);
-        let e = dev.write(0, Bytes::from_static(b"x"), WriteFlags::default()).await.unwrap_err();
+        let e = dev
+            .write(0, Bytes::from_static(b"x"), WriteFlags::default())
+            .await
+            .unwrap_err();
         assert_eq!(e.kind, ErrorKind::ReadOnly);
         let e = dev.read(u64::MAX, 2).await.unwrap_err();
         assert_eq!(e.kind, ErrorKind::OutOfRange);

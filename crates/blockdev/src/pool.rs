@@ -24,7 +24,9 @@ impl Default for IoPool {
 impl IoPool {
     /// A pool running at most `limit` calls at once.
     pub fn new(limit: usize) -> Self {
-        IoPool { permits: Arc::new(Semaphore::new(limit.max(1))) }
+        IoPool {
+            permits: Arc::new(Semaphore::new(limit.max(1))),
+        }
     }
 
     /// Runs `f` on a blocking thread and waits for it.

@@ -6,10 +6,13 @@
 //! ```text
 //!   BlockDev call (async)                    IoPool thread (blocking)
 //!   ---------------------                    ------------------------------------------------
-//!   read / write / write_zeroes / flush  ->  RwLock::read  -> imago FormatAccess (&self)
+//!   read / write / flush                 ->  RwLock::read  -> imago FormatAccess (&self)
+//!   write_zeroes                         ->  RwLock::read  -> walk mappings, write_zeroes on
+//!                                                             runs that may not read as zero
 //!   block_status                         ->  RwLock::read  -> walk get_shallow_mapping
 //!   discard / make_empty /               ->  RwLock::write -> walk mappings, then
 //!   write_zeroes(may_unmap)                                   discard_to_backing / _to_zero (&mut)
+//!                                                             on allocated / non-zero runs
 //!
 //!   FormatAccess<File>  --backing (read-only, as recorded in the header or overridden)-->
 //!       raw or qcow2 FormatAccess --> ... (imago opens the whole chain)
@@ -102,7 +105,8 @@ pub enum Qcow2Backing {
     /// No backing image: unallocated clusters read as zeroes, whatever the header says.
     None,
     /// This file instead of the recorded one (opened read-only; a qcow2 file brings its own
-    /// recorded chain).
+    /// recorded chain). A relative path is relative to the current directory, as imago opens
+    /// it as given.
     File { path: PathBuf, format: ImageFormat },
 }
 
@@ -502,8 +506,12 @@ impl Qcow2 {
                     _ => backing.clone(),
                 };
                 std::fs::metadata(&resolved).map_err(|e| {
-                    io_error(e, Op::Create, 0, path)
-                        .context(format!("backing file {}: not found", resolved.display()))
+                    let context = format!(
+                        "{}: backing file {}: {e}",
+                        path.display(),
+                        resolved.display()
+                    );
+                    BlockError::from_io(e, Op::Create, 0).context(context)
                 })?;
                 Some((name.to_string(), format.name().to_string()))
             }

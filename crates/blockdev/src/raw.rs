@@ -76,9 +76,11 @@ impl RawFile {
     pub fn create(path: impl AsRef<Path>, len: u64) -> Result<()> {
         let path = path.as_ref();
         let f = File::create(path).map_err(|e| {
-            BlockError::from_io(e, Op::Create, 0).context(format!("cannot create {}", path.display()))
+            BlockError::from_io(e, Op::Create, 0)
+                .context(format!("cannot create {}", path.display()))
         })?;
-        f.set_len(len).map_err(|e| BlockError::from_io(e, Op::Create, 0))
+        f.set_len(len)
+            .map_err(|e| BlockError::from_io(e, Op::Create, 0))
     }
 
     /// The file this device reads and writes.
@@ -88,9 +90,12 @@ impl RawFile {
 
     fn check_direct(&self, op: Op, offset: u64, len: u64) -> Result<()> {
         let a = DIRECT_ALIGN as u64;
-        if self.direct && (offset % a != 0 || len % a != 0) {
-            return Err(BlockError::new(ErrorKind::InvalidArgument, op, offset)
-                .context(format!("O_DIRECT needs {a}-byte aligned requests, got {len} bytes")));
+        if self.direct && !(offset.is_multiple_of(a) && len.is_multiple_of(a)) {
+            return Err(
+                BlockError::new(ErrorKind::InvalidArgument, op, offset).context(format!(
+                    "O_DIRECT needs {a}-byte aligned requests, got {len} bytes"
+                )),
+            );
         }
         Ok(())
     }
@@ -110,13 +115,21 @@ fn fallocate(file: &File, flags: FallocateFlags, op: Op, offset: u64, len: u64) 
 }
 
 fn errno_error(e: Errno, op: Op, offset: u64) -> BlockError {
-    BlockError::from_io(std::io::Error::from_raw_os_error(e.raw_os_error()), op, offset)
+    BlockError::from_io(
+        std::io::Error::from_raw_os_error(e.raw_os_error()),
+        op,
+        offset,
+    )
 }
 
 /// Writes `len` zero bytes in bounded chunks (the fallback when fallocate cannot zero).
 fn write_zero_bytes(file: &File, offset: u64, len: u64, direct: bool) -> Result<()> {
     const STEP: u64 = 1 << 20;
-    let zeroes = if direct { aligned_buffer(STEP as usize) } else { BytesMut::zeroed(STEP as usize) };
+    let zeroes = if direct {
+        aligned_buffer(STEP as usize)
+    } else {
+        BytesMut::zeroed(STEP as usize)
+    };
     let mut done = 0;
     while done < len {
         let n = (len - done).min(STEP) as usize;
@@ -169,7 +182,11 @@ impl BlockDev for RawFile {
         let direct = self.direct;
         self.pool
             .run(Op::Read, offset, move || {
-                let mut buf = if direct { aligned_buffer(len) } else { BytesMut::zeroed(len) };
+                let mut buf = if direct {
+                    aligned_buffer(len)
+                } else {
+                    BytesMut::zeroed(len)
+                };
                 file.read_exact_at(&mut buf, offset)
                     .map_err(|e| BlockError::from_io(e, Op::Read, offset))?;
                 Ok(buf.freeze())
@@ -196,7 +213,8 @@ impl BlockDev for RawFile {
                 file.write_all_at(bytes, offset)
                     .map_err(|e| BlockError::from_io(e, Op::Write, offset))?;
                 if flags.fua {
-                    file.sync_data().map_err(|e| BlockError::from_io(e, Op::Write, offset))?;
+                    file.sync_data()
+                        .map_err(|e| BlockError::from_io(e, Op::Write, offset))?;
                 }
                 Ok(())
             })
@@ -210,7 +228,8 @@ impl BlockDev for RawFile {
         let file = self.file.clone();
         self.pool
             .run(Op::Flush, 0, move || {
-                file.sync_data().map_err(|e| BlockError::from_io(e, Op::Flush, 0))
+                file.sync_data()
+                    .map_err(|e| BlockError::from_io(e, Op::Flush, 0))
             })
             .await
     }
@@ -228,17 +247,28 @@ impl BlockDev for RawFile {
                 let punch = FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE;
                 let zeroed = (flags.may_unmap
                     && fallocate(&file, punch, Op::WriteZeroes, offset, len).is_ok())
-                    || fallocate(&file, FallocateFlags::ZERO_RANGE, Op::WriteZeroes, offset, len)
-                        .is_ok();
+                    || fallocate(
+                        &file,
+                        FallocateFlags::ZERO_RANGE,
+                        Op::WriteZeroes,
+                        offset,
+                        len,
+                    )
+                    .is_ok();
                 if !zeroed {
                     if flags.fast_only {
-                        return Err(BlockError::new(ErrorKind::NotSupported, Op::WriteZeroes, offset)
-                            .context("the file system cannot zero without writing"));
+                        return Err(BlockError::new(
+                            ErrorKind::NotSupported,
+                            Op::WriteZeroes,
+                            offset,
+                        )
+                        .context("the file system cannot zero without writing"));
                     }
                     write_zero_bytes(&file, offset, len, direct)?;
                 }
                 if flags.fua {
-                    file.sync_data().map_err(|e| BlockError::from_io(e, Op::WriteZeroes, offset))?;
+                    file.sync_data()
+                        .map_err(|e| BlockError::from_io(e, Op::WriteZeroes, offset))?;
                 }
                 Ok(())
             })
@@ -267,11 +297,17 @@ impl BlockDev for RawFile {
     async fn block_status(&self, offset: u64, len: u64) -> Result<ExtentList> {
         check_range(Op::BlockStatus, offset, len, self.info.len)?;
         if len == 0 {
-            return Err(BlockError::new(ErrorKind::InvalidArgument, Op::BlockStatus, offset));
+            return Err(BlockError::new(
+                ErrorKind::InvalidArgument,
+                Op::BlockStatus,
+                offset,
+            ));
         }
         let file = self.file.clone();
         self.pool
-            .run(Op::BlockStatus, offset, move || seek_extents(&file, offset, offset + len))
+            .run(Op::BlockStatus, offset, move || {
+                seek_extents(&file, offset, offset + len)
+            })
             .await
     }
 }
@@ -291,23 +327,38 @@ mod tests {
     #[tokio::test]
     async fn write_then_read_returns_the_bytes() {
         let (_d, dev) = fresh(1 << 20).await;
-        dev.write(4095, Bytes::from_static(b"hello"), WriteFlags { fua: true }).await.unwrap();
+        dev.write(4095, Bytes::from_static(b"hello"), WriteFlags { fua: true })
+            .await
+            .unwrap();
         assert_eq!(&dev.read(4094, 7).await.unwrap()[..], b"\0hello\0");
     }
 
     #[tokio::test]
     async fn block_status_sees_data_and_holes() {
         let (_d, dev) = fresh(1 << 20).await;
-        dev.write(65536, Bytes::from(vec![1u8; 65536]), WriteFlags::default()).await.unwrap();
+        dev.write(65536, Bytes::from(vec![1u8; 65536]), WriteFlags::default())
+            .await
+            .unwrap();
         let st = dev.block_status(0, 1 << 20).await.unwrap();
-        assert_eq!(st.0, vec![Extent::hole(65536), Extent::data(65536), Extent::hole((1 << 20) - 131072)]);
+        assert_eq!(
+            st.0,
+            vec![
+                Extent::hole(65536),
+                Extent::data(65536),
+                Extent::hole((1 << 20) - 131072)
+            ]
+        );
     }
 
     #[tokio::test]
     async fn zeroes_and_discard_read_back_as_zero() {
         let (_d, dev) = fresh(1 << 20).await;
-        dev.write(0, Bytes::from(vec![7u8; 1 << 20]), WriteFlags::default()).await.unwrap();
-        dev.write_zeroes(100, 5000, ZeroFlags::default()).await.unwrap();
+        dev.write(0, Bytes::from(vec![7u8; 1 << 20]), WriteFlags::default())
+            .await
+            .unwrap();
+        dev.write_zeroes(100, 5000, ZeroFlags::default())
+            .await
+            .unwrap();
         dev.discard(65536, 65536).await.unwrap();
         let got = dev.read(0, 1 << 20).await.unwrap();
         assert!(got[..100].iter().all(|&b| b == 7));
@@ -322,13 +373,22 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("d.raw");
         RawFile::create(&p, 1 << 20).unwrap();
-        let dev = match RawFile::open(&p, RawOptions { direct: true, ..Default::default() }, IoPool::default()) {
+        let dev = match RawFile::open(
+            &p,
+            RawOptions {
+                direct: true,
+                ..Default::default()
+            },
+            IoPool::default(),
+        ) {
             Ok(d) => d,
             // tmpfs refuses O_DIRECT; nothing to test there.
             Err(e) if e.kind == ErrorKind::Io(Some(22)) => return,
             Err(e) => panic!("{e}"),
         };
-        dev.write(8192, Bytes::from(vec![9u8; 4096]), WriteFlags::default()).await.unwrap();
+        dev.write(8192, Bytes::from(vec![9u8; 4096]), WriteFlags::default())
+            .await
+            .unwrap();
         assert_eq!(&dev.read(8192, 4096).await.unwrap()[..], &[9u8; 4096][..]);
         let e = dev.read(1, 4096).await.unwrap_err();
         assert_eq!(e.kind, ErrorKind::InvalidArgument);

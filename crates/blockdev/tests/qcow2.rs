@@ -720,6 +720,38 @@ async fn v2_image_writes_zeroes_as_data_and_refuses_fast_zero() {
     assert_eq!(qemu_bytes(&img), model.0);
 }
 
+#[test]
+fn dropping_without_close_still_flushes() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("dropped.qcow2");
+    create(&img, MIB);
+    let data = pattern(11, 3 * CLUSTER as usize);
+
+    // Dropped inside a runtime: the flush runs on a blocking thread, which the runtime's own
+    // drop waits for.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let dev = open(&img);
+        dev.write(
+            CLUSTER / 2,
+            Bytes::from(data.clone()),
+            WriteFlags::default(),
+        )
+        .await
+        .unwrap();
+        drop(dev);
+    });
+    drop(rt);
+
+    assert_qemu_check(&img);
+    let mut expect = vec![0u8; MIB as usize];
+    expect[CLUSTER as usize / 2..][..data.len()].copy_from_slice(&data);
+    assert_eq!(qemu_bytes(&img), expect);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Access rules and concurrency
 

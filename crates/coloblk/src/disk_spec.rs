@@ -80,13 +80,19 @@ impl DiskSpec {
         let what = || format!("disk '{}': cannot open {}", self.name, self.path.display());
         Ok(match self.format {
             Format::Raw => {
-                let opts = RawOptions { read_only: self.read_only, direct: self.direct };
+                let opts = RawOptions {
+                    read_only: self.read_only,
+                    direct: self.direct,
+                };
                 Arc::new(RawFile::open(&self.path, opts, pool.clone()).with_context(what)?)
             }
             Format::Qcow2 => {
-                // QCOW2-PENDING: the qcow2 driver is landing in parallel.
-                let _ = Qcow2::open(&self.path, Qcow2Options::default(), pool.clone());
-                anyhow::bail!("{}: qcow2 is not supported yet", what())
+                let opts = Qcow2Options {
+                    read_only: self.read_only,
+                    direct: self.direct,
+                    ..Default::default()
+                };
+                Arc::new(Qcow2::open(&self.path, opts, pool.clone()).with_context(what)?)
             }
         })
     }
@@ -98,17 +104,29 @@ mod tests {
 
     #[test]
     fn parses_name_path_and_options() {
-        let s: DiskSpec = "d0=/img/a.qcow2,format=qcow2,readonly,replica=nbd://h/x".parse().unwrap();
+        let s: DiskSpec = "d0=/img/a.qcow2,format=qcow2,readonly,replica=nbd://h/x"
+            .parse()
+            .unwrap();
         assert_eq!(s.name, "d0");
         assert_eq!(s.path, PathBuf::from("/img/a.qcow2"));
         assert_eq!(s.format, Format::Qcow2);
         assert!(s.read_only);
-        assert_eq!(s.extra, vec![("replica".to_string(), "nbd://h/x".to_string())]);
+        assert_eq!(
+            s.extra,
+            vec![("replica".to_string(), "nbd://h/x".to_string())]
+        );
     }
 
     #[test]
     fn refuses_malformed_specs() {
-        for bad in ["noequals", "=p", "n=", "n=p,format=vmdk", "n=p,bogus", "n=p,=x"] {
+        for bad in [
+            "noequals",
+            "=p",
+            "n=",
+            "n=p,format=vmdk",
+            "n=p,bogus",
+            "n=p,=x",
+        ] {
             assert!(bad.parse::<DiskSpec>().is_err(), "{bad}");
         }
     }

@@ -47,7 +47,9 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let server = Server::new(exports, ServerConfig::default());
     let mut listeners = Vec::new();
     for addr in &args.listen {
-        let l = Listener::bind(addr).await.with_context(|| format!("cannot listen on {addr}"))?;
+        let l = Listener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr}"))?;
         info!(%addr, "listening");
         listeners.push(l);
     }
@@ -60,7 +62,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     info!("shutting down: finishing in-flight requests");
     server.shutdown();
     while let Some(r) = tasks.join_next().await {
-        r.context("listener task failed")?.context("listener failed")?;
+        r.context("listener task failed")?
+            .context("listener failed")?;
     }
     server.finish().await.context("final flush failed")?;
     info!("stopped cleanly");

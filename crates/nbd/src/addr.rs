@@ -34,7 +34,10 @@ impl FromStr for SocketAddr {
             return Err(bad());
         }
         let port = port.parse().map_err(|_| bad())?;
-        Ok(SocketAddr::Tcp { host: host.to_string(), port })
+        Ok(SocketAddr::Tcp {
+            host: host.to_string(),
+            port,
+        })
     }
 }
 
@@ -42,7 +45,9 @@ impl fmt::Display for SocketAddr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             SocketAddr::Unix(p) => write!(f, "unix:{}", p.display()),
-            SocketAddr::Tcp { host, port } if host.contains(':') => write!(f, "tcp:[{host}]:{port}"),
+            SocketAddr::Tcp { host, port } if host.contains(':') => {
+                write!(f, "tcp:[{host}]:{port}")
+            }
             SocketAddr::Tcp { host, port } => write!(f, "tcp:{host}:{port}"),
         }
     }
@@ -57,15 +62,35 @@ mod tests {
         assert_eq!("unix:/tmp/s".parse(), Ok(SocketAddr::Unix("/tmp/s".into())));
         assert_eq!(
             "tcp:127.0.0.1:10809".parse(),
-            Ok(SocketAddr::Tcp { host: "127.0.0.1".into(), port: 10809 })
+            Ok(SocketAddr::Tcp {
+                host: "127.0.0.1".into(),
+                port: 10809
+            })
         );
-        assert_eq!("tcp:[::1]:99".parse(), Ok(SocketAddr::Tcp { host: "::1".into(), port: 99 }));
-        assert_eq!("tcp:[::1]:99".parse::<SocketAddr>().unwrap().to_string(), "tcp:[::1]:99");
+        assert_eq!(
+            "tcp:[::1]:99".parse(),
+            Ok(SocketAddr::Tcp {
+                host: "::1".into(),
+                port: 99
+            })
+        );
+        assert_eq!(
+            "tcp:[::1]:99".parse::<SocketAddr>().unwrap().to_string(),
+            "tcp:[::1]:99"
+        );
     }
 
     #[test]
     fn refuses_garbage() {
-        for s in ["", "unix:", "tcp:host", "tcp::1", "tcp:h:99999", "udp:x:1", "/tmp/s"] {
+        for s in [
+            "",
+            "unix:",
+            "tcp:host",
+            "tcp::1",
+            "tcp:h:99999",
+            "udp:x:1",
+            "/tmp/s",
+        ] {
             assert!(s.parse::<SocketAddr>().is_err(), "{s}");
         }
     }

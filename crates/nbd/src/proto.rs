@@ -254,7 +254,9 @@ impl InfoRequest {
         }
         let n = b.get_u16() as usize;
         if b.remaining() != n * 2 {
-            return Err(OptionError("information request count does not match the length"));
+            return Err(OptionError(
+                "information request count does not match the length",
+            ));
         }
         let infos = (0..n).map(|_| b.get_u16()).collect();
         Ok(InfoRequest { name, infos })
@@ -309,7 +311,13 @@ mod tests {
 
     #[test]
     fn request_round_trips() {
-        let r = Request { flags: CMD_FLAG_FUA, kind: CMD_WRITE, cookie: 7, offset: 4096, length: 512 };
+        let r = Request {
+            flags: CMD_FLAG_FUA,
+            kind: CMD_WRITE,
+            cookie: 7,
+            offset: 4096,
+            length: 512,
+        };
         let mut b = BytesMut::new();
         r.encode(&mut b);
         assert_eq!(b.len(), REQUEST_LEN);
@@ -319,7 +327,14 @@ mod tests {
     #[test]
     fn request_with_bad_magic_is_refused() {
         let mut b = BytesMut::new();
-        Request { flags: 0, kind: 0, cookie: 0, offset: 0, length: 0 }.encode(&mut b);
+        Request {
+            flags: 0,
+            kind: 0,
+            cookie: 0,
+            offset: 0,
+            length: 0,
+        }
+        .encode(&mut b);
         b[0] = 0;
         assert_eq!(Request::parse(&b), Err(HeaderError::BadMagic(0x00609513)));
         assert_eq!(Request::parse(&b[..5]), Err(HeaderError::Truncated(5)));
@@ -327,7 +342,10 @@ mod tests {
 
     #[test]
     fn info_request_parses_and_rejects_lies() {
-        let r = InfoRequest { name: "disk".into(), infos: vec![INFO_BLOCK_SIZE, INFO_NAME] };
+        let r = InfoRequest {
+            name: "disk".into(),
+            infos: vec![INFO_BLOCK_SIZE, INFO_NAME],
+        };
         let mut b = BytesMut::new();
         r.encode(&mut b);
         assert_eq!(InfoRequest::parse(b.clone().freeze()).unwrap(), r);
@@ -342,7 +360,10 @@ mod tests {
 
     #[test]
     fn meta_context_request_round_trips() {
-        let r = MetaContextRequest { name: "".into(), queries: vec!["base:allocation".into()] };
+        let r = MetaContextRequest {
+            name: "".into(),
+            queries: vec!["base:allocation".into()],
+        };
         let mut b = BytesMut::new();
         r.encode(&mut b);
         assert_eq!(MetaContextRequest::parse(b.freeze()).unwrap(), r);

@@ -43,7 +43,12 @@ pub struct Export {
 
 impl Export {
     pub fn new(name: impl Into<String>, dev: Arc<dyn BlockDev>) -> Self {
-        Export { name: name.into(), description: String::new(), dev, read_only: false }
+        Export {
+            name: name.into(),
+            description: String::new(),
+            dev,
+            read_only: false,
+        }
     }
 
     fn is_read_only(&self) -> bool {
@@ -142,9 +147,9 @@ impl Listener {
                 }
                 Ok(Listener::Unix(UnixListener::bind(path)?, path.clone()))
             }
-            SocketAddr::Tcp { host, port } => {
-                Ok(Listener::Tcp(TcpListener::bind((host.as_str(), *port)).await?))
-            }
+            SocketAddr::Tcp { host, port } => Ok(Listener::Tcp(
+                TcpListener::bind((host.as_str(), *port)).await?,
+            )),
         }
     }
 
@@ -154,7 +159,10 @@ impl Listener {
             Listener::Unix(_, p) => Ok(SocketAddr::Unix(p.clone())),
             Listener::Tcp(l) => {
                 let a = l.local_addr()?;
-                Ok(SocketAddr::Tcp { host: a.ip().to_string(), port: a.port() })
+                Ok(SocketAddr::Tcp {
+                    host: a.ip().to_string(),
+                    port: a.port(),
+                })
             }
         }
     }
@@ -187,7 +195,12 @@ pub struct Server {
 
 impl Server {
     pub fn new(exports: ExportSet, config: ServerConfig) -> Arc<Self> {
-        Arc::new(Server { exports, config, stop: CancellationToken::new(), tasks: TaskTracker::new() })
+        Arc::new(Server {
+            exports,
+            config,
+            stop: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+        })
     }
 
     pub fn exports(&self) -> &ExportSet {
@@ -225,7 +238,9 @@ impl Server {
         S: AsyncRead + AsyncWrite + Send + 'static,
     {
         let (r, w) = tokio::io::split(stream);
-        self.tasks.track_future(self.clone().connection(r, w, "stream".into())).await
+        self.tasks
+            .track_future(self.clone().connection(r, w, "stream".into()))
+            .await
     }
 
     fn spawn_connection<R, W>(self: &Arc<Self>, r: R, w: W, peer: String)
@@ -325,7 +340,11 @@ struct Negotiation {
 }
 
 /// Runs the fixed-newstyle handshake. `Ok(None)`: the client aborted politely.
-async fn negotiate<R, W>(r: &mut R, w: &mut W, exports: &ExportSet) -> Result<Option<Session>, ConnError>
+async fn negotiate<R, W>(
+    r: &mut R,
+    w: &mut W,
+    exports: &ExportSet,
+) -> Result<Option<Session>, ConnError>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -339,9 +358,14 @@ where
 
     let client_flags = r.read_u32().await?;
     if client_flags & !(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES) != 0 {
-        return Err(ConnError::Protocol(format!("unknown client flags {client_flags:#x}")));
+        return Err(ConnError::Protocol(format!(
+            "unknown client flags {client_flags:#x}"
+        )));
     }
-    let mut st = Negotiation { no_zeroes: client_flags & FLAG_C_NO_ZEROES != 0, ..Default::default() };
+    let mut st = Negotiation {
+        no_zeroes: client_flags & FLAG_C_NO_ZEROES != 0,
+        ..Default::default()
+    };
 
     loop {
         let magic = r.read_u64().await?;
@@ -351,7 +375,9 @@ where
         let option = r.read_u32().await?;
         let len = r.read_u32().await?;
         if len > MAX_OPTION_LEN {
-            return Err(ConnError::Protocol(format!("option {option} of {len} bytes is too large")));
+            return Err(ConnError::Protocol(format!(
+                "option {option} of {len} bytes is too large"
+            )));
         }
         let mut data = BytesMut::zeroed(len as usize);
         r.read_exact(&mut data).await?;
@@ -366,7 +392,11 @@ where
             OptionOutcome::Close(why) => return Err(ConnError::Protocol(why)),
             OptionOutcome::Transmit(export) => {
                 let base_allocation = st.structured && st.meta_for.as_deref() == Some(&export.name);
-                return Ok(Some(Session { export, structured: st.structured, base_allocation }));
+                return Ok(Some(Session {
+                    export,
+                    structured: st.structured,
+                    base_allocation,
+                }));
             }
         }
     }
@@ -428,16 +458,33 @@ fn handle_option(
         }
         OPT_STRUCTURED_REPLY => {
             if !data.is_empty() {
-                return error_reply(out, option, REP_ERR_INVALID, "NBD_OPT_STRUCTURED_REPLY takes no data");
+                return error_reply(
+                    out,
+                    option,
+                    REP_ERR_INVALID,
+                    "NBD_OPT_STRUCTURED_REPLY takes no data",
+                );
             }
             st.structured = true;
             option_reply(out, option, REP_ACK, &[]);
             OptionOutcome::Continue
         }
         OPT_INFO | OPT_GO => info_or_go(option, data, st, exports, out),
-        OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => meta_context(option, data, st, exports, out),
-        OPT_STARTTLS => error_reply(out, option, REP_ERR_UNSUP, "TLS is not supported by this server"),
-        _ => error_reply(out, option, REP_ERR_UNSUP, &format!("option {option} is not supported")),
+        OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
+            meta_context(option, data, st, exports, out)
+        }
+        OPT_STARTTLS => error_reply(
+            out,
+            option,
+            REP_ERR_UNSUP,
+            "TLS is not supported by this server",
+        ),
+        _ => error_reply(
+            out,
+            option,
+            REP_ERR_UNSUP,
+            &format!("option {option} is not supported"),
+        ),
     }
 }
 
@@ -453,7 +500,12 @@ fn info_or_go(
         Err(e) => return error_reply(out, option, REP_ERR_INVALID, &e.to_string()),
     };
     let Some(export) = exports.get(&req.name) else {
-        return error_reply(out, option, REP_ERR_UNKNOWN, &format!("unknown export '{}'", req.name));
+        return error_reply(
+            out,
+            option,
+            REP_ERR_UNKNOWN,
+            &format!("unknown export '{}'", req.name),
+        );
     };
     let mut d = BytesMut::new();
     d.put_u16(INFO_EXPORT);
@@ -503,10 +555,20 @@ fn meta_context(
         Err(e) => return error_reply(out, option, REP_ERR_INVALID, &e.to_string()),
     };
     if option == OPT_SET_META_CONTEXT && !st.structured {
-        return error_reply(out, option, REP_ERR_INVALID, "structured replies must be negotiated first");
+        return error_reply(
+            out,
+            option,
+            REP_ERR_INVALID,
+            "structured replies must be negotiated first",
+        );
     }
     let Some(export) = exports.get(&req.name) else {
-        return error_reply(out, option, REP_ERR_UNKNOWN, &format!("unknown export '{}'", req.name));
+        return error_reply(
+            out,
+            option,
+            REP_ERR_UNKNOWN,
+            &format!("unknown export '{}'", req.name),
+        );
     };
     let list_all = option == OPT_LIST_META_CONTEXT && req.queries.is_empty();
     let selected = list_all || req.queries.iter().any(|q| query_matches_base_allocation(q));
@@ -563,7 +625,11 @@ where
             r = r.read_exact(&mut hdr) => r,
         };
         if let Err(e) = read {
-            break if e.kind() == io::ErrorKind::UnexpectedEof { Ok(()) } else { Err(e.into()) };
+            break if e.kind() == io::ErrorKind::UnexpectedEof {
+                Ok(())
+            } else {
+                Err(e.into())
+            };
         }
         let req = match Request::parse(&hdr) {
             Ok(req) => req,
@@ -575,16 +641,29 @@ where
         if req.has_payload() && req.length > MAX_PAYLOAD {
             // The payload cannot be buffered and skipping gigabytes is no better: the stream
             // cannot be trusted any more.
-            break Err(ConnError::Protocol(format!("write of {} bytes exceeds the limit", req.length)));
+            break Err(ConnError::Protocol(format!(
+                "write of {} bytes exceeds the limit",
+                req.length
+            )));
         }
-        let request_permit = requests.clone().acquire_owned().await.expect("semaphore never closed");
+        let request_permit = requests
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("semaphore never closed");
         let payload_len = if req.has_payload() || req.kind == CMD_READ {
-            (req.length.min(MAX_PAYLOAD)) as u32
+            req.length.min(MAX_PAYLOAD)
         } else {
             0
         };
         let bytes_permit = if payload_len > 0 {
-            Some(bytes.clone().acquire_many_owned(payload_len).await.expect("semaphore never closed"))
+            Some(
+                bytes
+                    .clone()
+                    .acquire_many_owned(payload_len)
+                    .await
+                    .expect("semaphore never closed"),
+            )
         } else {
             None
         };
@@ -597,12 +676,19 @@ where
         } else {
             Bytes::new()
         };
-        let budget = Budget { _request: request_permit, _bytes: bytes_permit };
+        let budget = Budget {
+            _request: request_permit,
+            _bytes: bytes_permit,
+        };
         let tx = tx.clone();
         let session = session.clone();
         tokio::spawn(async move {
             let (header, data) = execute(&session, req, payload).await;
-            let _ = tx.send(Reply { header, data, _budget: budget });
+            let _ = tx.send(Reply {
+                header,
+                data,
+                _budget: budget,
+            });
         });
     };
     drop(tx);
@@ -684,7 +770,10 @@ async fn run_command(s: &Session, req: &Request, payload: Bytes) -> Outcome {
     let len = req.length as u64;
     let fua = req.flags & CMD_FLAG_FUA != 0;
     if req.flags & !allowed_flags(req.kind) != 0 {
-        return Outcome::Error(EINVAL, format!("flags {:#x} not valid for command {}", req.flags, req.kind));
+        return Outcome::Error(
+            EINVAL,
+            format!("flags {:#x} not valid for command {}", req.flags, req.kind),
+        );
     }
     let writes = matches!(req.kind, CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES);
     if writes && s.export.is_read_only() {
@@ -692,21 +781,39 @@ async fn run_command(s: &Session, req: &Request, payload: Bytes) -> Outcome {
     }
     let known = matches!(
         req.kind,
-        CMD_READ | CMD_WRITE | CMD_FLUSH | CMD_TRIM | CMD_CACHE | CMD_WRITE_ZEROES | CMD_BLOCK_STATUS
+        CMD_READ
+            | CMD_WRITE
+            | CMD_FLUSH
+            | CMD_TRIM
+            | CMD_CACHE
+            | CMD_WRITE_ZEROES
+            | CMD_BLOCK_STATUS
     );
     if !known {
         return Outcome::Error(EINVAL, format!("unknown command {}", req.kind));
     }
     if req.kind != CMD_FLUSH && req.offset.checked_add(len).is_none_or(|end| end > size) {
         let errno = if writes { ENOSPC } else { EINVAL };
-        return Outcome::Error(errno, format!("request {}+{} beyond the export size {size}", req.offset, len));
+        return Outcome::Error(
+            errno,
+            format!(
+                "request {}+{} beyond the export size {size}",
+                req.offset, len
+            ),
+        );
     }
     let result = match req.kind {
         CMD_READ => {
             if req.length > MAX_PAYLOAD {
-                return Outcome::Error(EINVAL, format!("read of {} bytes exceeds the limit", req.length));
+                return Outcome::Error(
+                    EINVAL,
+                    format!("read of {} bytes exceeds the limit", req.length),
+                );
             }
-            return dev.read(req.offset, req.length as usize).await.map_or_else(block_error, Outcome::Data);
+            return dev
+                .read(req.offset, req.length as usize)
+                .await
+                .map_or_else(block_error, Outcome::Data);
         }
         CMD_WRITE => dev.write(req.offset, payload, WriteFlags { fua }).await,
         CMD_FLUSH => dev.flush().await,
@@ -762,21 +869,41 @@ fn frame(s: &Session, req: &Request, outcome: Outcome) -> (Bytes, Option<Bytes>)
     match outcome {
         Outcome::Done => chunk_header(&mut h, REPLY_FLAG_DONE, REPLY_TYPE_NONE, req.cookie, 0),
         Outcome::Data(d) => {
-            chunk_header(&mut h, REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA, req.cookie, 8 + d.len() as u32);
+            chunk_header(
+                &mut h,
+                REPLY_FLAG_DONE,
+                REPLY_TYPE_OFFSET_DATA,
+                req.cookie,
+                8 + d.len() as u32,
+            );
             h.put_u64(req.offset);
             return (h.freeze(), Some(d));
         }
         Outcome::Extents(list) => {
-            chunk_header(&mut h, REPLY_FLAG_DONE, REPLY_TYPE_BLOCK_STATUS, req.cookie, 4 + 8 * list.0.len() as u32);
+            chunk_header(
+                &mut h,
+                REPLY_FLAG_DONE,
+                REPLY_TYPE_BLOCK_STATUS,
+                req.cookie,
+                4 + 8 * list.0.len() as u32,
+            );
             h.put_u32(BASE_ALLOCATION_ID);
             for e in list.iter() {
                 h.put_u32(e.len.min(u32::MAX as u64) as u32);
-                h.put_u32(if e.hole { STATE_HOLE } else { 0 } | if e.zero { STATE_ZERO } else { 0 });
+                h.put_u32(
+                    if e.hole { STATE_HOLE } else { 0 } | if e.zero { STATE_ZERO } else { 0 },
+                );
             }
         }
         Outcome::Error(errno, msg) => {
             let msg = &msg.as_bytes()[..msg.len().min(4096)];
-            chunk_header(&mut h, REPLY_FLAG_DONE, REPLY_TYPE_ERROR, req.cookie, 6 + msg.len() as u32);
+            chunk_header(
+                &mut h,
+                REPLY_FLAG_DONE,
+                REPLY_TYPE_ERROR,
+                req.cookie,
+                6 + msg.len() as u32,
+            );
             h.put_u32(errno);
             h.put_u16(msg.len() as u16);
             h.put_slice(msg);
@@ -808,7 +935,11 @@ mod tests {
     fn go_for_unknown_export_replies_err_unknown_and_goes_on() {
         let mut st = Negotiation::default();
         let mut data = BytesMut::new();
-        InfoRequest { name: "nope".into(), infos: vec![] }.encode(&mut data);
+        InfoRequest {
+            name: "nope".into(),
+            infos: vec![],
+        }
+        .encode(&mut data);
         let mut out = BytesMut::new();
         let o = handle_option(OPT_GO, data.freeze(), &mut st, &exports(), &mut out);
         assert!(matches!(o, OptionOutcome::Continue));
@@ -820,13 +951,29 @@ mod tests {
     fn set_meta_context_needs_structured_replies() {
         let mut st = Negotiation::default();
         let mut data = BytesMut::new();
-        MetaContextRequest { name: "disk".into(), queries: vec![BASE_ALLOCATION.into()] }.encode(&mut data);
+        MetaContextRequest {
+            name: "disk".into(),
+            queries: vec![BASE_ALLOCATION.into()],
+        }
+        .encode(&mut data);
         let mut out = BytesMut::new();
-        handle_option(OPT_SET_META_CONTEXT, data.clone().freeze(), &mut st, &exports(), &mut out);
+        handle_option(
+            OPT_SET_META_CONTEXT,
+            data.clone().freeze(),
+            &mut st,
+            &exports(),
+            &mut out,
+        );
         assert_eq!(&out[12..16], &REP_ERR_INVALID.to_be_bytes());
         st.structured = true;
         out.clear();
-        handle_option(OPT_SET_META_CONTEXT, data.freeze(), &mut st, &exports(), &mut out);
+        handle_option(
+            OPT_SET_META_CONTEXT,
+            data.freeze(),
+            &mut st,
+            &exports(),
+            &mut out,
+        );
         assert_eq!(&out[12..16], &REP_META_CONTEXT.to_be_bytes());
         assert_eq!(st.meta_for.as_deref(), Some("disk"));
     }

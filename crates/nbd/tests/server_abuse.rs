@@ -32,9 +32,15 @@ async fn start() -> Fixture {
     ro.read_only = true;
     set.add(ro);
     let server = Server::new(set, ServerConfig::default());
-    let l = Listener::bind(&SocketAddr::Unix(sock.clone())).await.unwrap();
+    let l = Listener::bind(&SocketAddr::Unix(sock.clone()))
+        .await
+        .unwrap();
     tokio::spawn(async move { server.serve(l).await });
-    Fixture { _dir: dir, sock, dev }
+    Fixture {
+        _dir: dir,
+        sock,
+        dev,
+    }
 }
 
 async fn greet(sock: &Path) -> UnixStream {
@@ -43,7 +49,10 @@ async fn greet(sock: &Path) -> UnixStream {
     s.read_exact(&mut hello).await.unwrap();
     assert_eq!(&hello[..8], &NBDMAGIC.to_be_bytes());
     assert_eq!(&hello[8..16], &IHAVEOPT.to_be_bytes());
-    assert_eq!(u16::from_be_bytes([hello[16], hello[17]]), FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES);
+    assert_eq!(
+        u16::from_be_bytes([hello[16], hello[17]]),
+        FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES
+    );
     s
 }
 
@@ -57,14 +66,18 @@ fn option(opt: u32, data: &[u8]) -> Vec<u8> {
 }
 
 fn flags() -> Vec<u8> {
-    (FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES).to_be_bytes().to_vec()
+    (FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES)
+        .to_be_bytes()
+        .to_vec()
 }
 
 /// Greets and selects `name` with NBD_OPT_EXPORT_NAME (simple replies).
 async fn attach(sock: &Path, name: &str) -> UnixStream {
     let mut s = greet(sock).await;
     s.write_all(&flags()).await.unwrap();
-    s.write_all(&option(OPT_EXPORT_NAME, name.as_bytes())).await.unwrap();
+    s.write_all(&option(OPT_EXPORT_NAME, name.as_bytes()))
+        .await
+        .unwrap();
     let mut info = [0u8; 10];
     s.read_exact(&mut info).await.unwrap();
     s
@@ -72,7 +85,14 @@ async fn attach(sock: &Path, name: &str) -> UnixStream {
 
 fn request(kind: u16, flags: u16, cookie: u64, offset: u64, length: u32) -> Vec<u8> {
     let mut b = BytesMut::new();
-    Request { flags, kind, cookie, offset, length }.encode(&mut b);
+    Request {
+        flags,
+        kind,
+        cookie,
+        offset,
+        length,
+    }
+    .encode(&mut b);
     b.to_vec()
 }
 
@@ -93,10 +113,17 @@ async fn expect_closed(s: &mut UnixStream) {
 
 async fn expect_simple_reply(s: &mut UnixStream, errno: u32, cookie: u64) {
     let mut r = [0u8; 16];
-    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut r)).await.unwrap().unwrap();
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut r))
+        .await
+        .unwrap()
+        .unwrap();
     let mut want = BytesMut::new();
     simple_reply(&mut want, errno, cookie);
-    assert_eq!(&r[..], &want[..], "expected errno {errno} for cookie {cookie}");
+    assert_eq!(
+        &r[..],
+        &want[..],
+        "expected errno {errno} for cookie {cookie}"
+    );
 }
 
 async fn expect_option_reply(s: &mut UnixStream, opt: u32, kind: u32) {
@@ -104,7 +131,11 @@ async fn expect_option_reply(s: &mut UnixStream, opt: u32, kind: u32) {
     s.read_exact(&mut h).await.unwrap();
     assert_eq!(&h[..8], &OPT_REPLY_MAGIC.to_be_bytes());
     assert_eq!(u32::from_be_bytes(h[8..12].try_into().unwrap()), opt);
-    assert_eq!(u32::from_be_bytes(h[12..16].try_into().unwrap()), kind, "reply type");
+    assert_eq!(
+        u32::from_be_bytes(h[12..16].try_into().unwrap()),
+        kind,
+        "reply type"
+    );
     let len = u32::from_be_bytes(h[16..20].try_into().unwrap());
     let mut d = vec![0u8; len as usize];
     s.read_exact(&mut d).await.unwrap();
@@ -112,22 +143,39 @@ async fn expect_option_reply(s: &mut UnixStream, opt: u32, kind: u32) {
 
 /// Cases of the handshake phase after which the server must close the connection.
 fn closing_handshakes() -> Vec<(&'static str, Vec<u8>)> {
-    let huge_option =
-        [flags(), IHAVEOPT.to_be_bytes().to_vec(), 7u32.to_be_bytes().to_vec(), u32::MAX.to_be_bytes().to_vec()];
+    let huge_option = [
+        flags(),
+        IHAVEOPT.to_be_bytes().to_vec(),
+        7u32.to_be_bytes().to_vec(),
+        u32::MAX.to_be_bytes().to_vec(),
+    ];
     vec![
         ("unknown client flags", u32::MAX.to_be_bytes().to_vec()),
         ("bad option magic", [flags(), vec![0x11; 16]].concat()),
         ("option length 4 GiB", huge_option.concat()),
-        ("unknown export by name", [flags(), option(OPT_EXPORT_NAME, b"nope")].concat()),
-        ("export name not UTF-8", [flags(), option(OPT_EXPORT_NAME, &[0xff, 0xfe])].concat()),
+        (
+            "unknown export by name",
+            [flags(), option(OPT_EXPORT_NAME, b"nope")].concat(),
+        ),
+        (
+            "export name not UTF-8",
+            [flags(), option(OPT_EXPORT_NAME, &[0xff, 0xfe])].concat(),
+        ),
     ]
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_handshakes_and_requests_leave_the_server_serving_correct_data() {
     let f = start().await;
-    let good_data = Bytes::from((0..65536u32).map(|i| (i * 7 % 251) as u8).collect::<Vec<_>>());
-    f.dev.write(1 << 20, good_data.clone(), WriteFlags::default()).await.unwrap();
+    let good_data = Bytes::from(
+        (0..65536u32)
+            .map(|i| (i * 7 % 251) as u8)
+            .collect::<Vec<_>>(),
+    );
+    f.dev
+        .write(1 << 20, good_data.clone(), WriteFlags::default())
+        .await
+        .unwrap();
     // A well-behaved client that stays connected through all the abuse.
     let mut bystander = attach(&f.sock, "disk").await;
 
@@ -155,7 +203,11 @@ async fn hostile_handshakes_and_requests_leave_the_server_serving_correct_data()
         (OPT_STRUCTURED_REPLY, b"x", REP_ERR_INVALID),
         (OPT_STARTTLS, b"", REP_ERR_UNSUP),
         (OPT_LIST, b"x", REP_ERR_INVALID),
-        (OPT_SET_META_CONTEXT, b"\0\0\0\x04disk\0\0\0\0", REP_ERR_INVALID),
+        (
+            OPT_SET_META_CONTEXT,
+            b"\0\0\0\x04disk\0\0\0\0",
+            REP_ERR_INVALID,
+        ),
         (OPT_GO, b"\0\0\0\x04nope\0\0", REP_ERR_UNKNOWN),
         (OPT_ABORT, b"", REP_ACK),
     ] {
@@ -167,15 +219,55 @@ async fn hostile_handshakes_and_requests_leave_the_server_serving_correct_data()
     // Transmission phase: error replies, session continues.
     let mut s = attach(&f.sock, "disk").await;
     let answered: Vec<(&str, Vec<u8>, u64, u32)> = vec![
-        ("read past the end", request(CMD_READ, 0, 1, SIZE - 10, 20), 1, EINVAL),
-        ("read at u64::MAX", request(CMD_READ, 0, 2, u64::MAX, 512), 2, EINVAL),
-        ("read of 64 MiB", request(CMD_READ, 0, 3, 0, 64 << 20), 3, EINVAL),
+        (
+            "read past the end",
+            request(CMD_READ, 0, 1, SIZE - 10, 20),
+            1,
+            EINVAL,
+        ),
+        (
+            "read at u64::MAX",
+            request(CMD_READ, 0, 2, u64::MAX, 512),
+            2,
+            EINVAL,
+        ),
+        (
+            "read of 64 MiB",
+            request(CMD_READ, 0, 3, 0, 64 << 20),
+            3,
+            EINVAL,
+        ),
         ("unknown command", request(99, 0, 4, 0, 0), 4, EINVAL),
-        ("FUA on a read", request(CMD_READ, CMD_FLAG_FUA, 5, 0, 512), 5, EINVAL),
-        ("block status without a context", request(CMD_BLOCK_STATUS, 0, 6, 0, 512), 6, EINVAL),
-        ("trim past the end", request(CMD_TRIM, 0, 7, SIZE, 1), 7, ENOSPC),
-        ("zeroes past the end", request(CMD_WRITE_ZEROES, 0, 8, SIZE - 1, 2), 8, ENOSPC),
-        ("write past the end", [request(CMD_WRITE, 0, 9, SIZE - 2, 4), vec![1, 2, 3, 4]].concat(), 9, ENOSPC),
+        (
+            "FUA on a read",
+            request(CMD_READ, CMD_FLAG_FUA, 5, 0, 512),
+            5,
+            EINVAL,
+        ),
+        (
+            "block status without a context",
+            request(CMD_BLOCK_STATUS, 0, 6, 0, 512),
+            6,
+            EINVAL,
+        ),
+        (
+            "trim past the end",
+            request(CMD_TRIM, 0, 7, SIZE, 1),
+            7,
+            ENOSPC,
+        ),
+        (
+            "zeroes past the end",
+            request(CMD_WRITE_ZEROES, 0, 8, SIZE - 1, 2),
+            8,
+            ENOSPC,
+        ),
+        (
+            "write past the end",
+            [request(CMD_WRITE, 0, 9, SIZE - 2, 4), vec![1, 2, 3, 4]].concat(),
+            9,
+            ENOSPC,
+        ),
     ];
     for (what, bytes, cookie, errno) in answered {
         s.write_all(&bytes).await.unwrap();
@@ -183,7 +275,9 @@ async fn hostile_handshakes_and_requests_leave_the_server_serving_correct_data()
         eprintln!("ok: {what}");
     }
     // The same session still reads correctly.
-    s.write_all(&request(CMD_READ, 0, 10, 1 << 20, 65536)).await.unwrap();
+    s.write_all(&request(CMD_READ, 0, 10, 1 << 20, 65536))
+        .await
+        .unwrap();
     expect_simple_reply(&mut s, 0, 10).await;
     let mut got = vec![0u8; 65536];
     s.read_exact(&mut got).await.unwrap();
@@ -191,9 +285,13 @@ async fn hostile_handshakes_and_requests_leave_the_server_serving_correct_data()
 
     // Writes to a read-only export: EPERM, payload consumed, session continues.
     let mut s = attach(&f.sock, "ro").await;
-    s.write_all(&[request(CMD_WRITE, 0, 11, 0, 4), vec![9; 4]].concat()).await.unwrap();
+    s.write_all(&[request(CMD_WRITE, 0, 11, 0, 4), vec![9; 4]].concat())
+        .await
+        .unwrap();
     expect_simple_reply(&mut s, EPERM, 11).await;
-    s.write_all(&request(CMD_WRITE_ZEROES, 0, 12, 0, 4096)).await.unwrap();
+    s.write_all(&request(CMD_WRITE_ZEROES, 0, 12, 0, 4096))
+        .await
+        .unwrap();
     expect_simple_reply(&mut s, EPERM, 12).await;
     s.write_all(&request(CMD_FLUSH, 0, 13, 0, 0)).await.unwrap();
     expect_simple_reply(&mut s, 0, 13).await;
@@ -210,22 +308,33 @@ async fn hostile_handshakes_and_requests_leave_the_server_serving_correct_data()
     }
     // A client that vanishes in the middle of a write payload.
     let mut s = attach(&f.sock, "disk").await;
-    s.write_all(&[request(CMD_WRITE, 0, 30, 1 << 20, 65536), vec![0xEE; 1000]].concat()).await.unwrap();
+    s.write_all(&[request(CMD_WRITE, 0, 30, 1 << 20, 65536), vec![0xEE; 1000]].concat())
+        .await
+        .unwrap();
     drop(s);
     // A client that sends many large reads, never reads a reply, and vanishes.
     let mut s = attach(&f.sock, "disk").await;
     for i in 0..64 {
-        s.write_all(&request(CMD_READ, 0, 100 + i, 0, 1 << 20)).await.unwrap();
+        s.write_all(&request(CMD_READ, 0, 100 + i, 0, 1 << 20))
+            .await
+            .unwrap();
     }
     drop(s);
 
     // The bystander still gets exactly the right bytes, and nothing was written.
-    bystander.write_all(&request(CMD_READ, 0, 77, 1 << 20, 65536)).await.unwrap();
+    bystander
+        .write_all(&request(CMD_READ, 0, 77, 1 << 20, 65536))
+        .await
+        .unwrap();
     expect_simple_reply(&mut bystander, 0, 77).await;
     let mut got = vec![0u8; 65536];
     bystander.read_exact(&mut got).await.unwrap();
     assert_eq!(got, good_data);
-    assert_eq!(f.dev.allocated_bytes(), 65536, "no abusive request changed the disk");
+    assert_eq!(
+        f.dev.allocated_bytes(),
+        65536,
+        "no abusive request changed the disk"
+    );
 }
 
 /// Many pipelined writes on one connection: each gets exactly one reply with its own cookie.
@@ -250,6 +359,9 @@ async fn pipelined_requests_each_get_their_own_reply() {
     assert_eq!(seen.len() as u64, n);
     let snap = f.dev.snapshot();
     for i in 0..n as usize {
-        assert!(snap[i * 4096..(i + 1) * 4096].iter().all(|&b| b == i as u8), "block {i}");
+        assert!(
+            snap[i * 4096..(i + 1) * 4096].iter().all(|&b| b == i as u8),
+            "block {i}"
+        );
     }
 }

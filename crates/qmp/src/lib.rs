@@ -1,1 +1,112 @@
-//! (in progress)
+//! A QMP-compatible control protocol: the JSON framing QEMU's monitor speaks, so that QEMU's
+//! tooling (python's `qemu.qmp`, `socat`, orchestrators written for QEMU) can drive coloblk.
+//!
+//! ```text
+//!  server: {"QMP": {"version": ..., "capabilities": []}}
+//!  client: {"execute": "qmp_capabilities"}          server: {"return": {}}
+//!  client: {"execute": "cmd", "arguments": {..}, "id": 1}
+//!  server: {"return": ..., "id": 1}  or  {"error": {"class": "GenericError", "desc": ".."}, "id": 1}
+//!  server: {"event": "NAME", "data": {..}, "timestamp": {"seconds": s, "microseconds": us}}
+//! ```
+//!
+//! The crate is transport-agnostic: it serves and drives any byte stream.
+
+#![forbid(unsafe_code)]
+
+mod client;
+mod framing;
+mod server;
+
+pub use client::{QmpClient, QmpClientError};
+pub use framing::{Frame, FrameError, Framer};
+pub use server::{Command, Event, Handler, QmpServer};
+
+use serde_json::{Map, Value, json};
+
+/// QMP error classes (QEMU's `QapiErrorClass`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorClass {
+    GenericError,
+    CommandNotFound,
+    DeviceNotActive,
+    DeviceNotFound,
+}
+
+impl ErrorClass {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorClass::GenericError => "GenericError",
+            ErrorClass::CommandNotFound => "CommandNotFound",
+            ErrorClass::DeviceNotActive => "DeviceNotActive",
+            ErrorClass::DeviceNotFound => "DeviceNotFound",
+        }
+    }
+}
+
+/// An error reply.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{desc}")]
+pub struct QmpError {
+    pub class: ErrorClass,
+    pub desc: String,
+}
+
+impl QmpError {
+    pub fn generic(desc: impl Into<String>) -> Self {
+        QmpError {
+            class: ErrorClass::GenericError,
+            desc: desc.into(),
+        }
+    }
+
+    pub fn not_found(command: &str) -> Self {
+        QmpError {
+            class: ErrorClass::CommandNotFound,
+            desc: format!("The command {command} has not been found"),
+        }
+    }
+
+    fn to_json(&self) -> Value {
+        json!({ "class": self.class.as_str(), "desc": self.desc })
+    }
+}
+
+/// Arguments of a command, with typed accessors that produce QEMU's error texts.
+#[derive(Debug, Clone, Default)]
+pub struct Args(pub Map<String, Value>);
+
+impl Args {
+    /// A required boolean member.
+    pub fn bool(&self, name: &str) -> Result<bool, QmpError> {
+        self.opt_bool(name)?
+            .ok_or_else(|| QmpError::generic(format!("Parameter '{name}' is missing")))
+    }
+
+    pub fn opt_bool(&self, name: &str) -> Result<Option<bool>, QmpError> {
+        match self.0.get(name) {
+            None => Ok(None),
+            Some(Value::Bool(b)) => Ok(Some(*b)),
+            Some(_) => Err(QmpError::generic(format!(
+                "Invalid parameter type for '{name}', expected: boolean"
+            ))),
+        }
+    }
+
+    pub fn opt_str(&self, name: &str) -> Result<Option<&str>, QmpError> {
+        match self.0.get(name) {
+            None => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s)),
+            Some(_) => Err(QmpError::generic(format!(
+                "Invalid parameter type for '{name}', expected: string"
+            ))),
+        }
+    }
+
+    /// Refuses members outside `known`, as QEMU does.
+    pub fn only(&self, known: &[&str]) -> Result<(), QmpError> {
+        match self.0.keys().find(|k| !known.contains(&k.as_str())) {
+            Some(k) => Err(QmpError::generic(format!("Parameter '{k}' is unexpected"))),
+            None => Ok(()),
+        }
+    }
+}

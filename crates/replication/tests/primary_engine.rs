@@ -29,7 +29,12 @@ fn rig(config: PrimaryConfig) -> Rig {
     let link = Arc::new(FaultyDev::new(remote.clone()));
     let node = PrimaryNode::new(local.clone(), config);
     node.set_link(link.clone()).unwrap();
-    Rig { local, remote, link, node }
+    Rig {
+        local,
+        remote,
+        link,
+        node,
+    }
 }
 
 fn started(config: PrimaryConfig) -> Rig {
@@ -55,7 +60,10 @@ fn fill(seed: u64, len: usize) -> Bytes {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_drain_the_secondary_equals_the_primary_in_both_modes() {
     for mode in [ForwardMode::Async, ForwardMode::Sync] {
-        let r = started(PrimaryConfig { mode, ..Default::default() });
+        let r = started(PrimaryConfig {
+            mode,
+            ..Default::default()
+        });
         r.link.delay_us.store(300, Ordering::Relaxed);
         r.link.jitter.store(true, Ordering::Relaxed);
         let mut tasks = Vec::new();
@@ -63,11 +71,24 @@ async fn after_a_drain_the_secondary_equals_the_primary_in_both_modes() {
             let node = r.node.clone();
             tasks.push(tokio::spawn(async move {
                 let off = (i * 37 % 120) * 65536 + (i % 7) * 512;
-                node.write(off, fill(i, 8192 + (i as usize % 5) * 4096), WriteFlags::default()).await.unwrap();
+                node.write(
+                    off,
+                    fill(i, 8192 + (i as usize % 5) * 4096),
+                    WriteFlags::default(),
+                )
+                .await
+                .unwrap();
                 if i % 5 == 0 {
-                    node.write_zeroes(off + 1024, 3000, ZeroFlags { may_unmap: true, ..Default::default() })
-                        .await
-                        .unwrap();
+                    node.write_zeroes(
+                        off + 1024,
+                        3000,
+                        ZeroFlags {
+                            may_unmap: true,
+                            ..Default::default()
+                        },
+                    )
+                    .await
+                    .unwrap();
                 }
                 if i % 9 == 0 {
                     node.discard((i % 16) * 65536, 65536).await.unwrap();
@@ -78,7 +99,10 @@ async fn after_a_drain_the_secondary_equals_the_primary_in_both_modes() {
             t.await.unwrap();
         }
         r.node.drain(true, false).await.unwrap();
-        assert!(r.local.snapshot() == r.remote.snapshot(), "{mode:?}: secondary differs after drain");
+        assert!(
+            r.local.snapshot() == r.remote.snapshot(),
+            "{mode:?}: secondary differs after drain"
+        );
         let st = r.node.status();
         assert_eq!(st.forward_errors, 0);
         assert_eq!(st.queued_requests, 0);
@@ -92,7 +116,10 @@ async fn after_a_drain_the_secondary_equals_the_primary_in_both_modes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn overlapping_writes_reach_the_secondary_in_local_order() {
     for mode in [ForwardMode::Async, ForwardMode::Sync] {
-        let r = started(PrimaryConfig { mode, ..Default::default() });
+        let r = started(PrimaryConfig {
+            mode,
+            ..Default::default()
+        });
         r.link.delay_us.store(2000, Ordering::Relaxed);
         r.link.jitter.store(true, Ordering::Relaxed);
         let mut tasks = Vec::new();
@@ -101,7 +128,13 @@ async fn overlapping_writes_reach_the_secondary_in_local_order() {
             tasks.push(tokio::spawn(async move {
                 // Four hot blocks, writes of 1 to 3 blocks straddling them.
                 let off = (i % 4) * 4096 + (i % 3) * 1000;
-                node.write(off, fill(1000 + i, 4096 * (1 + i as usize % 3)), WriteFlags::default()).await.unwrap();
+                node.write(
+                    off,
+                    fill(1000 + i, 4096 * (1 + i as usize % 3)),
+                    WriteFlags::default(),
+                )
+                .await
+                .unwrap();
             }));
         }
         for t in tasks {
@@ -109,17 +142,26 @@ async fn overlapping_writes_reach_the_secondary_in_local_order() {
         }
         r.node.drain(false, false).await.unwrap();
         let (l, s) = (r.local.snapshot(), r.remote.snapshot());
-        assert!(l[..32768] == s[..32768], "{mode:?}: hot blocks differ between primary and secondary");
+        assert!(
+            l[..32768] == s[..32768],
+            "{mode:?}: hot blocks differ between primary and secondary"
+        );
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sync_mode_completes_only_when_the_secondary_has_the_write() {
-    let r = started(PrimaryConfig { mode: ForwardMode::Sync, ..Default::default() });
+    let r = started(PrimaryConfig {
+        mode: ForwardMode::Sync,
+        ..Default::default()
+    });
     r.link.delay_us.store(20_000, Ordering::Relaxed);
     for i in 0..5u64 {
         let data = fill(i, 4096);
-        r.node.write(i * 4096, data.clone(), WriteFlags::default()).await.unwrap();
+        r.node
+            .write(i * 4096, data.clone(), WriteFlags::default())
+            .await
+            .unwrap();
         assert_eq!(r.remote.read(i * 4096, 4096).await.unwrap(), data);
     }
 }
@@ -130,31 +172,57 @@ async fn async_mode_acknowledges_before_the_secondary_and_drain_waits_for_it() {
     r.link.delay_us.store(200_000, Ordering::Relaxed);
     let data = fill(5, 65536);
     let t = Instant::now();
-    r.node.write(0, data.clone(), WriteFlags::default()).await.unwrap();
-    assert!(t.elapsed() < Duration::from_millis(150), "async write waited for the secondary");
-    assert_eq!(r.remote.read(0, 65536).await.unwrap(), Bytes::from(vec![0u8; 65536]));
+    r.node
+        .write(0, data.clone(), WriteFlags::default())
+        .await
+        .unwrap();
+    assert!(
+        t.elapsed() < Duration::from_millis(150),
+        "async write waited for the secondary"
+    );
+    assert_eq!(
+        r.remote.read(0, 65536).await.unwrap(),
+        Bytes::from(vec![0u8; 65536])
+    );
     r.node.drain(false, false).await.unwrap();
-    assert_eq!(r.remote.read(0, 65536).await.unwrap(), data, "drain returned before the ack");
+    assert_eq!(
+        r.remote.read(0, 65536).await.unwrap(),
+        data,
+        "drain returned before the ack"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forwarding_errors_are_sticky_evented_dirty_and_fail_the_next_drain() {
     let r = started(PrimaryConfig::default());
     let mut events = r.node.events();
-    r.node.write(0, fill(1, 4096), WriteFlags::default()).await.unwrap();
+    r.node
+        .write(0, fill(1, 4096), WriteFlags::default())
+        .await
+        .unwrap();
     r.node.drain(false, false).await.unwrap();
     r.node.get_error().unwrap();
 
     r.link.fail_writes.store(true, Ordering::Relaxed);
     let data = fill(2, 4096);
     // The VM's write still succeeds, and lands locally.
-    r.node.write(3 * 65536 + 100, data.clone(), WriteFlags::default()).await.unwrap();
+    r.node
+        .write(3 * 65536 + 100, data.clone(), WriteFlags::default())
+        .await
+        .unwrap();
     assert_eq!(r.local.read(3 * 65536 + 100, 4096).await.unwrap(), data);
     let e = r.node.drain(false, false).await.unwrap_err();
     assert!(matches!(e, PrimaryError::DrainFailed(_)), "{e}");
-    assert_eq!(r.node.get_error().unwrap_err().to_string(), "I/O error occurred");
+    assert_eq!(
+        r.node.get_error().unwrap_err().to_string(),
+        "I/O error occurred"
+    );
     assert_eq!(r.node.dirty().ranges(), vec![(3 * 65536, 65536)]);
-    match tokio::time::timeout(Duration::from_secs(5), events.recv()).await.unwrap().unwrap() {
+    match tokio::time::timeout(Duration::from_secs(5), events.recv())
+        .await
+        .unwrap()
+        .unwrap()
+    {
         PrimaryEvent::ForwardFailed { offset, len, error } => {
             assert_eq!((offset, len), (3 * 65536 + 100, 4096));
             assert!(error.contains("injected fault"), "{error}");
@@ -170,13 +238,23 @@ async fn forwarding_errors_are_sticky_evented_dirty_and_fail_the_next_drain() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hung_secondary_is_dropped_after_the_timeout_and_writes_go_on_at_local_speed() {
-    let r = started(PrimaryConfig { link_timeout: Some(Duration::from_millis(300)), ..Default::default() });
+    let r = started(PrimaryConfig {
+        link_timeout: Some(Duration::from_millis(300)),
+        ..Default::default()
+    });
     let mut events = r.node.events();
     r.link.hang.store(true, Ordering::Relaxed);
-    r.node.write(0, fill(1, 4096), WriteFlags::default()).await.unwrap();
+    r.node
+        .write(0, fill(1, 4096), WriteFlags::default())
+        .await
+        .unwrap();
     let t = Instant::now();
     assert!(r.node.drain(false, false).await.is_err());
-    assert!(t.elapsed() < Duration::from_secs(3), "drain waited {:?} on a hung secondary", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_secs(3),
+        "drain waited {:?} on a hung secondary",
+        t.elapsed()
+    );
     let mut lost = false;
     while let Ok(Ok(ev)) = tokio::time::timeout(Duration::from_millis(100), events.recv()).await {
         lost |= matches!(ev, PrimaryEvent::LinkLost { .. });
@@ -186,25 +264,46 @@ async fn a_hung_secondary_is_dropped_after_the_timeout_and_writes_go_on_at_local
     // Now writes complete without touching the link, and are recorded as dirty.
     let t = Instant::now();
     for i in 1..50u64 {
-        r.node.write(i * 65536, fill(i, 4096), WriteFlags::default()).await.unwrap();
+        r.node
+            .write(i * 65536, fill(i, 4096), WriteFlags::default())
+            .await
+            .unwrap();
     }
     r.node.drain(false, true).await.unwrap();
-    assert!(t.elapsed() < Duration::from_secs(1), "writes waited for a dead link");
+    assert!(
+        t.elapsed() < Duration::from_secs(1),
+        "writes waited for a dead link"
+    );
     assert_eq!(r.node.dirty().ranges(), vec![(0, 50 * 65536)]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writes_before_start_are_recorded_dirty_exactly_and_not_forwarded() {
-    let r = rig(PrimaryConfig { dirty_granularity: 4096, ..Default::default() });
-    r.node.write(8192, fill(1, 100), WriteFlags::default()).await.unwrap();
-    r.node.write_zeroes(65536, 3 * 4096, ZeroFlags::default()).await.unwrap();
+    let r = rig(PrimaryConfig {
+        dirty_granularity: 4096,
+        ..Default::default()
+    });
+    r.node
+        .write(8192, fill(1, 100), WriteFlags::default())
+        .await
+        .unwrap();
+    r.node
+        .write_zeroes(65536, 3 * 4096, ZeroFlags::default())
+        .await
+        .unwrap();
     r.node.discard(DISK - 4096, 4096).await.unwrap();
     assert_eq!(r.link.writes_seen.load(Ordering::Relaxed), 0);
-    assert_eq!(r.node.dirty().ranges(), vec![(8192, 4096), (65536, 3 * 4096), (DISK - 4096, 4096)]);
+    assert_eq!(
+        r.node.dirty().ranges(),
+        vec![(8192, 4096), (65536, 3 * 4096), (DISK - 4096, 4096)]
+    );
     assert_eq!(r.node.status().dirty_bytes, 5 * 4096);
     // After start, new writes are forwarded and the old dirty ranges stay recorded.
     r.node.start(ReplicationMode::Primary).unwrap();
-    r.node.write(0, fill(2, 4096), WriteFlags::default()).await.unwrap();
+    r.node
+        .write(0, fill(2, 4096), WriteFlags::default())
+        .await
+        .unwrap();
     r.node.drain(false, false).await.unwrap();
     assert_eq!(r.link.writes_seen.load(Ordering::Relaxed), 1);
     assert_eq!(r.node.dirty().dirty_clusters(), 5);
@@ -218,7 +317,11 @@ async fn a_local_write_error_reaches_the_vm_and_is_not_forwarded() {
     node.set_link(remote.clone()).unwrap();
     node.start(ReplicationMode::Primary).unwrap();
     local.fail_writes.store(true, Ordering::Relaxed);
-    assert!(node.write(0, fill(1, 4096), WriteFlags::default()).await.is_err());
+    assert!(
+        node.write(0, fill(1, 4096), WriteFlags::default())
+            .await
+            .is_err()
+    );
     node.drain(false, false).await.unwrap();
     assert_eq!(remote.allocated_bytes(), 0);
     node.get_error().unwrap();
@@ -226,13 +329,22 @@ async fn a_local_write_error_reaches_the_vm_and_is_not_forwarded() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_queue_bound_holds_under_a_slow_secondary() {
-    let limits = QueueLimits { max_bytes: 1 << 20, max_requests: 64, max_in_flight: 8 };
-    let r = started(PrimaryConfig { queue: limits, ..Default::default() });
+    let limits = QueueLimits {
+        max_bytes: 1 << 20,
+        max_requests: 64,
+        max_in_flight: 8,
+    };
+    let r = started(PrimaryConfig {
+        queue: limits,
+        ..Default::default()
+    });
     r.link.delay_us.store(5000, Ordering::Relaxed);
     let node = r.node.clone();
     let writer = tokio::spawn(async move {
         for i in 0..200u64 {
-            node.write((i % 100) * 65536, fill(i, 65536), WriteFlags::default()).await.unwrap();
+            node.write((i % 100) * 65536, fill(i, 65536), WriteFlags::default())
+                .await
+                .unwrap();
         }
     });
     let mut peak = (0, 0);
@@ -243,7 +355,11 @@ async fn the_queue_bound_holds_under_a_slow_secondary() {
     }
     writer.await.unwrap();
     assert!(peak.0 <= 1 << 20, "queued bytes peaked at {}", peak.0);
-    assert!(peak.0 >= 512 << 10, "the queue never filled (peak {}), the test proves nothing", peak.0);
+    assert!(
+        peak.0 >= 512 << 10,
+        "the queue never filled (peak {}), the test proves nothing",
+        peak.0
+    );
     assert!(peak.1 <= 64);
     r.node.drain(false, false).await.unwrap();
     assert!(r.local.snapshot() == r.remote.snapshot());
@@ -253,17 +369,32 @@ async fn the_queue_bound_holds_under_a_slow_secondary() {
 async fn stage_machine_matches_qemu_for_a_primary() {
     let r = rig(PrimaryConfig::default());
     assert_eq!(r.node.stage(), PrimaryStage::None);
-    assert_eq!(r.node.get_error().unwrap_err().to_string(), "Block replication is not running");
-    r.node.checkpoint().await.unwrap();
-    assert_eq!(r.node.stop(true).await.unwrap_err().to_string(), "Block replication is not running");
     assert_eq!(
-        r.node.start(ReplicationMode::Secondary).unwrap_err().to_string(),
+        r.node.get_error().unwrap_err().to_string(),
+        "Block replication is not running"
+    );
+    r.node.checkpoint().await.unwrap();
+    assert_eq!(
+        r.node.stop(true).await.unwrap_err().to_string(),
+        "Block replication is not running"
+    );
+    assert_eq!(
+        r.node
+            .start(ReplicationMode::Secondary)
+            .unwrap_err()
+            .to_string(),
         "The parameter mode's value is invalid, needs 0, but got 1"
     );
     assert_eq!(r.node.stage(), PrimaryStage::None);
     r.node.start(ReplicationMode::Primary).unwrap();
     assert_eq!(r.node.stage(), PrimaryStage::Running);
-    assert_eq!(r.node.start(ReplicationMode::Primary).unwrap_err().to_string(), "Block replication is running or done");
+    assert_eq!(
+        r.node
+            .start(ReplicationMode::Primary)
+            .unwrap_err()
+            .to_string(),
+        "Block replication is running or done"
+    );
     r.node.get_error().unwrap();
     r.node.checkpoint().await.unwrap();
     r.node.stop(true).await.unwrap();
@@ -279,10 +410,18 @@ async fn stage_machine_matches_qemu_for_a_primary() {
 #[tokio::test]
 async fn a_secondary_of_another_length_is_refused() {
     let node = PrimaryNode::new(Arc::new(MemoryDev::new(DISK)), PrimaryConfig::default());
-    let e = node.set_link(Arc::new(MemoryDev::new(DISK + 512))).unwrap_err();
+    let e = node
+        .set_link(Arc::new(MemoryDev::new(DISK + 512)))
+        .unwrap_err();
     assert_eq!(
         e.to_string(),
-        format!("disk lengths differ: the primary disk has {DISK} bytes, the secondary {}", DISK + 512)
+        format!(
+            "disk lengths differ: the primary disk has {DISK} bytes, the secondary {}",
+            DISK + 512
+        )
     );
-    assert_eq!(node.start(ReplicationMode::Primary).unwrap_err(), PrimaryError::NoLink);
+    assert_eq!(
+        node.start(ReplicationMode::Primary).unwrap_err(),
+        PrimaryError::NoLink
+    );
 }

@@ -38,7 +38,10 @@ impl Proc {
             .stdin(Stdio::null())
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
-        Proc { child, name: name.to_string() }
+        Proc {
+            child,
+            name: name.to_string(),
+        }
     }
 
     pub fn pid(&self) -> i32 {
@@ -47,7 +50,10 @@ impl Proc {
 
     /// Sends a signal (by number) to the process.
     pub fn signal(&self, sig: &str) {
-        let st = Command::new("kill").args([&format!("-{sig}"), &self.pid().to_string()]).status().unwrap();
+        let st = Command::new("kill")
+            .args([&format!("-{sig}"), &self.pid().to_string()])
+            .status()
+            .unwrap();
         assert!(st.success(), "kill -{sig} {} failed", self.name);
     }
 
@@ -58,7 +64,11 @@ impl Proc {
             if let Some(st) = self.child.try_wait().unwrap() {
                 return st;
             }
-            assert!(start.elapsed() < limit, "{} did not exit within {limit:?}", self.name);
+            assert!(
+                start.elapsed() < limit,
+                "{} did not exit within {limit:?}",
+                self.name
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -79,16 +89,26 @@ pub fn wait_socket(path: &Path, proc_: &mut Proc) {
             return;
         }
         if let Some(st) = proc_.child.try_wait().unwrap() {
-            panic!("{} exited with {st} before listening on {}", proc_.name, path.display());
+            panic!(
+                "{} exited with {st} before listening on {}",
+                proc_.name,
+                path.display()
+            );
         }
-        assert!(start.elapsed() < Duration::from_secs(20), "{} never listened", proc_.name);
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "{} never listened",
+            proc_.name
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
 
 /// Runs a command, asserts success, returns its output.
 pub fn run(cmd: &mut Command) -> Output {
-    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
     assert!(
         out.status.success(),
         "{cmd:?} failed with {}\nstdout: {}\nstderr: {}",
@@ -124,7 +144,9 @@ pub struct Served {
 pub fn serve(dir: &Path, exports: &[&str]) -> Served {
     let sock = dir.join("coloblk.sock");
     let mut cmd = coloblk();
-    cmd.arg("serve").arg("--listen").arg(format!("unix:{}", sock.display()));
+    cmd.arg("serve")
+        .arg("--listen")
+        .arg(format!("unix:{}", sock.display()));
     for e in exports {
         cmd.arg("--export").arg(e);
     }

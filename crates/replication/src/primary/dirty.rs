@@ -23,12 +23,18 @@ struct Bits {
 impl DirtyBitmap {
     /// A clean bitmap over `disk_len` bytes; `granularity` must be a power of two.
     pub fn new(disk_len: u64, granularity: u64) -> Self {
-        assert!(granularity.is_power_of_two(), "dirty granularity must be a power of two");
+        assert!(
+            granularity.is_power_of_two(),
+            "dirty granularity must be a power of two"
+        );
         let clusters = disk_len.div_ceil(granularity);
         DirtyBitmap {
             granularity,
             disk_len,
-            bits: Mutex::new(Bits { words: vec![0; clusters.div_ceil(64) as usize], count: 0 }),
+            bits: Mutex::new(Bits {
+                words: vec![0; clusters.div_ceil(64) as usize],
+                count: 0,
+            }),
         }
     }
 
@@ -101,7 +107,10 @@ mod tests {
         bm.mark(3 * 65536, 1);
         bm.mark(10 * 65536 + 50, 1000);
         assert_eq!(bm.dirty_clusters(), 4);
-        assert_eq!(bm.ranges(), vec![(0, 2 * 65536), (3 * 65536, 65536), (10 * 65536, 100)]);
+        assert_eq!(
+            bm.ranges(),
+            vec![(0, 2 * 65536), (3 * 65536, 65536), (10 * 65536, 100)]
+        );
         assert_eq!(bm.dirty_bytes(), 3 * 65536 + 100);
         bm.mark(0, 1);
         assert_eq!(bm.dirty_clusters(), 4, "marking twice counts once");

@@ -31,9 +31,20 @@ use super::{PrimaryEvent, QueueLimits};
 /// One change to carry to the secondary.
 #[derive(Debug, Clone)]
 pub enum Change {
-    Write { offset: u64, data: Bytes, fua: bool },
-    Zeroes { offset: u64, len: u64, flags: ZeroFlags },
-    Discard { offset: u64, len: u64 },
+    Write {
+        offset: u64,
+        data: Bytes,
+        fua: bool,
+    },
+    Zeroes {
+        offset: u64,
+        len: u64,
+        flags: ZeroFlags,
+    },
+    Discard {
+        offset: u64,
+        len: u64,
+    },
     Flush,
 }
 
@@ -42,7 +53,9 @@ impl Change {
     pub fn range(&self) -> Option<(u64, u64)> {
         match self {
             Change::Write { offset, data, .. } => Some((*offset, data.len() as u64)),
-            Change::Zeroes { offset, len, .. } | Change::Discard { offset, len } => Some((*offset, *len)),
+            Change::Zeroes { offset, len, .. } | Change::Discard { offset, len } => {
+                Some((*offset, *len))
+            }
             Change::Flush => None,
         }
     }
@@ -59,9 +72,16 @@ impl Change {
 pub type Ack = Result<(), String>;
 
 enum Item {
-    Change { change: Change, ack: Option<oneshot::Sender<Ack>>, _budget: Budget },
+    Change {
+        change: Change,
+        ack: Option<oneshot::Sender<Ack>>,
+        _budget: Budget,
+    },
     /// Answers once everything before it is acknowledged (and flushed when asked).
-    Barrier { flush: bool, ack: oneshot::Sender<Ack> },
+    Barrier {
+        flush: bool,
+        ack: oneshot::Sender<Ack>,
+    },
 }
 
 struct Budget {
@@ -109,7 +129,9 @@ impl Shared {
         }
         if link_lost && !self.link_down.swap(true, Ordering::SeqCst) {
             warn!("secondary link lost: {err}; serving at local speed, recording dirty ranges");
-            let _ = self.events.send(PrimaryEvent::LinkLost { reason: err.to_string() });
+            let _ = self.events.send(PrimaryEvent::LinkLost {
+                reason: err.to_string(),
+            });
         }
         let _ = self.events.send(PrimaryEvent::ForwardFailed {
             offset: range.map_or(0, |r| r.0),
@@ -155,16 +177,33 @@ impl Forwarder {
     pub async fn push(&self, change: Change, want_ack: bool) -> Option<oneshot::Receiver<Ack>> {
         let requests = self.requests.clone().acquire_owned().await.ok()?;
         let n = change.payload_bytes().min(self.byte_limit);
-        let bytes = if n > 0 { Some(self.bytes.clone().acquire_many_owned(n as u32).await.ok()?) } else { None };
+        let bytes = if n > 0 {
+            Some(self.bytes.clone().acquire_many_owned(n as u32).await.ok()?)
+        } else {
+            None
+        };
         let (tx, rx) = if want_ack {
             let (tx, rx) = oneshot::channel();
             (Some(tx), Some(rx))
         } else {
             (None, None)
         };
-        self.shared.stats.queued_requests.fetch_add(1, Ordering::Relaxed);
-        self.shared.stats.queued_bytes.fetch_add(change.payload_bytes() as u64, Ordering::Relaxed);
-        let item = Item::Change { change, ack: tx, _budget: Budget { _requests: requests, _bytes: bytes } };
+        self.shared
+            .stats
+            .queued_requests
+            .fetch_add(1, Ordering::Relaxed);
+        self.shared
+            .stats
+            .queued_bytes
+            .fetch_add(change.payload_bytes() as u64, Ordering::Relaxed);
+        let item = Item::Change {
+            change,
+            ack: tx,
+            _budget: Budget {
+                _requests: requests,
+                _bytes: bytes,
+            },
+        };
         self.items.lock().push_back(item);
         self.wake.notify_one();
         rx
@@ -173,7 +212,9 @@ impl Forwarder {
     /// Queues a barrier; the receiver answers once everything queued before is acknowledged.
     pub fn barrier(&self, flush: bool) -> oneshot::Receiver<Ack> {
         let (tx, rx) = oneshot::channel();
-        self.items.lock().push_back(Item::Barrier { flush, ack: tx });
+        self.items
+            .lock()
+            .push_back(Item::Barrier { flush, ack: tx });
         self.wake.notify_one();
         rx
     }
@@ -202,7 +243,11 @@ impl Forwarder {
                 item = self.next() => item,
             };
             match item {
-                Item::Change { change, ack, _budget } => {
+                Item::Change {
+                    change,
+                    ack,
+                    _budget,
+                } => {
                     let range = change.range();
                     if let Some((o, l)) = range {
                         while in_flight.len() >= self.max_in_flight
@@ -221,7 +266,10 @@ impl Forwarder {
                     let handle = in_flight.spawn(async move {
                         let r = send(&shared, &change).await;
                         shared.stats.queued_requests.fetch_sub(1, Ordering::Relaxed);
-                        shared.stats.queued_bytes.fetch_sub(change.payload_bytes() as u64, Ordering::Relaxed);
+                        shared
+                            .stats
+                            .queued_bytes
+                            .fetch_sub(change.payload_bytes() as u64, Ordering::Relaxed);
                         if let Some(ack) = ack {
                             let _ = ack.send(r);
                         }
@@ -235,7 +283,11 @@ impl Forwarder {
                     while let Some(done) = in_flight.join_next_with_id().await {
                         retire(&mut ranges, done);
                     }
-                    let r = if flush { send(&self.shared, &Change::Flush).await } else { Ok(()) };
+                    let r = if flush {
+                        send(&self.shared, &Change::Flush).await
+                    } else {
+                        Ok(())
+                    };
                     let r = r.and_then(|()| match self.shared.error.lock().clone() {
                         Some(e) => Err(e),
                         None => Ok(()),
@@ -247,7 +299,10 @@ impl Forwarder {
     }
 }
 
-fn retire(ranges: &mut Vec<(tokio::task::Id, u64, u64)>, done: Result<(tokio::task::Id, ()), tokio::task::JoinError>) {
+fn retire(
+    ranges: &mut Vec<(tokio::task::Id, u64, u64)>,
+    done: Result<(tokio::task::Id, ()), tokio::task::JoinError>,
+) {
     let id = match done {
         Ok((id, ())) => id,
         Err(e) => e.id(),
@@ -262,11 +317,17 @@ async fn send(shared: &Shared, change: &Change) -> Ack {
         if let Some((o, l)) = range {
             shared.dirty.mark(o, l);
         }
-        return Err(shared.error.lock().clone().unwrap_or_else(|| "the secondary is not connected".into()));
+        return Err(shared
+            .error
+            .lock()
+            .clone()
+            .unwrap_or_else(|| "the secondary is not connected".into()));
     };
     let op = async {
         match change.clone() {
-            Change::Write { offset, data, fua } => link.write(offset, data, WriteFlags { fua }).await,
+            Change::Write { offset, data, fua } => {
+                link.write(offset, data, WriteFlags { fua }).await
+            }
             Change::Zeroes { offset, len, flags } => link.write_zeroes(offset, len, flags).await,
             Change::Discard { offset, len } => link.discard(offset, len).await,
             Change::Flush => link.flush().await,
@@ -274,16 +335,26 @@ async fn send(shared: &Shared, change: &Change) -> Ack {
     };
     let result = match shared.timeout {
         Some(t) => tokio::time::timeout(t, op).await.unwrap_or_else(|_| {
-            Err(BlockError::new(ErrorKind::TimedOut, blockdev::Op::Write, range.map_or(0, |r| r.0))
-                .context(format!("the secondary did not answer within {t:?}")))
+            Err(BlockError::new(
+                ErrorKind::TimedOut,
+                blockdev::Op::Write,
+                range.map_or(0, |r| r.0),
+            )
+            .context(format!("the secondary did not answer within {t:?}")))
         }),
         None => op.await,
     };
     match result {
         Ok(()) => {
             if let Change::Write { data, .. } = change {
-                shared.stats.forwarded_writes.fetch_add(1, Ordering::Relaxed);
-                shared.stats.forwarded_bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
+                shared
+                    .stats
+                    .forwarded_writes
+                    .fetch_add(1, Ordering::Relaxed);
+                shared
+                    .stats
+                    .forwarded_bytes
+                    .fetch_add(data.len() as u64, Ordering::Relaxed);
             }
             Ok(())
         }

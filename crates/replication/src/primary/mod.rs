@@ -70,7 +70,11 @@ pub struct QueueLimits {
 
 impl Default for QueueLimits {
     fn default() -> Self {
-        QueueLimits { max_bytes: 64 << 20, max_requests: 16384, max_in_flight: 64 }
+        QueueLimits {
+            max_bytes: 64 << 20,
+            max_requests: 16384,
+            max_in_flight: 64,
+        }
     }
 }
 
@@ -119,15 +123,23 @@ pub enum PrimaryError {
     NoLink,
     #[error("disk lengths differ: the primary disk has {local} bytes, the secondary {remote}")]
     LengthMismatch { local: u64, remote: u64 },
-    #[error("checkpoint refused: forwarding failed earlier ({0}); the secondary may be missing writes")]
+    #[error(
+        "checkpoint refused: forwarding failed earlier ({0}); the secondary may be missing writes"
+    )]
     DrainFailed(String),
 }
 
 /// Something operators should hear about.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PrimaryEvent {
-    ForwardFailed { offset: u64, len: u64, error: String },
-    LinkLost { reason: String },
+    ForwardFailed {
+        offset: u64,
+        len: u64,
+        error: String,
+    },
+    LinkLost {
+        reason: String,
+    },
 }
 
 /// A snapshot for status displays and metrics.
@@ -267,7 +279,12 @@ impl PrimaryNode {
     /// Waits until every change accepted before this call is acknowledged by the secondary
     /// (and flushed there if `flush`). Fails if forwarding failed since start, unless `force`.
     pub async fn drain(&self, flush: bool, force: bool) -> Result<(), PrimaryError> {
-        let r = self.inner.forwarder.barrier(flush).await.unwrap_or_else(|_| Err("forwarder stopped".into()));
+        let r = self
+            .inner
+            .forwarder
+            .barrier(flush)
+            .await
+            .unwrap_or_else(|_| Err("forwarder stopped".into()));
         match r {
             Err(e) if !force => Err(PrimaryError::DrainFailed(e)),
             _ => Ok(()),
@@ -361,7 +378,15 @@ impl BlockDev for PrimaryNode {
 
     async fn write(&self, offset: u64, data: Bytes, flags: WriteFlags) -> Result<(), BlockError> {
         let local = self.inner.local.write(offset, data.clone(), flags);
-        self.apply(Change::Write { offset, data, fua: flags.fua }, local).await
+        self.apply(
+            Change::Write {
+                offset,
+                data,
+                fua: flags.fua,
+            },
+            local,
+        )
+        .await
     }
 
     async fn flush(&self) -> Result<(), BlockError> {
@@ -369,11 +394,27 @@ impl BlockDev for PrimaryNode {
         self.apply(Change::Flush, local).await
     }
 
-    async fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<(), BlockError> {
+    async fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        flags: ZeroFlags,
+    ) -> Result<(), BlockError> {
         let local = self.inner.local.write_zeroes(offset, len, flags);
         // The secondary may not be able to zero fast; it must zero all the same.
-        let remote = ZeroFlags { fast_only: false, ..flags };
-        self.apply(Change::Zeroes { offset, len, flags: remote }, local).await
+        let remote = ZeroFlags {
+            fast_only: false,
+            ..flags
+        };
+        self.apply(
+            Change::Zeroes {
+                offset,
+                len,
+                flags: remote,
+            },
+            local,
+        )
+        .await
     }
 
     async fn discard(&self, offset: u64, len: u64) -> Result<(), BlockError> {

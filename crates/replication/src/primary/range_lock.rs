@@ -39,7 +39,12 @@ impl RangeLock {
                     None => {
                         let notify = Arc::new(Notify::new());
                         held.push((start, end, notify.clone()));
-                        return RangeGuard { lock: self, start, end, notify };
+                        return RangeGuard {
+                            lock: self,
+                            start,
+                            end,
+                            notify,
+                        };
                     }
                 }
             };
@@ -53,10 +58,9 @@ impl RangeLock {
 impl Drop for RangeGuard<'_> {
     fn drop(&mut self) {
         let mut held = self.lock.held.lock();
-        if let Some(i) = held
-            .iter()
-            .position(|(s, e, n)| *s == self.start && *e == self.end && Arc::ptr_eq(n, &self.notify))
-        {
+        if let Some(i) = held.iter().position(|(s, e, n)| {
+            *s == self.start && *e == self.end && Arc::ptr_eq(n, &self.notify)
+        }) {
             held.swap_remove(i);
         }
         self.notify.notify_waiters();
@@ -72,7 +76,9 @@ mod tests {
     async fn overlapping_ranges_wait_and_disjoint_ones_do_not() {
         let lock = Arc::new(RangeLock::default());
         let g = lock.lock(0, 100).await;
-        let _disjoint = tokio::time::timeout(Duration::from_secs(1), lock.lock(100, 10)).await.unwrap();
+        let _disjoint = tokio::time::timeout(Duration::from_secs(1), lock.lock(100, 10))
+            .await
+            .unwrap();
         let l2 = lock.clone();
         let waiter = tokio::spawn(async move {
             let _g = l2.lock(50, 10).await;
@@ -80,6 +86,9 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(!waiter.is_finished(), "an overlapping range must wait");
         drop(g);
-        tokio::time::timeout(Duration::from_secs(1), waiter).await.unwrap().unwrap();
+        tokio::time::timeout(Duration::from_secs(1), waiter)
+            .await
+            .unwrap()
+            .unwrap();
     }
 }

@@ -1,0 +1,123 @@
+//! Splits a byte stream into JSON messages. QMP messages are JSON objects one after another;
+//! most clients end each with a newline, but QEMU does not require it, so neither do we.
+//! After a syntax error we skip to the next newline, the only resynchronisation point a
+//! streaming JSON protocol has.
+
+use serde_json::Value;
+
+/// Largest message we buffer; a client sending more is cut off.
+pub const MAX_MESSAGE: usize = 1 << 20;
+
+/// One item taken from the stream.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Frame {
+    Message(Value),
+    /// Bytes that are not JSON, with the parser's complaint.
+    Malformed(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    #[error("message larger than {MAX_MESSAGE} bytes")]
+    TooLarge,
+}
+
+/// Accumulates bytes and yields complete messages.
+#[derive(Debug, Default)]
+pub struct Framer {
+    buf: Vec<u8>,
+}
+
+impl Framer {
+    pub fn new() -> Self {
+        Framer::default()
+    }
+
+    pub fn push(&mut self, bytes: &[u8]) -> Result<(), FrameError> {
+        self.buf.extend_from_slice(bytes);
+        if self.buf.len() > MAX_MESSAGE {
+            return Err(FrameError::TooLarge);
+        }
+        Ok(())
+    }
+
+    /// The next complete message, if the buffer holds one.
+    pub fn next_frame(&mut self) -> Option<Frame> {
+        let start = self.buf.iter().position(|b| !b.is_ascii_whitespace())?;
+        self.buf.drain(..start);
+        let mut stream = serde_json::Deserializer::from_slice(&self.buf).into_iter::<Value>();
+        match stream.next()? {
+            Ok(v) => {
+                let used = stream.byte_offset();
+                self.buf.drain(..used);
+                Some(Frame::Message(v))
+            }
+            // Incomplete (a message may span lines and reads): wait for more bytes, as QEMU's
+            // streaming parser does; MAX_MESSAGE bounds the wait.
+            Err(e) if e.is_eof() => None,
+            Err(e) => {
+                match self.buf.iter().position(|&b| b == b'\n') {
+                    Some(nl) => drop(self.buf.drain(..=nl)),
+                    None => self.buf.clear(),
+                }
+                Some(Frame::Malformed(format!("JSON parse error, {e}")))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn frames(input: &[&[u8]]) -> Vec<Frame> {
+        let mut f = Framer::new();
+        let mut out = Vec::new();
+        for chunk in input {
+            f.push(chunk).unwrap();
+            while let Some(fr) = f.next_frame() {
+                out.push(fr);
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn splits_messages_with_and_without_newlines_and_across_reads() {
+        let got = frames(&[b"{\"a\":1}{\"b\"", b":2}\n  {\"c\":", b"3}"]);
+        assert_eq!(
+            got,
+            vec![
+                Frame::Message(json!({"a":1})),
+                Frame::Message(json!({"b":2})),
+                Frame::Message(json!({"c":3}))
+            ]
+        );
+    }
+
+    #[test]
+    fn resynchronises_after_garbage_at_the_next_newline() {
+        let got = frames(&[
+            b"{\"a\": nope}\n{\"ok\":true}\n",
+            b"{\"spans\": \n",
+            b"[1]}",
+            b"}}garbage\n[2]",
+        ]);
+        assert_eq!(got.len(), 5);
+        assert!(matches!(&got[0], Frame::Malformed(m) if m.starts_with("JSON parse error")));
+        assert_eq!(got[1], Frame::Message(json!({"ok": true})));
+        assert_eq!(got[2], Frame::Message(json!({"spans": [1]})));
+        assert!(matches!(&got[3], Frame::Malformed(_)));
+        assert_eq!(got[4], Frame::Message(json!([2])));
+    }
+
+    #[test]
+    fn refuses_oversized_input() {
+        let mut f = Framer::new();
+        assert_eq!(
+            f.push(&vec![b'['; MAX_MESSAGE + 1]),
+            Err(FrameError::TooLarge)
+        );
+    }
+}
