@@ -17,5 +17,9 @@ fuzz_target!(|data: &[u8]| {
         r.encode(&mut b);
         assert_eq!(&b[..], data);
     }
-    let _ = MetaContextRequest::parse(Bytes::copy_from_slice(data));
+    if let Ok(r) = MetaContextRequest::parse(Bytes::copy_from_slice(data)) {
+        let mut b = BytesMut::new();
+        r.encode(&mut b);
+        assert_eq!(&b[..], data);
+    }
 });

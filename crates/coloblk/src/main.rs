@@ -4,7 +4,11 @@
 
 #![forbid(unsafe_code)]
 
+mod config;
+mod control;
 mod disk_spec;
+mod metrics;
+mod primary;
 mod serve;
 
 use std::process::ExitCode;
@@ -20,7 +24,10 @@ use clap::{Parser, Subcommand};
         A primary serves a VM's disk over NBD and forwards every write to a secondary; the \
         secondary keeps the primary's image current while a speculative VM runs on an overlay \
         view that checkpoints empty and failover merges.\n\n\
-        Logs go to stderr; set RUST_LOG (e.g. RUST_LOG=debug) to change their level."
+        Logs go to stderr; set RUST_LOG (e.g. RUST_LOG=debug) to change their level.\n\n\
+        Every daemon option can also come from a TOML file: --config FILE (keys are the long \
+        option names; command-line options override the file's).",
+    args_override_self = true
 )]
 struct Cli {
     #[command(subcommand)]
@@ -31,16 +38,26 @@ struct Cli {
 enum Command {
     /// Serve images over NBD (like qemu-nbd, several exports at once).
     Serve(serve::ServeArgs),
+    /// Run the primary: serve the VM's disks and forward every write to the secondary.
+    Primary(primary::PrimaryArgs),
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let args = match config::expand(std::env::args_os().collect()) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    let cli = Cli::parse_from(args);
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -55,6 +72,7 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Serve(args) => serve::run(args).await,
+            Command::Primary(args) => primary::run(args).await,
         }
     });
     match result {

@@ -4,6 +4,12 @@ use std::fmt;
 use std::path::PathBuf;
 use std::str::FromStr;
 
+use tokio::net::{TcpStream, UnixStream};
+use tokio_util::either::Either;
+
+/// A connected unix or TCP stream.
+pub type Stream = Either<UnixStream, TcpStream>;
+
 /// Where to listen or connect.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SocketAddr {
@@ -38,6 +44,20 @@ impl FromStr for SocketAddr {
             host: host.to_string(),
             port,
         })
+    }
+}
+
+impl SocketAddr {
+    /// Connects to the address (TCP with Nagle off: our protocols are request/reply).
+    pub async fn connect(&self) -> std::io::Result<Stream> {
+        match self {
+            SocketAddr::Unix(p) => Ok(Either::Left(UnixStream::connect(p).await?)),
+            SocketAddr::Tcp { host, port } => {
+                let s = TcpStream::connect((host.as_str(), *port)).await?;
+                s.set_nodelay(true)?;
+                Ok(Either::Right(s))
+            }
+        }
     }
 }
 

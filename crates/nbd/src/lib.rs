@@ -7,5 +7,7 @@
 #![forbid(unsafe_code)]
 
 pub mod addr;
+pub mod client;
 pub mod proto;
 pub mod server;
+pub mod uri;

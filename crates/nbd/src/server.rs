@@ -153,6 +153,19 @@ impl Listener {
         }
     }
 
+    /// Accepts one connection as a plain stream (for protocols other than NBD on our
+    /// listeners: the control socket, the metrics endpoint).
+    pub async fn accept_stream(&self) -> io::Result<crate::addr::Stream> {
+        use tokio_util::either::Either;
+        Ok(match accept(self).await? {
+            Accepted::Unix(s) => Either::Left(s),
+            Accepted::Tcp(s, _) => {
+                let _ = s.set_nodelay(true);
+                Either::Right(s)
+            }
+        })
+    }
+
     /// The address actually bound (useful with TCP port 0).
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
         match self {

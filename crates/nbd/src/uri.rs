@@ -34,7 +34,10 @@ pub struct UriError {
 
 impl NbdUri {
     pub fn new(addr: SocketAddr, export: impl Into<String>) -> Self {
-        NbdUri { addr, export: export.into() }
+        NbdUri {
+            addr,
+            export: export.into(),
+        }
     }
 }
 
@@ -48,7 +51,10 @@ impl FromStr for NbdUri {
     type Err = UriError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        parse(s).map_err(|reason| UriError { uri: s.to_string(), reason })
+        parse(s).map_err(|reason| UriError {
+            uri: s.to_string(),
+            reason,
+        })
     }
 }
 
@@ -85,11 +91,13 @@ fn transport(scheme: &str) -> Result<Transport, String> {
     match scheme.to_ascii_lowercase().as_str() {
         "nbd" => Ok(Transport::Tcp),
         "nbd+unix" => Ok(Transport::Unix),
-        "nbds" | "nbds+unix" | "nbds+vsock" => {
-            Err(format!("scheme '{scheme}' requires TLS, which this client does not support"))
-        }
+        "nbds" | "nbds+unix" | "nbds+vsock" => Err(format!(
+            "scheme '{scheme}' requires TLS, which this client does not support"
+        )),
         "nbd+vsock" => Err("vsock transport is not supported".into()),
-        _ => Err(format!("unknown scheme '{scheme}' (expected nbd or nbd+unix)")),
+        _ => Err(format!(
+            "unknown scheme '{scheme}' (expected nbd or nbd+unix)"
+        )),
     }
 }
 
@@ -104,7 +112,9 @@ fn parse_query(query: &str) -> Result<Option<String>, String> {
             "socket" if socket.is_some() => return Err("'socket' is given twice".into()),
             "socket" => socket = Some(decode(value, "socket path")?),
             k if k.starts_with("tls-") => {
-                return Err(format!("parameter '{k}' requires TLS, which this client does not support"));
+                return Err(format!(
+                    "parameter '{k}' requires TLS, which this client does not support"
+                ));
             }
             k => return Err(format!("unsupported query parameter '{k}'")),
         }
@@ -117,10 +127,16 @@ fn tcp_addr(authority: &str, socket: Option<String>) -> Result<SocketAddr, Strin
         return Err("'socket' is only valid with the nbd+unix scheme".into());
     }
     if authority.contains('@') {
-        return Err("user information is only used for TLS, which this client does not support".into());
+        return Err(
+            "user information is only used for TLS, which this client does not support".into(),
+        );
     }
     let (host, port) = split_host_port(authority)?;
-    let host = if host.is_empty() { "localhost".to_string() } else { decode(host, "host")? };
+    let host = if host.is_empty() {
+        "localhost".to_string()
+    } else {
+        decode(host, "host")?
+    };
     let port = match port {
         None | Some("") => DEFAULT_PORT,
         Some(p) => parse_port(p)?,
@@ -131,8 +147,9 @@ fn tcp_addr(authority: &str, socket: Option<String>) -> Result<SocketAddr, Strin
 /// Splits `host[:port]` or `[v6]:port`; the host keeps no brackets.
 fn split_host_port(authority: &str) -> Result<(&str, Option<&str>), String> {
     if let Some(rest) = authority.strip_prefix('[') {
-        let (host, after) =
-            rest.split_once(']').ok_or("an IPv6 address opened with '[' is not closed")?;
+        let (host, after) = rest
+            .split_once(']')
+            .ok_or("an IPv6 address opened with '[' is not closed")?;
         return match after {
             "" => Ok((host, None)),
             _ => after
@@ -182,7 +199,9 @@ fn decode(s: &str, what: &str) -> Result<String, String> {
             i += 1;
             continue;
         }
-        let hex = bytes.get(i + 1..i + 3).and_then(|h| std::str::from_utf8(h).ok());
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok());
         let byte = hex.and_then(|h| u8::from_str_radix(h, 16).ok());
         out.push(byte.ok_or_else(|| format!("bad percent escape in the {what}"))?);
         i += 3;
@@ -224,7 +243,13 @@ mod tests {
     use super::*;
 
     fn tcp(host: &str, port: u16, export: &str) -> NbdUri {
-        NbdUri::new(SocketAddr::Tcp { host: host.into(), port }, export)
+        NbdUri::new(
+            SocketAddr::Tcp {
+                host: host.into(),
+                port,
+            },
+            export,
+        )
     }
 
     fn unix(path: &str, export: &str) -> NbdUri {
@@ -237,8 +262,14 @@ mod tests {
             ("nbd://example.com/disk", tcp("example.com", 10809, "disk")),
             ("nbd://example.com/", tcp("example.com", 10809, "")),
             ("nbd://example.com", tcp("example.com", 10809, "")),
-            ("nbd://example.com//disk", tcp("example.com", 10809, "/disk")),
-            ("nbd://example.com/hello%20world", tcp("example.com", 10809, "hello world")),
+            (
+                "nbd://example.com//disk",
+                tcp("example.com", 10809, "/disk"),
+            ),
+            (
+                "nbd://example.com/hello%20world",
+                tcp("example.com", 10809, "hello world"),
+            ),
             ("nbd://10.0.0.1:1234/x", tcp("10.0.0.1", 1234, "x")),
             ("nbd://[::1]:99/x", tcp("::1", 99, "x")),
             ("nbd://[::1]/", tcp("::1", 10809, "")),
@@ -253,10 +284,16 @@ mod tests {
     #[test]
     fn unix_uris_take_the_socket_parameter() {
         let cases = [
-            ("nbd+unix:///disk?socket=/tmp/s.sock", unix("/tmp/s.sock", "disk")),
+            (
+                "nbd+unix:///disk?socket=/tmp/s.sock",
+                unix("/tmp/s.sock", "disk"),
+            ),
             ("nbd+unix:///?socket=/tmp/s", unix("/tmp/s", "")),
             ("nbd+unix://?socket=rel.sock", unix("rel.sock", "")),
-            ("nbd+unix:///a%2Fb?socket=/tmp/with%20space", unix("/tmp/with space", "a/b")),
+            (
+                "nbd+unix:///a%2Fb?socket=/tmp/with%20space",
+                unix("/tmp/with space", "a/b"),
+            ),
         ];
         for (s, want) in cases {
             assert_eq!(s.parse::<NbdUri>().as_ref(), Ok(&want), "{s}");

@@ -260,6 +260,16 @@ impl PrimaryNode {
         Ok(())
     }
 
+    /// Undoes a start that a replication group could not complete on every disk, so the
+    /// group's start is all-or-nothing. Changes forwarded meanwhile are harmless (the secondary
+    /// only gained writes the primary also has); later ones are recorded as dirty again.
+    pub fn reset_to_none(&self) {
+        let mut stage = self.inner.stage.lock();
+        if *stage == PrimaryStage::Running {
+            *stage = PrimaryStage::None;
+        }
+    }
+
     /// `replication_get_error`.
     pub fn get_error(&self) -> Result<(), PrimaryError> {
         if self.stage() == PrimaryStage::None {

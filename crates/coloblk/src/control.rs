@@ -1,0 +1,149 @@
+//! The control socket: QMP commands (ours and QEMU's COLO ones) mapped onto a replication
+//! group, whichever role the daemon plays.
+//!
+//! | command | effect |
+//! |---|---|
+//! | `query-replication` | status of every disk |
+//! | `replication-start` / `-checkpoint` / `-failover` / `-stop` | our clear names |
+//! | `xen-set-replication {enable, primary, failover?}` | QEMU: start or stop all |
+//! | `query-xen-replication-status` | QEMU: `{error, desc?}` |
+//! | `xen-colo-do-checkpoint` | QEMU: checkpoint all |
+//! | `x-colo-lost-heartbeat` | QEMU: fail over |
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use nbd::addr::SocketAddr;
+use nbd::server::Listener;
+use qmp::{Args, Handler, QmpError, QmpServer};
+use serde_json::{Value, json};
+use tracing::{info, warn};
+
+/// The replication mode a start asks for (QEMU's `ReplicationMode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Primary,
+    Secondary,
+}
+
+/// What a daemon's disks do together. Errors are the texts the client sees.
+#[async_trait]
+pub trait Group: Send + Sync + 'static {
+    fn role(&self) -> &'static str;
+    /// All disks or none.
+    async fn start(&self, mode: Mode) -> Result<(), String>;
+    /// All disks or none; the reply describes what was done and how long it took.
+    async fn checkpoint(&self, force: bool) -> Result<Value, String>;
+    /// The first error of any disk (QEMU's texts).
+    fn get_error(&self) -> Result<(), String>;
+    async fn stop(&self, failover: bool) -> Result<(), String>;
+    /// `query-replication`.
+    fn status(&self) -> Value;
+}
+
+/// Dispatches QMP commands to a [`Group`].
+pub struct Control<G: Group> {
+    pub group: Arc<G>,
+}
+
+const COMMANDS: &[&str] = &[
+    "query-replication",
+    "replication-start",
+    "replication-checkpoint",
+    "replication-failover",
+    "replication-stop",
+    "xen-set-replication",
+    "query-xen-replication-status",
+    "xen-colo-do-checkpoint",
+    "x-colo-lost-heartbeat",
+];
+
+fn own_mode<G: Group>(g: &G) -> Mode {
+    if g.role() == "primary" { Mode::Primary } else { Mode::Secondary }
+}
+
+#[async_trait]
+impl<G: Group> Handler for Control<G> {
+    async fn execute(&self, name: &str, args: Args) -> Result<Value, QmpError> {
+        let g = &self.group;
+        let r = match name {
+            "query-replication" => {
+                args.only(&[])?;
+                Ok(g.status())
+            }
+            "replication-start" => {
+                args.only(&[])?;
+                g.start(own_mode(g.as_ref())).await.map(|()| json!({}))
+            }
+            "replication-checkpoint" => {
+                args.only(&["force"])?;
+                let force = args.opt_bool("force")?.unwrap_or(false);
+                g.checkpoint(force).await
+            }
+            "replication-failover" | "x-colo-lost-heartbeat" => {
+                args.only(&[])?;
+                g.stop(true).await.map(|()| json!({}))
+            }
+            "replication-stop" => {
+                args.only(&[])?;
+                g.stop(false).await.map(|()| json!({}))
+            }
+            "xen-set-replication" => {
+                args.only(&["enable", "primary", "failover"])?;
+                let enable = args.bool("enable")?;
+                let primary = args.bool("primary")?;
+                let failover = args.opt_bool("failover")?;
+                if enable {
+                    if failover.is_some() {
+                        return Err(QmpError::generic("Parameter 'failover' is only for stopping replication"));
+                    }
+                    let mode = if primary { Mode::Primary } else { Mode::Secondary };
+                    g.start(mode).await.map(|()| json!({}))
+                } else {
+                    let failover = failover.unwrap_or(false);
+                    match g.stop(failover).await {
+                        // QEMU discards stop errors when failing over.
+                        Err(_) if failover => Ok(json!({})),
+                        r => r.map(|()| json!({})),
+                    }
+                }
+            }
+            "query-xen-replication-status" => {
+                args.only(&[])?;
+                Ok(match g.get_error() {
+                    Ok(()) => json!({"error": false}),
+                    Err(desc) => json!({"error": true, "desc": desc}),
+                })
+            }
+            "xen-colo-do-checkpoint" => {
+                args.only(&[])?;
+                g.checkpoint(false).await.map(|_| json!({}))
+            }
+            _ => return Err(QmpError::not_found(name)),
+        };
+        r.map_err(QmpError::generic)
+    }
+
+    fn commands(&self) -> Vec<&'static str> {
+        COMMANDS.to_vec()
+    }
+}
+
+/// Serves the control socket until the task is dropped.
+pub async fn serve(addr: &SocketAddr, server: Arc<QmpServer>) -> anyhow::Result<()> {
+    let listener =
+        Listener::bind(addr).await.map_err(|e| anyhow::anyhow!("cannot listen on {addr} for control: {e}"))?;
+    info!(%addr, "control socket listening");
+    tokio::spawn(async move {
+        loop {
+            match listener.accept_stream().await {
+                Ok(s) => {
+                    let server = server.clone();
+                    tokio::spawn(async move { server.serve_stream(s).await });
+                }
+                Err(e) => warn!("control accept failed: {e}"),
+            }
+        }
+    });
+    Ok(())
+}
