@@ -6,6 +6,7 @@
 
 mod config;
 mod control;
+mod ctl;
 mod disk_spec;
 mod metrics;
 mod primary;
@@ -40,6 +41,8 @@ enum Command {
     Serve(serve::ServeArgs),
     /// Run the primary: serve the VM's disks and forward every write to the secondary.
     Primary(primary::PrimaryArgs),
+    /// Talk to a running primary or secondary: status, start, checkpoint, failover, stop.
+    Ctl(ctl::CtlArgs),
 }
 
 fn main() -> ExitCode {
@@ -73,10 +76,11 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Serve(args) => serve::run(args).await,
             Command::Primary(args) => primary::run(args).await,
+            Command::Ctl(args) => Ok(ExitCode::from(ctl::run(args).await)),
         }
     });
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("coloblk: {e:#}");
             ExitCode::FAILURE

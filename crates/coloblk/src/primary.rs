@@ -254,7 +254,7 @@ fn replica_uri(spec: &DiskSpec) -> anyhow::Result<String> {
     uri.ok_or_else(|| anyhow::anyhow!("disk '{}': missing replica=NBD-URI (the secondary's replica export)", spec.name))
 }
 
-pub async fn run(args: PrimaryArgs) -> anyhow::Result<()> {
+pub async fn run(args: PrimaryArgs) -> anyhow::Result<std::process::ExitCode> {
     if args.disks.is_empty() {
         anyhow::bail!("no --disk given: a primary needs at least one disk");
     }
@@ -325,7 +325,7 @@ pub async fn run(args: PrimaryArgs) -> anyhow::Result<()> {
     server.finish().await.context("final flush failed")?;
     group.drain_for_shutdown().await;
     info!("stopped cleanly");
-    Ok(())
+    Ok(std::process::ExitCode::SUCCESS)
 }
 
 /// Turns engine events into QMP events and log lines.

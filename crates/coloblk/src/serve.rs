@@ -30,7 +30,7 @@ pub struct ServeArgs {
     io_threads: u16,
 }
 
-pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
+pub async fn run(args: ServeArgs) -> anyhow::Result<std::process::ExitCode> {
     let pool = IoPool::new(args.io_threads as usize);
     let exports = ExportSet::new();
     for spec in &args.exports {
@@ -67,7 +67,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     }
     server.finish().await.context("final flush failed")?;
     info!("stopped cleanly");
-    Ok(())
+    Ok(std::process::ExitCode::SUCCESS)
 }
 
 /// Waits for SIGTERM or SIGINT.

@@ -411,6 +411,8 @@ async fn qemu_nbd_over_tcp_by_uri_with_a_named_export() {
         "-f",
         "raw",
         "--persistent",
+        "-e",
+        "8",
         "-b",
         "127.0.0.1",
         "-x",
@@ -598,7 +600,7 @@ async fn killing_the_server_fails_pending_requests_promptly() {
     }
     assert!(killed.elapsed() < Duration::from_secs(2));
     assert!(!c.is_alive());
-    let err = bounded(Duration::from_millis(100), c.flush())
+    let err = bounded(Duration::from_millis(500), c.flush())
         .await
         .unwrap_err();
     assert_eq!(err.kind, ErrorKind::Shutdown);

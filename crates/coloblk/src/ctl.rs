@@ -1,0 +1,297 @@
+//! `coloblk ctl`: the human front end of the control socket.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, ValueEnum};
+use nbd::addr::SocketAddr;
+use qmp::{QmpClient, QmpClientError};
+use serde_json::{Value, json};
+
+/// Exit codes scripts can rely on.
+pub mod exit {
+    /// The command did what was asked.
+    pub const OK: u8 = 0;
+    /// The daemon refused or the operation failed (the message says why).
+    pub const FAILED: u8 = 1;
+    // 2: bad command line (clap's own exit code for usage errors).
+    /// The control socket could not be reached.
+    pub const UNREACHABLE: u8 = 3;
+}
+
+#[derive(Args, Debug)]
+#[command(after_help = "Exit codes: 0 done, 1 refused or failed (the message says why), \
+    2 bad command line, 3 control socket unreachable.\n\n\
+    Examples:\n  coloblk ctl --control unix:/run/coloblk/secondary.qmp status\n  \
+    coloblk ctl --control tcp:10.0.0.2:4445 failover")]
+pub struct CtlArgs {
+    /// The daemon's control socket: unix:PATH or tcp:HOST:PORT.
+    #[arg(long, value_name = "ADDR")]
+    control: SocketAddr,
+
+    /// Print the daemon's JSON reply instead of a table.
+    #[arg(long)]
+    json: bool,
+
+    /// With `checkpoint`: go on even though forwarding failed earlier (the secondary may then
+    /// be missing writes; use only after a resync).
+    #[arg(long)]
+    force: bool,
+
+    #[arg(value_enum)]
+    action: Action,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Action {
+    /// Show each disk's stage, errors, queue, dirty bytes, overlays and last checkpoint.
+    Status,
+    /// Start replication.
+    Start,
+    /// Checkpoint (on a primary with --peer-control: drain, then checkpoint the secondary).
+    Checkpoint,
+    /// Fail over (a secondary merges its overlays and becomes a standalone disk; a primary
+    /// stops forwarding). Shows the merge progress and waits for it.
+    Failover,
+    /// Stop replication without failover (a secondary discards its overlays).
+    Stop,
+}
+
+pub async fn run(args: CtlArgs) -> u8 {
+    let stream = match args.control.connect().await {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("coloblk ctl: cannot reach {}: {e}", args.control);
+            return exit::UNREACHABLE;
+        }
+    };
+    let mut client = match QmpClient::handshake(stream).await {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("coloblk ctl: {} does not speak QMP: {e}", args.control);
+            return exit::UNREACHABLE;
+        }
+    };
+    match act(&mut client, &args).await {
+        Ok(()) => exit::OK,
+        Err(e) => {
+            eprintln!("coloblk ctl: {e:#}");
+            exit::FAILED
+        }
+    }
+}
+
+async fn act<S>(c: &mut QmpClient<S>, args: &CtlArgs) -> anyhow::Result<()>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite,
+{
+    let (command, cmd_args) = match args.action {
+        Action::Status => {
+            let status = c.execute("query-replication", json!({})).await?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                print!("{}", render_status(&status));
+            }
+            return Ok(());
+        }
+        Action::Start => ("replication-start", json!({})),
+        Action::Checkpoint => ("replication-checkpoint", json!({"force": args.force})),
+        Action::Failover => ("replication-failover", json!({})),
+        Action::Stop => ("replication-stop", json!({})),
+    };
+    let reply = c.execute(command, cmd_args).await.map_err(explain)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&reply)?);
+    }
+    match args.action {
+        Action::Failover => follow_failover(c, args.json).await,
+        Action::Checkpoint if !args.json => {
+            let drain = reply["drain-ms"].as_f64();
+            let secondary = reply["secondary-ms"].as_f64();
+            let mut line = "checkpoint done".to_string();
+            if let Some(d) = drain {
+                line += &format!(": drain {d:.2} ms");
+            }
+            if let Some(s) = secondary {
+                line += &format!(", secondary {s:.2} ms");
+            }
+            if let Some(t) = reply["duration-ms"].as_f64() {
+                line += &format!(": {t:.2} ms");
+            }
+            println!("{line}");
+            Ok(())
+        }
+        _ => {
+            if !args.json {
+                println!("{command}: done");
+            }
+            Ok(())
+        }
+    }
+}
+
+fn explain(e: QmpClientError) -> anyhow::Error {
+    match e {
+        QmpClientError::Qmp(q) => anyhow::anyhow!("{}", q.desc),
+        other => anyhow::anyhow!(other),
+    }
+}
+
+/// Polls the status and draws a progress bar until every disk has finished merging.
+async fn follow_failover<S>(c: &mut QmpClient<S>, quiet: bool) -> anyhow::Result<()>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite,
+{
+    let bar = if quiet {
+        indicatif::ProgressBar::hidden()
+    } else {
+        let b = indicatif::ProgressBar::new(0);
+        b.set_style(
+            indicatif::ProgressStyle::with_template("merging {bar:40} {bytes}/{total_bytes} {bytes_per_sec} {msg}")
+                .context("progress template")?,
+        );
+        b
+    };
+    loop {
+        let st = c.execute("query-replication", json!({})).await?;
+        let disks = st["disks"].as_array().cloned().unwrap_or_default();
+        let (mut done, mut total, mut finished, mut failed) = (0u64, 0u64, true, None);
+        for d in &disks {
+            let stage = d["stage"].as_str().unwrap_or("");
+            done += d["failover"]["done-bytes"].as_u64().unwrap_or(0);
+            total += d["failover"]["total-bytes"].as_u64().unwrap_or(0);
+            match stage {
+                "failover" => finished = false,
+                "failover-failed" => {
+                    failed = Some(format!(
+                        "disk '{}': failover failed: {}",
+                        d["name"].as_str().unwrap_or("?"),
+                        d["error"].as_str().unwrap_or("unknown error")
+                    ))
+                }
+                _ => {}
+            }
+        }
+        bar.set_length(total);
+        bar.set_position(done);
+        if let Some(f) = failed {
+            bar.abandon_with_message("failed");
+            anyhow::bail!("{f} (run `coloblk ctl failover` again to retry)");
+        }
+        if finished {
+            bar.finish_with_message("done");
+            if !quiet {
+                println!("failover done: the disks now serve their merged content");
+            }
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn bytes(v: &Value) -> String {
+    match v.as_u64() {
+        None => "-".into(),
+        Some(b) if b >= 1 << 30 => format!("{:.1} GiB", b as f64 / (1u64 << 30) as f64),
+        Some(b) if b >= 1 << 20 => format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64),
+        Some(b) if b >= 1 << 10 => format!("{:.1} KiB", b as f64 / 1024.0),
+        Some(b) => format!("{b} B"),
+    }
+}
+
+fn text(v: &Value) -> String {
+    match v {
+        Value::Null => "-".into(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// A readable table of `query-replication`.
+pub fn render_status(st: &Value) -> String {
+    let role = st["role"].as_str().unwrap_or("?");
+    let mut out = format!("role: {role}");
+    if let Some(m) = st["mode"].as_str() {
+        out += &format!("   mode: {m}");
+    }
+    out.push('\n');
+    let primary = role == "primary";
+    let header: Vec<&str> = if primary {
+        vec!["DISK", "STAGE", "LINK", "QUEUE", "FORWARDED", "DIRTY", "ERROR"]
+    } else {
+        vec!["DISK", "STAGE", "ACTIVE", "HIDDEN", "CBW COPIES", "FAILOVER", "ERROR"]
+    };
+    let mut rows = vec![header.iter().map(|s| s.to_string()).collect::<Vec<_>>()];
+    for d in st["disks"].as_array().into_iter().flatten() {
+        let row = if primary {
+            vec![
+                text(&d["name"]),
+                text(&d["stage"]),
+                if d["link-up"] == json!(true) { "up".into() } else { "down".into() },
+                format!("{} req / {}", text(&d["queue-requests"]), bytes(&d["queue-bytes"])),
+                bytes(&d["forwarded-bytes"]),
+                bytes(&d["dirty-bytes"]),
+                text(&d["error"]),
+            ]
+        } else {
+            let f = &d["failover"];
+            let progress = match (f["done-bytes"].as_u64(), f["total-bytes"].as_u64()) {
+                (Some(a), Some(b)) if b > 0 => format!("{}%", a * 100 / b),
+                _ => "-".into(),
+            };
+            vec![
+                text(&d["name"]),
+                text(&d["stage"]),
+                bytes(&d["active-bytes"]),
+                bytes(&d["hidden-bytes"]),
+                text(&d["cbw-copies"]),
+                progress,
+                text(&d["error"]),
+            ]
+        };
+        rows.push(row);
+    }
+    let widths: Vec<usize> = (0..rows[0].len()).map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0)).collect();
+    for r in &rows {
+        let line: Vec<String> = r.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        out += line.join("  ").trim_end();
+        out.push('\n');
+    }
+    if let Some(l) = st["last-checkpoint"].as_object() {
+        out += &format!(
+            "last checkpoint: {} ms ago",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|n| n.as_millis() as i64 - l.get("time-unix-ms").and_then(Value::as_i64).unwrap_or(0))
+                .unwrap_or(0)
+        );
+        for (k, label) in [("drain-ms", "drain"), ("secondary-ms", "secondary"), ("duration-ms", "took")] {
+            if let Some(v) = l.get(k).and_then(Value::as_f64) {
+                out += &format!(", {label} {v:.2} ms");
+            }
+        }
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_a_primary_status_table() {
+        let st = json!({"role": "primary", "mode": "async", "disks": [
+            {"name": "vm0", "stage": "running", "link-up": true, "queue-requests": 3, "queue-bytes": 12288,
+             "forwarded-bytes": 3221225472u64, "dirty-bytes": 0, "error": null}
+        ], "last-checkpoint": null});
+        let text = render_status(&st);
+        assert_eq!(
+            text,
+            "role: primary   mode: async\n\
+             DISK  STAGE    LINK  QUEUE             FORWARDED  DIRTY  ERROR\n\
+             vm0   running  up    3 req / 12.0 KiB  3.0 GiB    0 B    -\n"
+        );
+    }
+}
