@@ -7,6 +7,7 @@
 mod config;
 mod control;
 mod ctl;
+mod demo;
 mod disk_spec;
 mod metrics;
 mod primary;
@@ -43,6 +44,9 @@ enum Command {
     Primary(primary::PrimaryArgs),
     /// Talk to a running primary or secondary: status, start, checkpoint, failover, stop.
     Ctl(ctl::CtlArgs),
+    /// Run the whole story on this machine: a secondary and a primary as real processes, a
+    /// workload, a checkpoint, a killed primary, a failover, with checks and timings.
+    Demo(demo::DemoArgs),
 }
 
 fn main() -> ExitCode {
@@ -77,6 +81,7 @@ fn main() -> ExitCode {
             Command::Serve(args) => serve::run(args).await,
             Command::Primary(args) => primary::run(args).await,
             Command::Ctl(args) => Ok(ExitCode::from(ctl::run(args).await)),
+            Command::Demo(args) => demo::run(args).await,
         }
     });
     match result {

@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# fio's nbd engine through a `coloblk primary` that forwards every write to a secondary
+# (qemu-nbd, and our own `coloblk serve`), in async and sync mode, against the same fio on an
+# unreplicated `coloblk serve` export, all in the same run. Prints a Markdown table.
+#
+#   bench/fio-primary.sh [SECONDS]     (default 5 s per cell)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SECS=${1:-5}
+SIZE=512M
+cargo build --release -q -p coloblk
+BIN=$PWD/target/release/coloblk
+W=$(mktemp -d /tmp/coloblk-bench-primary.XXXXXX)
+PIDS=()
+cleanup() { kill "${PIDS[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$W"; }
+trap cleanup EXIT
+
+wait_sock() { for _ in $(seq 200); do [ -S "$1" ] && return 0; sleep 0.05; done; echo "no socket $1" >&2; exit 1; }
+
+# fio_run URI RW BS QD -> "iops MiBps"
+fio_run() {
+    fio --name=b --ioengine=nbd --uri="$1" --rw="$2" --bs="$3" --iodepth="$4" --size=$SIZE \
+        --time_based --runtime="$SECS" --output-format=json 2>/dev/null | sed -n '/^{/,$p' |
+        python3 -c 'import json,sys; j=json.load(sys.stdin)["jobs"][0]["write"]; print(j["iops"], j["bw_bytes"]/2**20)'
+}
+
+# Unreplicated baseline.
+truncate -s $SIZE "$W/plain.raw"
+"$BIN" serve --export d="$W/plain.raw" --listen "unix:$W/plain.sock" 2>/dev/null & PIDS+=($!)
+wait_sock "$W/plain.sock"
+
+# start_pair NAME PEER(qemu|ours) MODE: a secondary and a primary forwarding to it.
+start_pair() {
+    local name=$1 peer=$2 mode=$3
+    truncate -s $SIZE "$W/$name-p.raw" "$W/$name-s.raw"
+    if [ "$peer" = qemu ]; then
+        qemu-nbd -f raw -t -x d -k "$W/$name-s.sock" "$W/$name-s.raw" 2>/dev/null & PIDS+=($!)
+    else
+        "$BIN" serve --export d="$W/$name-s.raw" --listen "unix:$W/$name-s.sock" 2>/dev/null & PIDS+=($!)
+    fi
+    wait_sock "$W/$name-s.sock"
+    "$BIN" primary --disk "d=$W/$name-p.raw,replica=nbd+unix:///d?socket=$W/$name-s.sock" --mode "$mode" \
+        --export-listen "unix:$W/$name-p.sock" --control "unix:$W/$name-p.qmp" --start 2>/dev/null & PIDS+=($!)
+    wait_sock "$W/$name-p.sock"
+}
+for peer in qemu ours; do for mode in async sync; do start_pair "$peer-$mode" $peer $mode; done; done
+
+ROWS=("4k randwrite QD1|randwrite|4k|1" "4k randwrite QD16|randwrite|4k|16" "1M seqwrite QD16|write|1M|16")
+echo "| workload | unreplicated | async -> qemu-nbd | async -> coloblk | sync -> qemu-nbd | sync -> coloblk |"
+echo "|---|---|---|---|---|---|"
+for row in "${ROWS[@]}"; do
+    IFS='|' read -r name rw bs qd <<<"$row"
+    read -r base_iops base_bw < <(fio_run "nbd+unix:///d?socket=$W/plain.sock" "$rw" "$bs" "$qd")
+    line="| $name |"
+    fmt() { # value baseline
+        python3 -c "import sys; v,b=float(sys.argv[1]),float(sys.argv[2]); u=sys.argv[3]; print(f'{v:,.0f} {u} ({v/b:.0%})')" "$@"
+    }
+    if [ "$bs" = 1M ]; then line+=" $(python3 -c "print(f'{$base_bw:,.0f} MiB/s')") |"; else line+=" $(python3 -c "print(f'{$base_iops:,.0f} IOPS')") |"; fi
+    for cell in qemu-async ours-async qemu-sync ours-sync; do
+        read -r iops bw < <(fio_run "nbd+unix:///d?socket=$W/$cell-p.sock" "$rw" "$bs" "$qd")
+        if [ "$bs" = 1M ]; then line+=" $(fmt "$bw" "$base_bw" MiB/s) |"; else line+=" $(fmt "$iops" "$base_iops" IOPS) |"; fi
+    done
+    echo "$line"
+done
+# Everything forwarded must have arrived: drain each primary and compare the images.
+for cell in qemu-async ours-async qemu-sync ours-sync; do
+    "$BIN" ctl --control "unix:$W/$cell-p.qmp" checkpoint >/dev/null
+    cmp -s "$W/$cell-p.raw" "$W/$cell-s.raw" && echo "$cell: secondary image identical after drain" ||
+        { echo "$cell: IMAGES DIFFER" >&2; exit 1; }
+done
+echo "($SECS s per cell, $SIZE raw files on $(df --output=fstype /tmp | tail -1), $(nproc) cores; percentages are of the unreplicated row)"
