@@ -638,7 +638,13 @@ impl Pending {
     /// Where the range `offset..offset+n` of a chunk lies in the request.
     fn locate(&self, offset: u64, n: u32) -> std::result::Result<usize, ConnError> {
         match offset.checked_sub(self.offset) {
-            Some(rel) if rel + u64::from(n) <= u64::from(self.len) => Ok(rel as usize),
+            Some(rel)
+                if rel
+                    .checked_add(u64::from(n))
+                    .is_some_and(|end| end <= u64::from(self.len)) =>
+            {
+                Ok(rel as usize)
+            }
             _ => Err(ConnError::Protocol(format!(
                 "chunk for {n} bytes at offset {offset} lies outside the request for {} bytes at {}",
                 self.len, self.offset
@@ -1118,7 +1124,28 @@ impl Drop for NbdClient {
 
 fn connect_error(e: io::Error, label: &str) -> BlockError {
     let detail = format!("{label}: cannot connect: {e}");
-    BlockError::from_io(e, Op::Open, 0).context(detail)
+    match e.kind() {
+        io::ErrorKind::TimedOut => BlockError::new(ErrorKind::TimedOut, Op::Open, 0),
+        _ => BlockError::from_io(e, Op::Open, 0),
+    }
+    .context(detail)
+}
+
+/// Opens the socket, split so that the reader and writer tasks each own a half.
+async fn open_socket(addr: &SocketAddr) -> io::Result<(BoxRead, BoxWrite)> {
+    match addr {
+        SocketAddr::Unix(path) => {
+            let (r, w) = tokio::net::UnixStream::connect(path).await?.into_split();
+            Ok((Box::new(r), Box::new(w)))
+        }
+        SocketAddr::Tcp { host, port } => {
+            let s = tokio::net::TcpStream::connect((host.as_str(), *port)).await?;
+            // Request headers are small; waiting to coalesce them only adds latency.
+            s.set_nodelay(true)?;
+            let (r, w) = s.into_split();
+            Ok((Box::new(r), Box::new(w)))
+        }
+    }
 }
 
 impl NbdClient {
@@ -1129,30 +1156,13 @@ impl NbdClient {
         config: ClientConfig,
     ) -> Result<NbdClient> {
         let label = format!("NBD export '{export}' at {addr}");
-        let timeout = config.handshake_timeout;
-        let connecting = async {
-            match addr {
-                SocketAddr::Unix(path) => {
-                    let (r, w) = tokio::net::UnixStream::connect(path).await?.into_split();
-                    Ok((Box::new(r) as BoxRead, Box::new(w) as BoxWrite))
-                }
-                SocketAddr::Tcp { host, port } => {
-                    let s = tokio::net::TcpStream::connect((host.as_str(), *port)).await?;
-                    s.set_nodelay(true)?;
-                    let (r, w) = s.into_split();
-                    Ok((Box::new(r) as BoxRead, Box::new(w) as BoxWrite))
-                }
-            }
-        };
-        let (r, w) = match timeout {
-            None => connecting.await,
-            Some(d) => tokio::time::timeout(d, connecting)
+        let opened = match config.handshake_timeout {
+            None => open_socket(addr).await,
+            Some(d) => tokio::time::timeout(d, open_socket(addr))
                 .await
-                .unwrap_or_else(|_| {
-                    Err(io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))
-                }),
-        }
-        .map_err(|e| connect_error(e, &label))?;
+                .unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into())),
+        };
+        let (r, w) = opened.map_err(|e| connect_error(e, &label))?;
         Self::start(r, w, export, config, label).await
     }
 
@@ -2052,6 +2062,18 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn chunk_offset_near_the_end_of_u64_kills_the_connection() {
+        let garbage = |cookie| {
+            let mut b = BytesMut::new();
+            chunk_header(&mut b, REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_HOLE, cookie, 12);
+            b.put_u64(u64::MAX - 1);
+            b.put_u32(u32::MAX);
+            b
+        };
+        assert_garbage_kills(garbage, "outside the request").await;
+    }
+
+    #[tokio::test]
     async fn short_read_reply_kills_the_connection() {
         let garbage = |cookie| {
             let mut b = BytesMut::new();
@@ -2314,6 +2336,75 @@ mod tests {
         }
         for (i, read) in reads.into_iter().enumerate() {
             assert_eq!(&read.await.unwrap().unwrap()[..], &[(i * 8) as u8; 8]);
+        }
+    }
+
+    /// A little xorshift generator, so the garbage test is reproducible.
+    struct Rng(u64);
+
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+        fn below(&mut self, n: u64) -> u64 {
+            self.next() % n
+        }
+    }
+
+    /// A reply frame that is plausible enough to reach the deeper parsing paths.
+    fn random_frame(rng: &mut Rng, cookies: &[u64]) -> BytesMut {
+        let mut b = BytesMut::new();
+        let cookie = match rng.below(4) {
+            0 => rng.next(),
+            _ => cookies[rng.below(cookies.len() as u64) as usize],
+        };
+        if rng.below(3) == 0 {
+            simple_reply(&mut b, [0, EIO, 0][rng.below(3) as usize], cookie);
+            return b;
+        }
+        let kinds = [0, 1, 2, 5, 0x8001, 0x8002, 0x8003, 77];
+        let kind = kinds[rng.below(kinds.len() as u64) as usize];
+        let len = [0, 4, 8, 12, 14, 20, 28, u32::MAX][rng.below(8) as usize];
+        chunk_header(&mut b, rng.below(2) as u16, kind, cookie, len);
+        for _ in 0..len.min(32) {
+            b.put_u8(if rng.below(2) == 0 {
+                0
+            } else {
+                rng.next() as u8
+            });
+        }
+        b
+    }
+
+    #[tokio::test]
+    async fn random_reply_garbage_never_panics_or_hangs() {
+        let mut rng = Rng(0x2545_f491_4f6c_dd1d);
+        for _ in 0..300 {
+            let (c, mut s) = pair(Offer::default(), config()).await;
+            let mut tasks = vec![spawn_read(&c, 0, 16), spawn_read(&c, 16, 16)];
+            let c2 = c.clone();
+            let status =
+                tokio::spawn(async move { c2.block_status(0, 4096).await.map(|_| Bytes::new()) });
+            tasks.push(status);
+            let mut cookies = Vec::new();
+            for _ in 0..3 {
+                cookies.push(read_request(&mut s).await.0.cookie);
+            }
+            for _ in 0..1 + rng.below(4) {
+                let _ = s.write_all(&random_frame(&mut rng, &cookies)).await;
+            }
+            drop(s);
+            for t in tasks {
+                let done = tokio::time::timeout(Duration::from_secs(2), t).await;
+                let _ = done.expect("request hung").expect("request task panicked");
+            }
+            assert!(
+                c.closed_reason().is_some(),
+                "the reader must have closed the connection"
+            );
         }
     }
 

@@ -2,7 +2,7 @@
 //! nozero and blocksize-policy filters) and coloblk's own server.
 //!
 //! Every server runs on a unique socket in a temporary directory and is killed by a guard on
-//! drop. A test is skipped (with a message) only when its server binary is not installed.
+//! drop. A missing server binary fails the test (scripts/test installs them all).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -28,13 +28,11 @@ fn have(tool: &str) -> bool {
     std::env::split_paths(&path).any(|dir| dir.join(tool).is_file())
 }
 
-/// Skips the test (returning early) when a peer binary is missing.
+/// Fails the test when a peer binary is missing: scripts/test installs every peer, so a
+/// missing one is a broken setup, not a reason to pass silently.
 macro_rules! require {
     ($($tool:expr),+) => {
-        $(if !have($tool) {
-            eprintln!("SKIPPED: {} is not installed", $tool);
-            return;
-        })+
+        $(assert!(have($tool), "{} is not installed: run scripts/test, which installs the test peers", $tool);)+
     };
 }
 
@@ -458,6 +456,45 @@ async fn bad_uris_fail_with_the_reason() {
     }
 }
 
+/// Connecting to a socket nobody serves fails at once, naming the address.
+#[tokio::test]
+async fn connecting_to_a_missing_socket_names_the_address() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("nobody.sock");
+
+    let err = NbdClient::connect(&unix(&sock), "disk", config())
+        .await
+        .unwrap_err();
+
+    assert_eq!(err.kind, ErrorKind::Io(Some(2)), "{err}");
+    assert!(
+        err.to_string().contains(&sock.display().to_string()),
+        "{err}"
+    );
+}
+
+/// A peer that accepts but never greets does not hold the client past the handshake timeout.
+#[tokio::test]
+async fn a_silent_peer_fails_the_handshake_with_timed_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("silent.sock");
+    let _listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    let config = ClientConfig {
+        handshake_timeout: Some(Duration::from_millis(200)),
+        ..config()
+    };
+
+    let err = bounded(
+        Duration::from_secs(2),
+        NbdClient::connect(&unix(&sock), "", config),
+    )
+    .await
+    .unwrap_err();
+
+    assert_eq!(err.kind, ErrorKind::TimedOut, "{err}");
+    assert!(err.to_string().contains("handshake"), "{err}");
+}
+
 // ---------------------------------------------------------------------------------------------
 // nbdkit
 // ---------------------------------------------------------------------------------------------
@@ -625,7 +662,7 @@ async fn a_reply_slower_than_the_timeout_fails_with_timed_out() {
     let err = c.read(0, 4096).await.unwrap_err();
     let took = started.elapsed();
     let next = bounded(
-        Duration::from_millis(100),
+        Duration::from_millis(500),
         c.write(0, Bytes::from_static(b"x"), WriteFlags::default()),
     )
     .await
