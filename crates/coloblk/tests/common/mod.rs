@@ -9,7 +9,10 @@ use std::time::{Duration, Instant};
 
 /// The `coloblk` binary under test.
 pub fn coloblk() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_coloblk"))
+    let mut c = Command::new(env!("CARGO_BIN_EXE_coloblk"));
+    // Daemons' info logs would drown the test output; warnings and errors still show.
+    c.env("RUST_LOG", std::env::var("COLOBLK_TEST_LOG").unwrap_or_else(|_| "warn".into()));
+    c
 }
 
 /// Is `tool` on PATH? The test script installs every peer, so a missing one is a setup bug:

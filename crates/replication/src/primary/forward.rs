@@ -41,10 +41,6 @@ pub enum Change {
         len: u64,
         flags: ZeroFlags,
     },
-    Discard {
-        offset: u64,
-        len: u64,
-    },
     Flush,
 }
 
@@ -53,9 +49,7 @@ impl Change {
     pub fn range(&self) -> Option<(u64, u64)> {
         match self {
             Change::Write { offset, data, .. } => Some((*offset, data.len() as u64)),
-            Change::Zeroes { offset, len, .. } | Change::Discard { offset, len } => {
-                Some((*offset, *len))
-            }
+            Change::Zeroes { offset, len, .. } => Some((*offset, *len)),
             Change::Flush => None,
         }
     }
@@ -329,7 +323,6 @@ async fn send(shared: &Shared, change: &Change) -> Ack {
                 link.write(offset, data, WriteFlags { fua }).await
             }
             Change::Zeroes { offset, len, flags } => link.write_zeroes(offset, len, flags).await,
-            Change::Discard { offset, len } => link.discard(offset, len).await,
             Change::Flush => link.flush().await,
         }
     };

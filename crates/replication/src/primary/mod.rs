@@ -11,7 +11,8 @@
 //! - a local write error always reaches the VM (QEMU's quorum with vote-threshold=1 hides it);
 //! - `async` mode (the default) acknowledges the VM once the local write is done; `sync` mode
 //!   waits for the secondary as QEMU does;
-//! - write-zeroes and discard travel as such (QEMU sends zeroes as data and drops discards);
+//! - write-zeroes travel as such (QEMU sends zeroes as data); a discard becomes write-zeroes
+//!   with unmap on both sides, so the two disks cannot differ where QEMU's quorum drops it;
 //! - a forwarding failure is sticky, counted, raised as an event and fails the next checkpoint
 //!   (drain) unless forced — QEMU only records it where COLO never looks;
 //! - every write the secondary may have missed is recorded in a dirty bitmap for resync;
@@ -427,9 +428,14 @@ impl BlockDev for PrimaryNode {
         .await
     }
 
+    /// A discard leaves content unspecified, and two disks could then differ (qemu-nbd
+    /// ignores discards by default, a raw file reads zeroes, a qcow2 may fall through to its
+    /// backing file). So the primary makes both sides read zeroes: write-zeroes with unmap
+    /// locally and on the secondary, which still frees the space where the format can.
     async fn discard(&self, offset: u64, len: u64) -> Result<(), BlockError> {
-        let local = self.inner.local.discard(offset, len);
-        self.apply(Change::Discard { offset, len }, local).await
+        let flags = ZeroFlags { may_unmap: true, ..Default::default() };
+        let local = self.inner.local.write_zeroes(offset, len, flags);
+        self.apply(Change::Zeroes { offset, len, flags }, local).await
     }
 
     async fn block_status(&self, offset: u64, len: u64) -> Result<ExtentList, BlockError> {

@@ -1,0 +1,298 @@
+//! `coloblk primary` as a real process: forwarding into qemu-nbd (interop), the control socket
+//! driven by python's qemu.qmp and by `coloblk ctl`, a secondary killed under fio load, the
+//! metrics endpoint, and refusals at startup.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const MIB: u64 = 1 << 20;
+
+/// A qemu-nbd secondary and a `coloblk primary` forwarding to it.
+struct Pair {
+    dir: tempfile::TempDir,
+    secondary: Proc,
+    primary: Proc,
+}
+
+impl Pair {
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+    fn export(&self) -> String {
+        unix_uri("vm0", &self.path("primary.sock"))
+    }
+    fn qmp(&self) -> String {
+        format!("unix:{}", self.path("primary.qmp").display())
+    }
+}
+
+fn qemu_nbd_secondary(dir: &Path, len: u64) -> Proc {
+    require("qemu-nbd");
+    let img = raw_image(dir, "secondary.raw", len);
+    let sock = dir.join("secondary.sock");
+    let mut p = Proc::spawn("qemu-nbd", Command::new("qemu-nbd").args(["-f", "raw", "-t", "-x", "vm0", "-k"]).arg(&sock).arg(&img));
+    wait_socket(&sock, &mut p);
+    p
+}
+
+fn pair(extra: &[&str]) -> Pair {
+    let dir = tempfile::tempdir().unwrap();
+    let secondary = qemu_nbd_secondary(dir.path(), 64 * MIB);
+    let img = raw_image(dir.path(), "primary.raw", 64 * MIB);
+    let d = dir.path();
+    let mut cmd = coloblk();
+    cmd.arg("primary")
+        .arg("--disk")
+        .arg(format!("vm0={},replica=nbd+unix:///vm0?socket={}", img.display(), d.join("secondary.sock").display()))
+        .arg("--export-listen")
+        .arg(format!("unix:{}", d.join("primary.sock").display()))
+        .arg("--control")
+        .arg(format!("unix:{}", d.join("primary.qmp").display()))
+        .args(extra);
+    let mut primary = Proc::spawn("coloblk primary", &mut cmd);
+    wait_socket(&d.join("primary.sock"), &mut primary);
+    wait_socket(&d.join("primary.qmp"), &mut primary);
+    Pair { dir, secondary, primary }
+}
+
+fn ctl(qmp: &str, action: &[&str]) -> std::process::Output {
+    coloblk().args(["ctl", "--control", qmp]).args(action).output().unwrap()
+}
+
+fn status(p: &Pair) -> serde_json::Value {
+    let out = run(coloblk().args(["ctl", "--json", "--control", &p.qmp(), "status"]));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Interop: our primary forwarding into a qemu-nbd export; after a checkpoint the two images
+/// are identical, and writes made before start are counted as dirty.
+#[test]
+fn primary_forwards_into_qemu_nbd_and_checkpoint_makes_the_images_equal() {
+    require("qemu-io");
+    let p = pair(&[]);
+    run(Command::new("qemu-io").args(["-f", "raw", "-c", "write -P 0x11 0 1M"]).arg(p.export()));
+    let st = status(&p);
+    assert_eq!(st["disks"][0]["stage"], "none");
+    assert_eq!(st["disks"][0]["dirty-bytes"], MIB, "the write before start is dirty");
+    let out = ctl(&p.qmp(), &["start"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    run(Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "write -P 0x22 1M 3M", "-c", "write -z 2M 64k", "-c", "discard 3M 64k", "-c", "write -P 0x33 1000 5000"])
+        .arg(p.export()));
+    let out = ctl(&p.qmp(), &["checkpoint"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("checkpoint done: drain "));
+    let a = std::fs::read(p.path("primary.raw")).unwrap();
+    let b = std::fs::read(p.path("secondary.raw")).unwrap();
+    // The first MiB was written before start: only [1000, 6000) of it was forwarded.
+    let first_diff = (MIB as usize..a.len()).find(|&i| a[i] != b[i]);
+    assert_eq!(first_diff, None, "forwarded ranges differ");
+    assert!(b[..1000].iter().all(|&x| x == 0));
+    assert!(b[1000..6000].iter().all(|&x| x == 0x33));
+    // The discard reads back as zeroes on both sides (the primary sends it as write-zeroes
+    // with unmap, because a discard's content is the one thing the two sides could disagree on).
+    assert!(b[3 * MIB as usize..3 * MIB as usize + 65536].iter().all(|&x| x == 0));
+    assert_eq!(a[..1000], [0x11u8; 1000]);
+    let st = status(&p);
+    assert_eq!(st["disks"][0]["stage"], "running");
+    assert_eq!(st["disks"][0]["forward-errors"], 0);
+    assert_eq!(st["disks"][0]["dirty-bytes"], MIB, "only the pre-start write stays dirty");
+}
+
+/// Python's qemu.qmp library works as a client: negotiation, commands with results and with
+/// errors (class and description), and a second client at the same time.
+#[test]
+fn python_qemu_qmp_drives_the_control_socket() {
+    let p = pair(&["--start"]);
+    let script = r#"
+import asyncio, sys
+from qemu.qmp import QMPClient, ExecuteError
+async def main(path):
+    a, b = QMPClient("a"), QMPClient("b")
+    await a.connect(path)
+    await b.connect(path)
+    st = await a.execute("query-replication")
+    assert st["role"] == "primary" and st["disks"][0]["stage"] == "running", st
+    cp = await b.execute("replication-checkpoint")
+    assert cp["drain-ms"] >= 0, cp
+    assert (await a.execute("query-xen-replication-status")) == {"error": False}
+    try:
+        await a.execute("no-such-command")
+        raise SystemExit("unknown command accepted")
+    except ExecuteError as e:
+        assert e.error.error.class_ == "CommandNotFound", e.error.error.class_
+        assert e.error.error.desc == "The command no-such-command has not been found", e.error.error.desc
+    try:
+        await a.execute("xen-set-replication", {"enable": True, "primary": True, "failover": True})
+        raise SystemExit("failover with enable accepted")
+    except ExecuteError as e:
+        assert e.error.error.class_ == "GenericError"
+        assert e.error.error.desc == "Parameter 'failover' is only for stopping replication", e.error.error.desc
+    await a.disconnect()
+    await b.disconnect()
+    print("qemu.qmp ok")
+asyncio.run(main(sys.argv[1]))
+"#;
+    let out = run(Command::new("python3").arg("-c").arg(script).arg(p.path("primary.qmp")));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "qemu.qmp ok");
+}
+
+/// Malformed JSON and bad envelopes get QMP errors and the same connection goes on.
+#[test]
+fn malformed_control_input_gets_errors_not_a_crash() {
+    use std::io::{BufRead, BufReader, Write};
+    let p = pair(&[]);
+    let s = std::os::unix::net::UnixStream::connect(p.path("primary.qmp")).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut w = s.try_clone().unwrap();
+    let mut r = BufReader::new(s);
+    let mut line = String::new();
+    let mut next = |r: &mut BufReader<_>| {
+        line.clear();
+        r.read_line(&mut line).unwrap();
+        serde_json::from_str::<serde_json::Value>(&line).unwrap()
+    };
+    assert!(next(&mut r)["QMP"].is_object());
+    for (input, class, desc) in [
+        ("{\"execute\": \"query-replication\"}\n", "CommandNotFound", "Expecting capabilities negotiation with 'qmp_capabilities'"),
+        ("{\"execute\": \"qmp_capabilities\"}\n", "", ""),
+        ("{\"execute\": oops}\n", "GenericError", "JSON parse error"),
+        ("[1, 2]\n", "GenericError", "QMP input must be a JSON object"),
+        ("{\"arguments\": {}}\n", "GenericError", "QMP input lacks member 'execute'"),
+        ("{\"execute\": \"replication-start\", \"arguments\": {\"x\": 1}}\n", "GenericError", "Parameter 'x' is unexpected"),
+        ("{\"execute\": \"xen-set-replication\", \"arguments\": {\"enable\": \"yes\", \"primary\": true}}\n", "GenericError", "Invalid parameter type for 'enable', expected: boolean"),
+        ("{\"execute\": \"replication-stop\", \"id\": \"x1\"}\n", "GenericError", "Block replication is not running"),
+    ] {
+        w.write_all(input.as_bytes()).unwrap();
+        let v = next(&mut r);
+        if class.is_empty() {
+            assert_eq!(v, serde_json::json!({"return": {}}), "{input}");
+        } else {
+            assert_eq!(v["error"]["class"], class, "{input}: {v}");
+            assert!(v["error"]["desc"].as_str().unwrap().starts_with(desc), "{input}: {v}");
+        }
+    }
+    w.write_all(b"{\"execute\": \"query-replication\", \"id\": 42}\n").unwrap();
+    let v = next(&mut r);
+    assert_eq!(v["id"], 42);
+    assert_eq!(v["return"]["role"], "primary");
+}
+
+/// kill -9 of the secondary under fio load: the VM's writes keep succeeding, the error shows
+/// in status and events, the next checkpoint is refused, and dirty bytes grow.
+#[test]
+fn killing_the_secondary_under_fio_load_keeps_the_vm_writing() {
+    require("fio");
+    let mut p = pair(&["--start", "--link-timeout", "2"]);
+    let export = p.export();
+    let fio = |secs: u32| {
+        Command::new("fio")
+            .args(["--name=load", "--ioengine=nbd", "--rw=randwrite", "--bs=4k", "--iodepth=16", "--size=64M"])
+            .args(["--time_based", &format!("--runtime={secs}"), "--output-format=json"])
+            .arg(format!("--uri={export}"))
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let mut load = fio(4);
+    std::thread::sleep(Duration::from_millis(1000));
+    let _ = p.secondary.child.kill();
+    let _ = p.secondary.child.wait();
+    let killed = Instant::now();
+    let st = load.wait().unwrap();
+    assert!(st.success(), "fio failed: the VM saw errors");
+    assert!(killed.elapsed() < Duration::from_secs(10));
+    let s1 = status(&p);
+    let d = &s1["disks"][0];
+    assert_eq!(d["link-up"], false, "{s1}");
+    assert!(d["error"].as_str().is_some(), "{s1}");
+    let dirty1 = d["dirty-bytes"].as_u64().unwrap();
+    assert!(dirty1 > 0, "{s1}");
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(r#"
+import asyncio, sys
+from qemu.qmp import QMPClient
+async def main(p):
+    c = QMPClient("x"); await c.connect(p)
+    print((await c.execute("query-xen-replication-status"))["desc"])
+asyncio.run(main(sys.argv[1]))"#)
+        .arg(p.path("primary.qmp"))
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "I/O error occurred");
+    let out = ctl(&p.qmp(), &["checkpoint"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("checkpoint refused"), "{}", String::from_utf8_lossy(&out.stderr));
+    // More writes at local speed: dirty grows.
+    assert!(fio(1).wait().unwrap().success());
+    let dirty2 = status(&p)["disks"][0]["dirty-bytes"].as_u64().unwrap();
+    assert!(dirty2 >= dirty1, "dirty went from {dirty1} to {dirty2}");
+    p.primary.signal("TERM");
+    assert!(p.primary.wait_exit(Duration::from_secs(20)).success());
+}
+
+/// The Prometheus endpoint serves our counters.
+#[test]
+fn metrics_endpoint_serves_forwarding_counters() {
+    require("qemu-io");
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let p = pair(&["--start", "--metrics", &format!("tcp:127.0.0.1:{port}")]);
+    run(Command::new("qemu-io").args(["-f", "raw", "-c", "write -P 1 0 256k", "-c", "write -P 2 1M 256k"]).arg(p.export()));
+    assert!(ctl(&p.qmp(), &["checkpoint"]).status.success());
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).unwrap();
+    assert!(body.starts_with("HTTP/1.1 200 OK"), "{body}");
+    assert!(body.contains("coloblk_forwarded_bytes_total{disk=\"vm0\"} 524288"), "{body}");
+    assert!(body.contains("coloblk_forwarded_writes_total{disk=\"vm0\"} 2"), "{body}");
+    assert!(body.contains("coloblk_checkpoint_drain_seconds_count 1"), "{body}");
+    assert!(body.contains("coloblk_replication_error{disk=\"vm0\"} 0"), "{body}");
+}
+
+/// Startup refusals: one clear line and a failing exit code, for an unreachable secondary,
+/// disks of different lengths, a missing image and a missing replica URI.
+#[test]
+fn bad_startups_are_refused_with_one_clear_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let img = raw_image(d, "p.raw", 8 * MIB);
+    let run_primary = |disk: String| {
+        let out = coloblk()
+            .args(["primary", "--disk", &disk, "--export-listen"])
+            .arg(format!("unix:{}", d.join("x.sock").display()))
+            .arg("--control")
+            .arg(format!("unix:{}", d.join("x.qmp").display()))
+            .output()
+            .unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stderr).trim().to_string())
+    };
+    let (code, err) = run_primary(format!("vm0={},replica=nbd+unix:///vm0?socket={}/nobody.sock", img.display(), d.display()));
+    assert_eq!(code, Some(1));
+    assert!(err.starts_with("coloblk: disk 'vm0': cannot reach the secondary at nbd+unix:///vm0?socket="), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+
+    let _secondary = qemu_nbd_secondary(d, 16 * MIB);
+    let (code, err) = run_primary(format!("vm0={},replica=nbd+unix:///vm0?socket={}", img.display(), d.join("secondary.sock").display()));
+    assert_eq!(code, Some(1));
+    assert_eq!(
+        err,
+        format!("coloblk: disk 'vm0': disk lengths differ: the primary disk has {} bytes, the secondary {}", 8 * MIB, 16 * MIB)
+    );
+    let (code, err) = run_primary(format!("vm0={}/none.raw,replica=nbd://127.0.0.1:1/x", d.display()));
+    assert_eq!(code, Some(1));
+    assert!(err.contains("disk 'vm0': cannot open"), "{err}");
+    let (code, err) = run_primary(format!("vm0={}", img.display()));
+    assert_eq!(code, Some(1));
+    assert!(err.contains("missing replica=NBD-URI"), "{err}");
+
+    let out = coloblk().args(["ctl", "--control", &format!("unix:{}/nothing.qmp", d.display()), "status"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(3));
+}
