@@ -16,15 +16,9 @@ use async_trait::async_trait;
 use nbd::addr::SocketAddr;
 use nbd::server::Listener;
 use qmp::{Args, Handler, QmpError, QmpServer};
+use replication::Mode;
 use serde_json::{Value, json};
 use tracing::{info, warn};
-
-/// The replication mode a start asks for (QEMU's `ReplicationMode`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mode {
-    Primary,
-    Secondary,
-}
 
 /// What a daemon's disks do together. Errors are the texts the client sees.
 #[async_trait]

@@ -220,7 +220,7 @@ pub fn render_status(st: &Value) -> String {
     let header: Vec<&str> = if primary {
         vec!["DISK", "STAGE", "LINK", "QUEUE", "FORWARDED", "DIRTY", "ERROR"]
     } else {
-        vec!["DISK", "STAGE", "ACTIVE", "HIDDEN", "CBW COPIES", "FAILOVER", "ERROR"]
+        vec!["DISK", "STAGE", "ACTIVE", "HIDDEN", "FAILOVER", "ERROR"]
     };
     let mut rows = vec![header.iter().map(|s| s.to_string()).collect::<Vec<_>>()];
     for d in st["disks"].as_array().into_iter().flatten() {
@@ -245,7 +245,6 @@ pub fn render_status(st: &Value) -> String {
                 text(&d["stage"]),
                 bytes(&d["active-bytes"]),
                 bytes(&d["hidden-bytes"]),
-                text(&d["cbw-copies"]),
                 progress,
                 text(&d["error"]),
             ]

@@ -11,6 +11,7 @@ mod demo;
 mod disk_spec;
 mod metrics;
 mod primary;
+mod secondary;
 mod serve;
 
 use std::process::ExitCode;
@@ -42,6 +43,9 @@ enum Command {
     Serve(serve::ServeArgs),
     /// Run the primary: serve the VM's disks and forward every write to the secondary.
     Primary(primary::PrimaryArgs),
+    /// Run the secondary: apply the primary's writes (copy-before-write) and serve the
+    /// speculative VM its overlay view; checkpoint and fail over on command.
+    Secondary(secondary::SecondaryArgs),
     /// Talk to a running primary or secondary: status, start, checkpoint, failover, stop.
     Ctl(ctl::CtlArgs),
     /// Run the whole story on this machine: a secondary and a primary as real processes, a
@@ -80,6 +84,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Serve(args) => serve::run(args).await,
             Command::Primary(args) => primary::run(args).await,
+            Command::Secondary(args) => secondary::run(args).await,
             Command::Ctl(args) => Ok(ExitCode::from(ctl::run(args).await)),
             Command::Demo(args) => demo::run(args).await,
         }

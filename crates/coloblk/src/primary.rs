@@ -13,13 +13,14 @@ use nbd::client::{ClientConfig, NbdClient};
 use nbd::server::{Export, ExportSet, Listener, Server, ServerConfig};
 use parking_lot::Mutex;
 use qmp::QmpServer;
+use replication::{Mode, Stage};
 use replication::primary::{
-    ForwardMode, PrimaryConfig, PrimaryEvent, PrimaryNode, PrimaryStage, QueueLimits, ReplicationMode,
+    ForwardMode, PrimaryConfig, PrimaryEvent, PrimaryNode, QueueLimits,
 };
 use serde_json::{Value, json};
 use tracing::{info, warn};
 
-use crate::control::{self, Control, Group, Mode};
+use crate::control::{self, Control, Group};
 use crate::disk_spec::DiskSpec;
 
 #[derive(Args, Debug, Clone)]
@@ -125,17 +126,13 @@ impl Group for PrimaryGroup {
     }
 
     async fn start(&self, mode: Mode) -> Result<(), String> {
-        let mode = match mode {
-            Mode::Primary => ReplicationMode::Primary,
-            Mode::Secondary => ReplicationMode::Secondary,
-        };
         // All or nothing: start every disk, and on a failure put the started ones back.
         let mut started = Vec::new();
         for d in &self.disks {
             let before = d.node.stage();
             match d.node.start(mode) {
                 Ok(()) => {
-                    if before == PrimaryStage::None {
+                    if before == Stage::None {
                         started.push(d);
                     }
                 }
@@ -200,7 +197,7 @@ impl Group for PrimaryGroup {
                 let s = d.node.status();
                 json!({
                     "name": d.name,
-                    "stage": stage_name(s.stage),
+                    "stage": s.stage.as_str(),
                     "error": s.error,
                     "link-up": s.link_up,
                     "queue-requests": s.queued_requests,
@@ -223,14 +220,6 @@ impl Group for PrimaryGroup {
                 "secondary-ms": l.secondary_ms,
             })),
         })
-    }
-}
-
-fn stage_name(s: PrimaryStage) -> &'static str {
-    match s {
-        PrimaryStage::None => "none",
-        PrimaryStage::Running => "running",
-        PrimaryStage::Done => "done",
     }
 }
 

@@ -9,9 +9,10 @@ use std::time::{Duration, Instant};
 use blockdev::fault::FaultyDev;
 use blockdev::{BlockDev, MemoryDev, WriteFlags, ZeroFlags};
 use bytes::Bytes;
+use replication::{Mode, Stage};
 use replication::primary::{
-    ForwardMode, PrimaryConfig, PrimaryError, PrimaryEvent, PrimaryNode, PrimaryStage, QueueLimits,
-    ReplicationMode,
+    ForwardMode, PrimaryConfig, PrimaryError, PrimaryEvent, PrimaryNode, QueueLimits,
+   
 };
 
 const DISK: u64 = 8 << 20;
@@ -39,7 +40,7 @@ fn rig(config: PrimaryConfig) -> Rig {
 
 fn started(config: PrimaryConfig) -> Rig {
     let r = rig(config);
-    r.node.start(ReplicationMode::Primary).unwrap();
+    r.node.start(Mode::Primary).unwrap();
     r
 }
 
@@ -299,7 +300,7 @@ async fn writes_before_start_are_recorded_dirty_exactly_and_not_forwarded() {
     );
     assert_eq!(r.node.status().dirty_bytes, 5 * 4096);
     // After start, new writes are forwarded and the old dirty ranges stay recorded.
-    r.node.start(ReplicationMode::Primary).unwrap();
+    r.node.start(Mode::Primary).unwrap();
     r.node
         .write(0, fill(2, 4096), WriteFlags::default())
         .await
@@ -315,7 +316,7 @@ async fn a_local_write_error_reaches_the_vm_and_is_not_forwarded() {
     let remote = Arc::new(MemoryDev::new(DISK));
     let node = PrimaryNode::new(local.clone(), PrimaryConfig::default());
     node.set_link(remote.clone()).unwrap();
-    node.start(ReplicationMode::Primary).unwrap();
+    node.start(Mode::Primary).unwrap();
     local.fail_writes.store(true, Ordering::Relaxed);
     assert!(
         node.write(0, fill(1, 4096), WriteFlags::default())
@@ -368,7 +369,7 @@ async fn the_queue_bound_holds_under_a_slow_secondary() {
 #[tokio::test]
 async fn stage_machine_matches_qemu_for_a_primary() {
     let r = rig(PrimaryConfig::default());
-    assert_eq!(r.node.stage(), PrimaryStage::None);
+    assert_eq!(r.node.stage(), Stage::None);
     assert_eq!(
         r.node.get_error().unwrap_err().to_string(),
         "Block replication is not running"
@@ -380,17 +381,17 @@ async fn stage_machine_matches_qemu_for_a_primary() {
     );
     assert_eq!(
         r.node
-            .start(ReplicationMode::Secondary)
+            .start(Mode::Secondary)
             .unwrap_err()
             .to_string(),
         "The parameter mode's value is invalid, needs 0, but got 1"
     );
-    assert_eq!(r.node.stage(), PrimaryStage::None);
-    r.node.start(ReplicationMode::Primary).unwrap();
-    assert_eq!(r.node.stage(), PrimaryStage::Running);
+    assert_eq!(r.node.stage(), Stage::None);
+    r.node.start(Mode::Primary).unwrap();
+    assert_eq!(r.node.stage(), Stage::Running);
     assert_eq!(
         r.node
-            .start(ReplicationMode::Primary)
+            .start(Mode::Primary)
             .unwrap_err()
             .to_string(),
         "Block replication is running or done"
@@ -398,13 +399,13 @@ async fn stage_machine_matches_qemu_for_a_primary() {
     r.node.get_error().unwrap();
     r.node.checkpoint().await.unwrap();
     r.node.stop(true).await.unwrap();
-    assert_eq!(r.node.stage(), PrimaryStage::Done);
+    assert_eq!(r.node.stage(), Stage::Done);
     // Continuous replication: all ignored after DONE.
-    r.node.start(ReplicationMode::Primary).unwrap();
+    r.node.start(Mode::Primary).unwrap();
     r.node.checkpoint().await.unwrap();
     r.node.stop(false).await.unwrap();
     r.node.get_error().unwrap();
-    assert_eq!(r.node.stage(), PrimaryStage::Done);
+    assert_eq!(r.node.stage(), Stage::Done);
 }
 
 #[tokio::test]
@@ -421,7 +422,7 @@ async fn a_secondary_of_another_length_is_refused() {
         )
     );
     assert_eq!(
-        node.start(ReplicationMode::Primary).unwrap_err(),
+        node.start(Mode::Primary).unwrap_err(),
         PrimaryError::NoLink
     );
 }

@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 use blockdev::{BlockDev, IoPool, MemoryDev, RawFile, RawOptions, WriteFlags, ZeroFlags};
 use bytes::Bytes;
 use nbd::client::{ClientConfig, NbdClient};
-use replication::primary::{PrimaryConfig, PrimaryNode, QueueLimits, ReplicationMode};
+use replication::{Mode, Stage};
+use replication::primary::{PrimaryConfig, PrimaryNode, QueueLimits};
 
 const DISK: u64 = 32 << 20;
 
@@ -119,7 +120,7 @@ async fn what_reaches_qemu_nbd_equals_what_was_written() {
     let (local, local_path) = local_disk(dir.path());
     let node = PrimaryNode::new(local, PrimaryConfig::default());
     node.set_link(link(&sock, "d", Duration::from_secs(10)).await).unwrap();
-    node.start(ReplicationMode::Primary).unwrap();
+    node.start(Mode::Primary).unwrap();
     workload(&node, 300).await;
     node.drain(true, false).await.unwrap();
     assert!(std::fs::read(&local_path).unwrap() == std::fs::read(&img).unwrap(), "qemu-nbd's image differs");
@@ -141,7 +142,7 @@ async fn what_reaches_our_own_server_equals_what_was_written_in_sync_mode() {
     let cfg = PrimaryConfig { mode: replication::primary::ForwardMode::Sync, ..Default::default() };
     let node = PrimaryNode::new(local.clone(), cfg);
     node.set_link(link(&sock, "d", Duration::from_secs(10)).await).unwrap();
-    node.start(ReplicationMode::Primary).unwrap();
+    node.start(Mode::Primary).unwrap();
     workload(&node, 300).await;
     // Sync mode: everything is on the secondary before any drain.
     assert!(local.snapshot() == remote.snapshot(), "our server's disk differs");
@@ -159,7 +160,7 @@ async fn nbdkit_error_filter_failures_are_captured_not_returned() {
     let local = Arc::new(MemoryDev::new(DISK));
     let node = PrimaryNode::new(local.clone(), PrimaryConfig::default());
     node.set_link(link(&sock, "", Duration::from_secs(10)).await).unwrap();
-    node.start(ReplicationMode::Primary).unwrap();
+    node.start(Mode::Primary).unwrap();
     node.write(0, data(1, 65536), WriteFlags::default()).await.unwrap();
     node.drain(false, false).await.unwrap();
     std::fs::write(&trigger, b"").unwrap();
@@ -183,7 +184,7 @@ async fn a_killed_secondary_leaves_the_vm_writing_and_the_dirty_bitmap_exact() {
     let cfg = PrimaryConfig { link_timeout: Some(Duration::from_secs(2)), ..Default::default() };
     let node = PrimaryNode::new(local, cfg);
     node.set_link(link(&sock, "d", Duration::from_secs(2)).await).unwrap();
-    node.start(ReplicationMode::Primary).unwrap();
+    node.start(Mode::Primary).unwrap();
     for i in 0..20u64 {
         node.write(i * 65536, data(i, 65536), WriteFlags::default()).await.unwrap();
     }
@@ -214,7 +215,7 @@ async fn the_queue_bound_holds_against_nbdkit_with_a_delay_filter() {
     let node = PrimaryNode::new(local.clone(), PrimaryConfig { queue: limits, ..Default::default() });
     let remote = link(&sock, "", Duration::from_secs(10)).await;
     node.set_link(remote.clone()).unwrap();
-    node.start(ReplicationMode::Primary).unwrap();
+    node.start(Mode::Primary).unwrap();
     let writer = {
         let node = node.clone();
         tokio::spawn(async move {

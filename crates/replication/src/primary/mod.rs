@@ -37,6 +37,8 @@ pub use forward::ForwardStats;
 use forward::{Change, Forwarder, Shared};
 use range_lock::RangeLock;
 
+use crate::{Mode, ReplicationError, Stage};
+
 /// When a VM write completes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum ForwardMode {
@@ -101,25 +103,11 @@ impl Default for PrimaryConfig {
     }
 }
 
-/// Stages, as QEMU's `ReplicationStage` (a primary only uses NONE, RUNNING and DONE).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PrimaryStage {
-    None,
-    Running,
-    Done,
-}
-
-/// Errors of the control operations, with QEMU's texts.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+/// Errors of the control operations: QEMU's (with QEMU's texts) and the primary's own.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum PrimaryError {
-    #[error("Block replication is running or done")]
-    RunningOrDone,
-    #[error("Block replication is not running")]
-    NotRunning,
-    #[error("I/O error occurred")]
-    IoError,
-    #[error("The parameter mode's value is invalid, needs 0, but got 1")]
-    WrongMode,
+    #[error(transparent)]
+    Replication(#[from] ReplicationError),
     #[error("no secondary link is set: connect to the secondary first")]
     NoLink,
     #[error("disk lengths differ: the primary disk has {local} bytes, the secondary {remote}")]
@@ -146,7 +134,7 @@ pub enum PrimaryEvent {
 /// A snapshot for status displays and metrics.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PrimaryStatus {
-    pub stage: PrimaryStage,
+    pub stage: Stage,
     pub mode: ForwardMode,
     pub error: Option<String>,
     pub link_up: bool,
@@ -159,13 +147,6 @@ pub struct PrimaryStatus {
     pub dirty_bytes: u64,
 }
 
-/// Which replication mode a start asks for (QEMU's `ReplicationMode`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ReplicationMode {
-    Primary = 0,
-    Secondary = 1,
-}
-
 /// The primary node. Cloning shares it.
 #[derive(Clone)]
 pub struct PrimaryNode {
@@ -175,7 +156,7 @@ pub struct PrimaryNode {
 struct Inner {
     local: Arc<dyn BlockDev>,
     mode: ForwardMode,
-    stage: Mutex<PrimaryStage>,
+    stage: Mutex<Stage>,
     shared: Arc<Shared>,
     forwarder: Arc<Forwarder>,
     order: RangeLock,
@@ -207,7 +188,7 @@ impl PrimaryNode {
             inner: Arc::new(Inner {
                 local,
                 mode: config.mode,
-                stage: Mutex::new(PrimaryStage::None),
+                stage: Mutex::new(Stage::None),
                 shared,
                 forwarder,
                 order: RangeLock::default(),
@@ -237,27 +218,28 @@ impl PrimaryNode {
         &self.inner.shared.dirty
     }
 
-    pub fn stage(&self) -> PrimaryStage {
+    pub fn stage(&self) -> Stage {
         *self.inner.stage.lock()
     }
 
     /// `replication_start(mode)`.
-    pub fn start(&self, mode: ReplicationMode) -> Result<(), PrimaryError> {
+    pub fn start(&self, mode: Mode) -> Result<(), PrimaryError> {
         let mut stage = self.inner.stage.lock();
         match *stage {
-            PrimaryStage::Running => return Err(PrimaryError::RunningOrDone),
             // Continuous replication: a finished node ignores start (QEMU 5.0+).
-            PrimaryStage::Done => return Ok(()),
-            PrimaryStage::None => {}
+            Stage::Done | Stage::Failover => return Ok(()),
+            Stage::None => {}
+            Stage::Running | Stage::FailoverFailed => return Err(ReplicationError::RunningOrDone.into()),
         }
-        if mode != ReplicationMode::Primary {
-            return Err(PrimaryError::WrongMode);
+        if mode != Mode::Primary {
+            let (needs, got) = (Mode::Primary.number(), mode.number());
+            return Err(ReplicationError::InvalidMode { needs, got }.into());
         }
         if self.inner.shared.link.lock().is_none() {
             return Err(PrimaryError::NoLink);
         }
         *self.inner.shared.error.lock() = None;
-        *stage = PrimaryStage::Running;
+        *stage = Stage::Running;
         Ok(())
     }
 
@@ -266,18 +248,18 @@ impl PrimaryNode {
     /// only gained writes the primary also has); later ones are recorded as dirty again.
     pub fn reset_to_none(&self) {
         let mut stage = self.inner.stage.lock();
-        if *stage == PrimaryStage::Running {
-            *stage = PrimaryStage::None;
+        if *stage == Stage::Running {
+            *stage = Stage::None;
         }
     }
 
     /// `replication_get_error`.
     pub fn get_error(&self) -> Result<(), PrimaryError> {
-        if self.stage() == PrimaryStage::None {
-            return Err(PrimaryError::NotRunning);
+        if self.stage() == Stage::None {
+            return Err(ReplicationError::NotRunning.into());
         }
         match self.inner.shared.error.lock().is_some() {
-            true => Err(PrimaryError::IoError),
+            true => Err(ReplicationError::IoError.into()),
             false => Ok(()),
         }
     }
@@ -306,8 +288,8 @@ impl PrimaryNode {
     /// relying on the VM stop to drain). Before start and after stop there is nothing to drain.
     pub async fn checkpoint(&self) -> Result<(), PrimaryError> {
         match self.stage() {
-            PrimaryStage::Running => self.drain(true, false).await,
-            PrimaryStage::None | PrimaryStage::Done => Ok(()),
+            Stage::Running => self.drain(true, false).await,
+            _ => Ok(()),
         }
     }
 
@@ -315,12 +297,12 @@ impl PrimaryNode {
     /// still queued are drained first, best effort, so a clean stop loses nothing in flight.
     pub async fn stop(&self, _failover: bool) -> Result<(), PrimaryError> {
         match self.stage() {
-            PrimaryStage::None => return Err(PrimaryError::NotRunning),
-            PrimaryStage::Done => return Ok(()),
-            PrimaryStage::Running => {}
+            Stage::None | Stage::FailoverFailed => return Err(ReplicationError::NotRunning.into()),
+            Stage::Done | Stage::Failover => return Ok(()),
+            Stage::Running => {}
         }
         let _ = self.drain(false, true).await;
-        *self.inner.stage.lock() = PrimaryStage::Done;
+        *self.inner.stage.lock() = Stage::Done;
         *self.inner.shared.error.lock() = None;
         Ok(())
     }
@@ -343,7 +325,7 @@ impl PrimaryNode {
     }
 
     fn forwarding(&self) -> bool {
-        self.stage() == PrimaryStage::Running
+        self.stage() == Stage::Running
     }
 
     /// Applies a change locally, then hands it on: forwarded while running, recorded as dirty

@@ -1,0 +1,320 @@
+//! `coloblk secondary`: keeps the primary's disks current (the replica exports) while a
+//! speculative VM runs on overlay views of them (the top exports).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use async_trait::async_trait;
+use blockdev::{IoPool, Qcow2, Qcow2Backing, Qcow2Options};
+use clap::Args;
+use nbd::addr::SocketAddr;
+use nbd::server::{Export, ExportSet, Listener, Server, ServerConfig};
+use parking_lot::Mutex;
+use qmp::QmpServer;
+use replication::secondary::{DevOverlay, OverlayStore};
+use replication::{Mode, ReplicationGroup, SecondaryConfig, SecondaryNode, Stage};
+use serde_json::{Value, json};
+use tracing::info;
+
+use crate::control::{self, Control, Group};
+use crate::disk_spec::DiskSpec;
+
+#[derive(Args, Debug, Clone)]
+#[command(after_help = "Example:\n  \
+    coloblk secondary --disk vm0=/var/lib/vm/vm0.raw --replica-listen tcp:0.0.0.0:10809 \\\n    \
+    --export-listen unix:/run/coloblk/svm.nbd --control tcp:0.0.0.0:4445 --buffer-dir /dev/shm --start\n\n\
+    The primary forwards to nbd://THIS-HOST:10809/vm0; the speculative VM attaches to\n\
+    nbd+unix:///vm0?socket=/run/coloblk/svm.nbd. Before start the speculative view refuses I/O\n\
+    (as QEMU's does) and the primary's writes go straight to the disk. SIGTERM flushes and exits 0.")]
+pub struct SecondaryArgs {
+    /// A disk: NAME=PATH[,format=raw|qcow2][,direct][,active=PATH,hidden=PATH]. It must start
+    /// equal to the primary's disk of the same NAME. With active= and hidden= (qcow2 images of
+    /// the same size, QEMU-style), those hold the overlays instead of the buffer directory.
+    /// Repeat for several disks; they form one replication group.
+    #[arg(long = "disk", value_name = "SPEC")]
+    pub disks: Vec<DiskSpec>,
+
+    /// Where the primary forwards its writes (one NBD export per disk NAME).
+    #[arg(long, value_name = "ADDR")]
+    pub replica_listen: Option<SocketAddr>,
+
+    /// Where the speculative VM reaches its view of each disk (NBD export NAME).
+    #[arg(long, value_name = "ADDR")]
+    pub export_listen: Option<SocketAddr>,
+
+    /// The QMP-compatible control socket: unix:PATH or tcp:HOST:PORT.
+    #[arg(long, value_name = "ADDR")]
+    pub control: Option<SocketAddr>,
+
+    /// Directory for the overlay buffers (sparse, unlinked files; tmpfs is best, as QEMU
+    /// recommends a ramdisk). `memory` keeps them in the process instead.
+    #[arg(long, value_name = "DIR", default_value = "/dev/shm")]
+    pub buffer_dir: String,
+
+    /// Copy-before-write granularity in bytes (a power of two, 512 B to 16 MiB).
+    #[arg(long, value_name = "BYTES", default_value_t = 65536)]
+    pub cluster_size: u64,
+
+    /// Start replication at once (otherwise send replication-start).
+    #[arg(long)]
+    pub start: bool,
+
+    /// Prometheus metrics endpoint: tcp:HOST:PORT (or unix:PATH).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<SocketAddr>,
+}
+
+struct Disk {
+    name: String,
+    node: SecondaryNode,
+}
+
+/// The secondary's disks as one replication group.
+pub struct SecondaryGroup {
+    disks: Vec<Disk>,
+    group: ReplicationGroup,
+    last: Mutex<Option<(u128, f64)>>,
+    qmp: Mutex<Option<Arc<QmpServer>>>,
+}
+
+impl SecondaryGroup {
+    fn emit(&self, name: &str, data: Value) {
+        if let Some(q) = self.qmp.lock().as_ref() {
+            q.emit(name, data);
+        }
+    }
+}
+
+#[async_trait]
+impl Group for SecondaryGroup {
+    fn role(&self) -> &'static str {
+        "secondary"
+    }
+
+    async fn start(&self, mode: Mode) -> Result<(), String> {
+        self.group.start(mode).await.map_err(|e| e.to_string())?;
+        info!("replication started on {} disk(s)", self.disks.len());
+        Ok(())
+    }
+
+    async fn checkpoint(&self, force: bool) -> Result<Value, String> {
+        if force {
+            self.disks.iter().for_each(|d| d.node.clear_error());
+        }
+        let t = Instant::now();
+        self.group.checkpoint().await.map_err(|e| e.to_string())?;
+        let ms = t.elapsed().as_secs_f64() * 1000.0;
+        metrics::histogram!("coloblk_checkpoint_seconds").record(ms / 1000.0);
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        *self.last.lock() = Some((now.as_millis(), ms));
+        let reply = json!({"duration-ms": ms});
+        self.emit("REPLICATION_CHECKPOINT", reply.clone());
+        Ok(reply)
+    }
+
+    fn get_error(&self) -> Result<(), String> {
+        self.group.get_error().map_err(|e| e.to_string())
+    }
+
+    async fn stop(&self, failover: bool) -> Result<(), String> {
+        self.group.stop(failover).await.map_err(|e| e.to_string())?;
+        if failover {
+            self.emit("FAILOVER_STARTED", json!({}));
+        }
+        Ok(())
+    }
+
+    fn status(&self) -> Value {
+        let disks: Vec<Value> = self
+            .disks
+            .iter()
+            .map(|d| {
+                let s = d.node.status();
+                json!({
+                    "name": d.name,
+                    "stage": s.stage.as_str(),
+                    "error": s.error,
+                    "cluster-size": s.cluster_size,
+                    "active-bytes": s.active_clusters as u64 * s.cluster_size,
+                    "hidden-bytes": s.hidden_clusters as u64 * s.cluster_size,
+                    "failover": {"done-bytes": s.failover.done, "total-bytes": s.failover.total},
+                })
+            })
+            .collect();
+        let last = *self.last.lock();
+        json!({
+            "role": "secondary",
+            "disks": disks,
+            "last-checkpoint": last.map(|(at, ms)| json!({"time-unix-ms": at as u64, "duration-ms": ms})),
+        })
+    }
+}
+
+/// Opens a user-named qcow2 overlay (QEMU-style setups), ignoring its backing file: the node
+/// tracks what the overlay holds itself.
+fn qcow2_overlay(spec: &DiskSpec, which: &str, path: &str, pool: &IoPool) -> anyhow::Result<DevOverlay> {
+    let opts = Qcow2Options { backing: Qcow2Backing::None, ..Default::default() };
+    let dev = Qcow2::open(path, opts, pool.clone())
+        .with_context(|| format!("disk '{}': cannot open the {which} overlay {path}", spec.name))?;
+    Ok(DevOverlay::new(Arc::new(dev)))
+}
+
+fn build_node(spec: &DiskSpec, args: &SecondaryArgs, pool: &IoPool) -> anyhow::Result<SecondaryNode> {
+    let (mut active, mut hidden) = (None, None);
+    for (k, v) in &spec.extra {
+        match k.as_str() {
+            "active" => active = Some(v.clone()),
+            "hidden" => hidden = Some(v.clone()),
+            other => anyhow::bail!("disk '{}': unknown option '{other}'", spec.name),
+        }
+    }
+    let disk = spec.open(pool)?;
+    let fail = |e: replication::ReplicationError| anyhow::anyhow!("disk '{}': {e}", spec.name);
+    match (active, hidden) {
+        (Some(a), Some(h)) => {
+            let a = qcow2_overlay(spec, "active", &a, pool)?;
+            let h = qcow2_overlay(spec, "hidden", &h, pool)?;
+            SecondaryNode::with_overlays(disk, args.cluster_size, Arc::new(a), Arc::new(h)).map_err(fail)
+        }
+        (None, None) => {
+            let store = if args.buffer_dir == "memory" {
+                OverlayStore::Memory
+            } else {
+                let dir = PathBuf::from(&args.buffer_dir);
+                std::fs::create_dir_all(&dir)
+                    .with_context(|| format!("cannot create the buffer directory {}", dir.display()))?;
+                OverlayStore::BufferDir(dir)
+            };
+            let cfg = SecondaryConfig { cluster_size: args.cluster_size, store, pool: pool.clone() };
+            SecondaryNode::new(disk, cfg).map_err(fail)
+        }
+        _ => anyhow::bail!("disk '{}': give both active= and hidden=, or neither", spec.name),
+    }
+}
+
+pub async fn run(args: SecondaryArgs) -> anyhow::Result<std::process::ExitCode> {
+    if args.disks.is_empty() {
+        anyhow::bail!("no --disk given: a secondary needs at least one disk");
+    }
+    let replica_listen = args.replica_listen.clone().context("--replica-listen is required")?;
+    let export_listen = args.export_listen.clone().context("--export-listen is required")?;
+    let control_addr = args.control.clone().context("--control is required")?;
+    let metrics_handle = args.metrics.as_ref().map(|_| crate::metrics::install()).transpose()?;
+    let pool = IoPool::default();
+    let mut disks: Vec<Disk> = Vec::new();
+    let mut group = ReplicationGroup::new();
+    for spec in &args.disks {
+        if disks.iter().any(|d| d.name == spec.name) {
+            anyhow::bail!("disk '{}' is given twice", spec.name);
+        }
+        let node = build_node(spec, &args, &pool)?;
+        group.add(spec.name.clone(), Arc::new(node.clone()));
+        info!(disk = %spec.name, path = %spec.path.display(), len = node.disk().len(), "disk ready");
+        disks.push(Disk { name: spec.name.clone(), node });
+    }
+    let group = Arc::new(SecondaryGroup { disks, group, last: Mutex::new(None), qmp: Mutex::new(None) });
+    let qmp_server = QmpServer::new(Arc::new(Control { group: group.clone() }), "coloblk secondary");
+    *group.qmp.lock() = Some(qmp_server.clone());
+    watch_nodes(&group, &qmp_server);
+
+    let replica_exports = ExportSet::new();
+    let top_exports = ExportSet::new();
+    for d in &group.disks {
+        replica_exports.add(Export::new(d.name.clone(), Arc::new(d.node.replica())));
+        top_exports.add(Export::new(d.name.clone(), Arc::new(d.node.top())));
+    }
+    let replica_server = Server::new(replica_exports, ServerConfig::default());
+    let top_server = Server::new(top_exports, ServerConfig::default());
+    let replica_l = Listener::bind(&replica_listen)
+        .await
+        .with_context(|| format!("cannot listen on {replica_listen} for the primary"))?;
+    let top_l = Listener::bind(&export_listen)
+        .await
+        .with_context(|| format!("cannot listen on {export_listen} for the speculative VM"))?;
+    if args.start {
+        group.start(Mode::Secondary).await.map_err(|e| anyhow::anyhow!("cannot start replication: {e}"))?;
+    }
+    if let (Some(addr), Some(handle)) = (&args.metrics, metrics_handle) {
+        let g = group.clone();
+        crate::metrics::serve(addr, handle, Arc::new(move || refresh_metrics(&g))).await?;
+    }
+    // The control socket comes last: once it answers, everything else is ready.
+    control::serve(&control_addr, qmp_server).await?;
+    info!(replica = %replica_listen, view = %export_listen, "secondary listening");
+    let serving = [
+        {
+            let s = replica_server.clone();
+            tokio::spawn(async move { s.serve(replica_l).await })
+        },
+        {
+            let s = top_server.clone();
+            tokio::spawn(async move { s.serve(top_l).await })
+        },
+    ];
+    crate::serve::wait_for_signal().await?;
+    info!("shutting down: finishing requests, flushing");
+    replica_server.shutdown();
+    top_server.shutdown();
+    for s in serving {
+        s.await.context("listener task failed")??;
+    }
+    replica_server.finish().await.context("final flush of the secondary disks failed")?;
+    top_server.finish().await.context("final flush of the overlays failed")?;
+    info!("stopped cleanly");
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+/// Watches every node for errors and failover progress and raises QMP events.
+fn watch_nodes(group: &Arc<SecondaryGroup>, qmp: &Arc<QmpServer>) {
+    for d in &group.disks {
+        let node = d.node.clone();
+        let name = d.name.clone();
+        let qmp = qmp.clone();
+        tokio::spawn(async move {
+            let (mut last_stage, mut last_error, mut last_done) = (Stage::None, None, u64::MAX);
+            loop {
+                let s = node.status();
+                if s.error != last_error {
+                    if let Some(e) = &s.error {
+                        metrics::counter!("coloblk_replication_errors_total", "disk" => name.clone()).increment(1);
+                        qmp.emit("REPLICATION_ERROR", json!({"disk": name, "error": e}));
+                    }
+                    last_error = s.error.clone();
+                }
+                if s.stage == Stage::Failover && s.failover.done != last_done {
+                    last_done = s.failover.done;
+                    qmp.emit(
+                        "FAILOVER_PROGRESS",
+                        json!({"disk": name, "done-bytes": s.failover.done, "total-bytes": s.failover.total}),
+                    );
+                }
+                if s.stage != last_stage {
+                    match s.stage {
+                        Stage::Done if last_stage == Stage::Failover || last_stage == Stage::FailoverFailed => {
+                            qmp.emit("FAILOVER_DONE", json!({"disk": name, "merged-bytes": s.failover.total}))
+                        }
+                        Stage::FailoverFailed => qmp.emit("FAILOVER_FAILED", json!({"disk": name, "error": s.error})),
+                        _ => {}
+                    }
+                    last_stage = s.stage;
+                }
+                let pause = if s.stage == Stage::Failover { 100 } else { 250 };
+                tokio::time::sleep(Duration::from_millis(pause)).await;
+            }
+        });
+    }
+}
+
+fn refresh_metrics(group: &SecondaryGroup) {
+    for d in &group.disks {
+        let s = d.node.status();
+        let n = d.name.clone();
+        metrics::gauge!("coloblk_active_bytes", "disk" => n.clone()).set((s.active_clusters as u64 * s.cluster_size) as f64);
+        metrics::gauge!("coloblk_hidden_bytes", "disk" => n.clone()).set((s.hidden_clusters as u64 * s.cluster_size) as f64);
+        metrics::gauge!("coloblk_failover_done_bytes", "disk" => n.clone()).set(s.failover.done as f64);
+        metrics::gauge!("coloblk_failover_total_bytes", "disk" => n.clone()).set(s.failover.total as f64);
+        metrics::gauge!("coloblk_replication_error", "disk" => n).set(if s.error.is_some() { 1.0 } else { 0.0 });
+    }
+}
