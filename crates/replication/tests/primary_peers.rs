@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use blockdev::{BlockDev, IoPool, MemoryDev, RawFile, RawOptions, WriteFlags, ZeroFlags};
 use bytes::Bytes;
 use nbd::client::{ClientConfig, NbdClient};
-use replication::{Mode, Stage};
+use replication::Mode;
 use replication::primary::{PrimaryConfig, PrimaryNode, QueueLimits};
 
 const DISK: u64 = 32 << 20;
