@@ -9,11 +9,10 @@ use std::time::{Duration, Instant};
 use blockdev::fault::FaultyDev;
 use blockdev::{BlockDev, MemoryDev, WriteFlags, ZeroFlags};
 use bytes::Bytes;
-use replication::{Mode, Stage};
 use replication::primary::{
     ForwardMode, PrimaryConfig, PrimaryError, PrimaryEvent, PrimaryNode, QueueLimits,
-   
 };
+use replication::{Mode, Stage};
 
 const DISK: u64 = 8 << 20;
 
@@ -380,20 +379,14 @@ async fn stage_machine_matches_qemu_for_a_primary() {
         "Block replication is not running"
     );
     assert_eq!(
-        r.node
-            .start(Mode::Secondary)
-            .unwrap_err()
-            .to_string(),
+        r.node.start(Mode::Secondary).unwrap_err().to_string(),
         "The parameter mode's value is invalid, needs 0, but got 1"
     );
     assert_eq!(r.node.stage(), Stage::None);
     r.node.start(Mode::Primary).unwrap();
     assert_eq!(r.node.stage(), Stage::Running);
     assert_eq!(
-        r.node
-            .start(Mode::Primary)
-            .unwrap_err()
-            .to_string(),
+        r.node.start(Mode::Primary).unwrap_err().to_string(),
         "Block replication is running or done"
     );
     r.node.get_error().unwrap();
@@ -421,8 +414,5 @@ async fn a_secondary_of_another_length_is_refused() {
             DISK + 512
         )
     );
-    assert_eq!(
-        node.start(Mode::Primary).unwrap_err(),
-        PrimaryError::NoLink
-    );
+    assert_eq!(node.start(Mode::Primary).unwrap_err(), PrimaryError::NoLink);
 }

@@ -11,7 +11,10 @@ use std::time::{Duration, Instant};
 pub fn coloblk() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_coloblk"));
     // Daemons' info logs would drown the test output; warnings and errors still show.
-    c.env("RUST_LOG", std::env::var("COLOBLK_TEST_LOG").unwrap_or_else(|_| "warn".into()));
+    c.env(
+        "RUST_LOG",
+        std::env::var("COLOBLK_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+    );
     c
 }
 

@@ -229,7 +229,9 @@ impl PrimaryNode {
             // Continuous replication: a finished node ignores start (QEMU 5.0+).
             Stage::Done | Stage::Failover => return Ok(()),
             Stage::None => {}
-            Stage::Running | Stage::FailoverFailed => return Err(ReplicationError::RunningOrDone.into()),
+            Stage::Running | Stage::FailoverFailed => {
+                return Err(ReplicationError::RunningOrDone.into());
+            }
         }
         if mode != Mode::Primary {
             let (needs, got) = (Mode::Primary.number(), mode.number());
@@ -415,9 +417,13 @@ impl BlockDev for PrimaryNode {
     /// backing file). So the primary makes both sides read zeroes: write-zeroes with unmap
     /// locally and on the secondary, which still frees the space where the format can.
     async fn discard(&self, offset: u64, len: u64) -> Result<(), BlockError> {
-        let flags = ZeroFlags { may_unmap: true, ..Default::default() };
+        let flags = ZeroFlags {
+            may_unmap: true,
+            ..Default::default()
+        };
         let local = self.inner.local.write_zeroes(offset, len, flags);
-        self.apply(Change::Zeroes { offset, len, flags }, local).await
+        self.apply(Change::Zeroes { offset, len, flags }, local)
+            .await
     }
 
     async fn block_status(&self, offset: u64, len: u64) -> Result<ExtentList, BlockError> {

@@ -54,7 +54,11 @@ pub(crate) struct Active {
 
 impl Active {
     pub fn new(store: Arc<dyn Overlay>) -> Self {
-        Active { store, locks: ClusterLocks::default(), map: RwLock::new(HashMap::new()) }
+        Active {
+            store,
+            locks: ClusterLocks::default(),
+            map: RwLock::new(HashMap::new()),
+        }
     }
 
     pub fn get(&self, c: u64) -> Option<ActiveCluster> {
@@ -81,7 +85,10 @@ impl Active {
             let mut j = i + 1;
             while j < clusters.len()
                 && clusters[j] == clusters[j - 1] + 1
-                && map.get(&clusters[j]).and_then(ActiveCluster::slot).is_none()
+                && map
+                    .get(&clusters[j])
+                    .and_then(ActiveCluster::slot)
+                    .is_none()
             {
                 j += 1;
             }
@@ -90,7 +97,11 @@ impl Active {
                 // The geometry keeps cluster counts (hence slots) below u32::MAX.
                 let slot = (first + k as u64) as u32;
                 map.entry(c)
-                    .or_insert(ActiveCluster { alloc: Blocks::EMPTY, zero: Blocks::EMPTY, slot })
+                    .or_insert(ActiveCluster {
+                        alloc: Blocks::EMPTY,
+                        zero: Blocks::EMPTY,
+                        slot,
+                    })
                     .slot = slot;
                 out.push(slot);
             }
@@ -118,12 +129,21 @@ impl Active {
 
     /// Clusters with at least one allocated block, unordered.
     pub fn clusters(&self) -> Vec<u64> {
-        self.map.read().iter().filter(|(_, e)| !e.alloc.is_empty()).map(|(&c, _)| c).collect()
+        self.map
+            .read()
+            .iter()
+            .filter(|(_, e)| !e.alloc.is_empty())
+            .map(|(&c, _)| c)
+            .collect()
     }
 
     /// Clusters with at least one allocated block.
     pub fn count(&self) -> usize {
-        self.map.read().values().filter(|e| !e.alloc.is_empty()).count()
+        self.map
+            .read()
+            .values()
+            .filter(|e| !e.alloc.is_empty())
+            .count()
     }
 
     /// Forgets every entry; returns the store positions that may hold data.

@@ -36,10 +36,16 @@ pub(crate) struct ClusterGuard<'a> {
 
 impl ClusterLocks {
     /// Locks `clusters` (ascending, no duplicates), each shared or exclusive as paired.
-    pub async fn lock(&self, clusters: impl IntoIterator<Item = (u64, bool)>) -> ClusterGuard<'_> {
-        let mut guard = ClusterGuard { table: self, held: Vec::new() };
+    pub async fn lock(&self, clusters: Vec<(u64, bool)>) -> ClusterGuard<'_> {
+        let mut guard = ClusterGuard {
+            table: self,
+            held: Vec::with_capacity(clusters.len()),
+        };
         for (c, exclusive) in clusters {
-            debug_assert!(guard.held.last().is_none_or(|(p, _, _)| *p < c), "clusters not ascending");
+            debug_assert!(
+                guard.held.last().is_none_or(|(p, _, _)| *p < c),
+                "clusters not ascending"
+            );
             let cell = self.cells.lock().entry(c).or_default().clone();
             let held = if exclusive {
                 Held::Exclusive(cell.clone().write_owned().await)
@@ -53,12 +59,14 @@ impl ClusterLocks {
 
     /// Locks `clusters` (ascending) shared.
     pub async fn shared(&self, clusters: &[u64]) -> ClusterGuard<'_> {
-        self.lock(clusters.iter().map(|&c| (c, false))).await
+        self.lock(clusters.iter().map(|&c| (c, false)).collect())
+            .await
     }
 
     /// Locks `clusters` (ascending) exclusive.
     pub async fn exclusive(&self, clusters: &[u64]) -> ClusterGuard<'_> {
-        self.lock(clusters.iter().map(|&c| (c, true))).await
+        self.lock(clusters.iter().map(|&c| (c, true)).collect())
+            .await
     }
 
     /// Cells currently in the table (held or awaited).

@@ -34,11 +34,20 @@ pub(crate) struct Hidden {
 
 impl Hidden {
     pub fn new(store: Arc<dyn Overlay>) -> Self {
-        Hidden { store, map: RwLock::new(HashMap::new()) }
+        Hidden {
+            store,
+            map: RwLock::new(HashMap::new()),
+        }
     }
 
     pub fn get(&self, c: u64) -> Option<Preserved> {
-        self.map.read().get(&c).map(|&s| if s == ZERO { Preserved::Zero } else { Preserved::Data(s) })
+        self.map.read().get(&c).map(|&s| {
+            if s == ZERO {
+                Preserved::Zero
+            } else {
+                Preserved::Data(s)
+            }
+        })
     }
 
     pub fn contains(&self, c: u64) -> bool {

@@ -29,7 +29,7 @@ use bytes::Bytes;
 pub trait Overlay: Send + Sync + 'static {
     /// The disk length this overlay stands for; `start` refuses an overlay whose length differs
     /// from the secondary disk's (QEMU's length check).
-    fn len(&self) -> u64;
+    fn disk_len(&self) -> u64;
 
     /// Whether [`make_empty`](Overlay::make_empty) can reclaim the space (QEMU's
     /// `bdrv_make_empty` support check).
@@ -86,7 +86,7 @@ impl DevOverlay {
 
 #[async_trait]
 impl Overlay for DevOverlay {
-    fn len(&self) -> u64 {
+    fn disk_len(&self) -> u64 {
         self.dev.len()
     }
 
@@ -110,7 +110,16 @@ impl Overlay for DevOverlay {
     async fn make_empty(&self, used: Option<&[Range<u64>]>) -> Result<()> {
         match used {
             Some(ranges) => {
-                for r in ranges {
+                let mut sorted = ranges.to_vec();
+                sorted.sort_unstable_by_key(|r| r.start);
+                let mut merged: Vec<Range<u64>> = Vec::with_capacity(sorted.len());
+                for r in sorted {
+                    match merged.last_mut() {
+                        Some(l) if l.end >= r.start => l.end = l.end.max(r.end),
+                        _ => merged.push(r),
+                    }
+                }
+                for r in &merged {
                     self.discard_clipped(r).await?;
                 }
                 Ok(())

@@ -1,0 +1,187 @@
+//! Replication groups: several disks replicated as one (a VM with more than one disk).
+//!
+//! QEMU's `replication_*_all` walk the nodes newest-first and stop at the first error with no
+//! rollback (spec 6.3.8), so a failed start or checkpoint leaves some disks changed and others
+//! not. A group here is all-or-nothing where that is possible:
+//!
+//! - `start`: every member is validated first (stage, mode, lengths, emptiable overlays);
+//!   nothing is changed unless all pass. If a member then fails to start, the members this
+//!   call started are returned to NONE (overlays discarded) before the error is returned.
+//! - `checkpoint`: every member is validated first (stage, sticky error); nothing is emptied
+//!   unless all pass. After that a member's checkpoint can only fail to give space back, and
+//!   by then its view has been reset, so every member is still checkpointed and the first
+//!   such error is returned.
+//! - `get_error`: every member is asked; the first error is returned.
+//! - `stop`: every member is stopped even if one fails (a failover must reach every disk);
+//!   the first error is returned.
+//!
+//! Members are visited in the order they were added.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+use crate::error::ReplicationError;
+use crate::secondary::SecondaryNode;
+use crate::stage::{Mode, Stage};
+
+/// The control surface of one replication node (QEMU's `ReplicationOps`), plus the
+/// validation steps a group needs for all-or-nothing operations.
+#[async_trait]
+pub trait Replication: Send + Sync {
+    fn stage(&self) -> Stage;
+    /// Checks that `start(mode)` would pass its checks, changing nothing.
+    fn validate_start(&self, mode: Mode) -> Result<(), ReplicationError>;
+    async fn start(&self, mode: Mode) -> Result<(), ReplicationError>;
+    /// Returns a node this group just started to NONE.
+    async fn undo_start(&self) -> Result<(), ReplicationError>;
+    /// Checks that `checkpoint()` would pass its checks, changing nothing.
+    fn validate_checkpoint(&self) -> Result<(), ReplicationError>;
+    async fn checkpoint(&self) -> Result<(), ReplicationError>;
+    fn get_error(&self) -> Result<(), ReplicationError>;
+    async fn stop(&self, failover: bool) -> Result<(), ReplicationError>;
+}
+
+#[async_trait]
+impl Replication for SecondaryNode {
+    fn stage(&self) -> Stage {
+        SecondaryNode::stage(self)
+    }
+    fn validate_start(&self, mode: Mode) -> Result<(), ReplicationError> {
+        SecondaryNode::validate_start(self, mode)
+    }
+    async fn start(&self, mode: Mode) -> Result<(), ReplicationError> {
+        SecondaryNode::start(self, mode).await
+    }
+    async fn undo_start(&self) -> Result<(), ReplicationError> {
+        SecondaryNode::undo_start(self).await
+    }
+    fn validate_checkpoint(&self) -> Result<(), ReplicationError> {
+        SecondaryNode::validate_checkpoint(self)
+    }
+    async fn checkpoint(&self) -> Result<(), ReplicationError> {
+        SecondaryNode::checkpoint(self).await
+    }
+    fn get_error(&self) -> Result<(), ReplicationError> {
+        SecondaryNode::get_error(self)
+    }
+    async fn stop(&self, failover: bool) -> Result<(), ReplicationError> {
+        SecondaryNode::stop(self, failover).await
+    }
+}
+
+/// A group operation's failure: which member, and its error. Displays as the member's error
+/// alone, so QEMU-compatible front ends can pass the text on unchanged.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{error}")]
+pub struct GroupError {
+    /// Name of the member that failed.
+    pub member: String,
+    #[source]
+    pub error: ReplicationError,
+}
+
+/// Named replication nodes operated together.
+#[derive(Default, Clone)]
+pub struct ReplicationGroup {
+    members: Vec<(String, Arc<dyn Replication>)>,
+}
+
+impl ReplicationGroup {
+    pub fn new() -> Self {
+        ReplicationGroup::default()
+    }
+
+    /// Adds a member (visited after the ones already there).
+    pub fn add(&mut self, name: impl Into<String>, node: Arc<dyn Replication>) {
+        self.members.push((name.into(), node));
+    }
+
+    /// Removes a member by name; returns whether it was there.
+    pub fn remove(&mut self, name: &str) -> bool {
+        let before = self.members.len();
+        self.members.retain(|(n, _)| n != name);
+        self.members.len() != before
+    }
+
+    pub fn len(&self) -> usize {
+        self.members.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.members.is_empty()
+    }
+
+    /// Member names, in visiting order.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.members.iter().map(|(n, _)| n.as_str())
+    }
+
+    fn fail(name: &str, error: ReplicationError) -> GroupError {
+        GroupError {
+            member: name.to_string(),
+            error,
+        }
+    }
+
+    /// Starts every member, or none (see the module docs).
+    pub async fn start(&self, mode: Mode) -> Result<(), GroupError> {
+        for (name, m) in &self.members {
+            m.validate_start(mode).map_err(|e| Self::fail(name, e))?;
+        }
+        let mut started: Vec<&(String, Arc<dyn Replication>)> = Vec::new();
+        for member in &self.members {
+            let (name, m) = member;
+            let was_none = m.stage() == Stage::None;
+            match m.start(mode).await {
+                Ok(()) => {
+                    if was_none && m.stage() == Stage::Running {
+                        started.push(member);
+                    }
+                }
+                Err(e) => {
+                    for (done_name, done) in started.into_iter().rev() {
+                        if let Err(ue) = done.undo_start().await {
+                            tracing::warn!(member = %done_name, error = %ue, "rolling back start");
+                        }
+                    }
+                    return Err(Self::fail(name, e));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Checkpoints every member, or none (see the module docs).
+    pub async fn checkpoint(&self) -> Result<(), GroupError> {
+        for (name, m) in &self.members {
+            m.validate_checkpoint().map_err(|e| Self::fail(name, e))?;
+        }
+        let mut first = None;
+        for (name, m) in &self.members {
+            if let Err(e) = m.checkpoint().await {
+                first.get_or_insert_with(|| Self::fail(name, e));
+            }
+        }
+        first.map_or(Ok(()), Err)
+    }
+
+    /// The first member error, if any.
+    pub fn get_error(&self) -> Result<(), GroupError> {
+        for (name, m) in &self.members {
+            m.get_error().map_err(|e| Self::fail(name, e))?;
+        }
+        Ok(())
+    }
+
+    /// Stops every member; returns the first error.
+    pub async fn stop(&self, failover: bool) -> Result<(), GroupError> {
+        let mut first = None;
+        for (name, m) in &self.members {
+            if let Err(e) = m.stop(failover).await {
+                first.get_or_insert_with(|| Self::fail(name, e));
+            }
+        }
+        first.map_or(Ok(()), Err)
+    }
+}

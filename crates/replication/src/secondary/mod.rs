@@ -1,0 +1,355 @@
+//! The secondary replication node: the disk buffer that lets a speculative VM run on the
+//! secondary while the primary's writes keep arriving.
+//!
+//! ```text
+//!   primary (NBD) --> ReplicaPath                     TopPath <-- speculative VM (NBD)
+//!                       | write/zero/discard:           | write: active overlay
+//!                       |  1. copy-before-write -----.  | read:  active -> hidden -> disk
+//!                       |  2. write the disk         |  |
+//!                       v                            v  v
+//!              +----------------+   +----------------+   +----------------+
+//!              | secondary disk | < | hidden overlay | < | active overlay |
+//!              | (Arc<BlockDev>)|   | old content of |   | the VM's own   |
+//!              |  = primary disk|   | clusters the   |   | writes since   |
+//!              |                |   | primary changed|   | the checkpoint |
+//!              +----------------+   +----------------+   +----------------+
+//! ```
+//!
+//! The VM's view is `active ∪ hidden ∪ disk` (spec §1.7): the primary's writes never change
+//! it, because the old content of every cluster they touch is preserved in the hidden overlay
+//! first (module `epoch`). A checkpoint forgets both overlays (view == disk == primary disk); a
+//! failover merges them into the disk while the VM keeps running (module `failover`), so the disk
+//! becomes the VM's view and the primary's writes since the last checkpoint are rolled back.
+//!
+//! The stage machine is QEMU's (see [`Stage`] and `DIFFERENCES.md` for where we do better).
+//! Control operations ([`SecondaryNode::start`], `checkpoint`, `stop`) exclude all I/O for
+//! their duration (a gate every request holds shared), so they see a quiet node; the
+//! failover merge takes the gate per batch only, so the VM is never held up for long.
+
+mod active;
+mod checkpoint;
+mod cluster_lock;
+mod epoch;
+mod failover;
+mod geometry;
+mod hidden;
+mod overlay;
+mod piece;
+mod replica;
+mod store;
+mod top;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use blockdev::{BlockDev, BlockError, ErrorKind, IoPool, Op};
+use parking_lot::Mutex;
+use tokio::sync::{RwLock, watch};
+
+pub use crate::error::ReplicationError;
+pub use crate::stage::{Mode, Stage};
+pub use failover::FailoverProgress;
+pub use geometry::{DEFAULT_CLUSTER_SIZE, MAX_CLUSTER_SIZE, MIN_CLUSTER_SIZE};
+pub use overlay::{DevOverlay, Overlay};
+pub use replica::ReplicaPath;
+pub use store::{FileStore, MemoryStore};
+pub use top::TopPath;
+
+use active::Active;
+use epoch::Epoch;
+use failover::Progress;
+use geometry::Geometry;
+use hidden::Hidden;
+
+/// Where the internal overlays keep their bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OverlayStore {
+    /// In memory.
+    Memory,
+    /// In unlinked sparse files in this directory (tmpfs recommended).
+    BufferDir(PathBuf),
+}
+
+impl Default for OverlayStore {
+    fn default() -> Self {
+        OverlayStore::BufferDir(std::env::temp_dir())
+    }
+}
+
+/// How to build a [`SecondaryNode`] with internal overlays.
+#[derive(Debug, Clone)]
+pub struct SecondaryConfig {
+    /// Copy-before-write cluster size: a power of two from 512 bytes to 16 MiB.
+    pub cluster_size: u64,
+    /// Where the overlays keep their bytes.
+    pub store: OverlayStore,
+    /// Blocking pool for the store files.
+    pub pool: IoPool,
+}
+
+impl Default for SecondaryConfig {
+    fn default() -> Self {
+        SecondaryConfig {
+            cluster_size: DEFAULT_CLUSTER_SIZE,
+            store: OverlayStore::default(),
+            pool: IoPool::default(),
+        }
+    }
+}
+
+/// A snapshot of the node's state, for status queries and metrics.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeStatus {
+    pub stage: Stage,
+    /// The sticky error's detail, if any.
+    pub error: Option<String>,
+    /// Clusters the VM wrote since the last checkpoint.
+    pub active_clusters: usize,
+    /// Clusters preserved by copy-before-write since the last checkpoint.
+    pub hidden_clusters: usize,
+    pub cluster_size: u64,
+    /// Merge progress of the current or last failover.
+    pub failover: FailoverProgress,
+}
+
+/// Mutable state, changed under the gate's write side (except the sticky error, which the
+/// data paths may set at any time).
+#[derive(Debug)]
+struct Status {
+    stage: Stage,
+    error: Option<BlockError>,
+    /// `stop(true)` has been called: the primary's writes are refused from now on.
+    failed_over: bool,
+}
+
+/// Everything the node and its two paths share.
+pub(crate) struct Node {
+    geo: Geometry,
+    disk: Arc<dyn BlockDev>,
+    active: Active,
+    hidden: Hidden,
+    epoch: Epoch,
+    /// Held shared by every request, exclusive by control operations.
+    gate: RwLock<()>,
+    status: Mutex<Status>,
+    stage_tx: watch::Sender<Stage>,
+    progress: Progress,
+}
+
+impl Node {
+    fn stage(&self) -> Stage {
+        self.status.lock().stage
+    }
+
+    fn set_stage(&self, stage: Stage) {
+        let mut st = self.status.lock();
+        if st.stage != stage {
+            tracing::info!(from = %st.stage, to = %stage, "replication stage");
+        }
+        st.stage = stage;
+        self.stage_tx.send_replace(stage);
+    }
+
+    /// Makes `e` the sticky error (the first one is kept: it is the cause).
+    fn set_error(&self, e: &BlockError) {
+        tracing::warn!(error = %e, "secondary replication error");
+        let mut st = self.status.lock();
+        if st.error.is_none() {
+            st.error = Some(e.clone());
+        }
+    }
+
+    fn not_running(op: Op, offset: u64) -> BlockError {
+        BlockError::new(ErrorKind::Io(None), op, offset).context("block replication is not running")
+    }
+}
+
+/// A secondary replication node over a secondary disk, with its active and hidden overlays.
+///
+/// Cheap to clone; clones share the node.
+#[derive(Clone)]
+pub struct SecondaryNode {
+    node: Arc<Node>,
+}
+
+impl SecondaryNode {
+    /// A node with internal overlays (memory or buffer-directory files).
+    pub fn new(disk: Arc<dyn BlockDev>, config: SecondaryConfig) -> Result<Self, ReplicationError> {
+        let len = disk.len();
+        let (active, hidden): (Arc<dyn Overlay>, Arc<dyn Overlay>) = match &config.store {
+            OverlayStore::Memory => (
+                Arc::new(MemoryStore::new(len)),
+                Arc::new(MemoryStore::new(len)),
+            ),
+            OverlayStore::BufferDir(dir) => (
+                Arc::new(
+                    FileStore::create(dir, len, config.pool.clone())
+                        .map_err(ReplicationError::Store)?,
+                ),
+                Arc::new(
+                    FileStore::create(dir, len, config.pool.clone())
+                        .map_err(ReplicationError::Store)?,
+                ),
+            ),
+        };
+        Self::with_overlays(disk, config.cluster_size, active, hidden)
+    }
+
+    /// A node with overlays of the caller's choice (e.g. [`DevOverlay`] over a qcow2 image).
+    /// Their lengths and ability to be emptied are checked at [`start`](Self::start), as
+    /// QEMU does.
+    pub fn with_overlays(
+        disk: Arc<dyn BlockDev>,
+        cluster_size: u64,
+        active: Arc<dyn Overlay>,
+        hidden: Arc<dyn Overlay>,
+    ) -> Result<Self, ReplicationError> {
+        let geo = Geometry::new(disk.len(), cluster_size)?;
+        let (stage_tx, _) = watch::channel(Stage::None);
+        Ok(SecondaryNode {
+            node: Arc::new(Node {
+                geo,
+                disk,
+                active: Active::new(active),
+                hidden: Hidden::new(hidden),
+                epoch: Epoch::default(),
+                gate: RwLock::new(()),
+                status: Mutex::new(Status {
+                    stage: Stage::None,
+                    error: None,
+                    failed_over: false,
+                }),
+                stage_tx,
+                progress: Progress::default(),
+            }),
+        })
+    }
+
+    /// The path the primary's forwarded writes take (serve it as the NBD export the primary
+    /// connects to).
+    pub fn replica(&self) -> ReplicaPath {
+        ReplicaPath::new(self.node.clone())
+    }
+
+    /// The path the speculative VM uses.
+    pub fn top(&self) -> TopPath {
+        TopPath::new(self.node.clone())
+    }
+
+    /// The secondary disk.
+    pub fn disk(&self) -> &Arc<dyn BlockDev> {
+        &self.node.disk
+    }
+
+    /// Copy-before-write cluster size.
+    pub fn cluster_size(&self) -> u64 {
+        self.node.geo.cluster
+    }
+
+    pub fn stage(&self) -> Stage {
+        self.node.stage()
+    }
+
+    /// The sticky error's detail.
+    pub fn last_error(&self) -> Option<BlockError> {
+        self.node.status.lock().error.clone()
+    }
+
+    /// Forgets the sticky error, so that checkpoints are accepted again: the operator's way of
+    /// saying "the secondary disk is known good again" (e.g. after a resync). Has no effect in
+    /// FAILOVER_FAILED, where the error is the stage itself.
+    pub fn clear_error(&self) {
+        let mut st = self.node.status.lock();
+        if st.stage != Stage::FailoverFailed {
+            st.error = None;
+        }
+    }
+
+    /// Merge progress of the current (or last) failover.
+    pub fn failover_progress(&self) -> FailoverProgress {
+        self.node.progress.get()
+    }
+
+    pub fn status(&self) -> NodeStatus {
+        let (stage, error) = {
+            let st = self.node.status.lock();
+            (st.stage, st.error.as_ref().map(ToString::to_string))
+        };
+        NodeStatus {
+            stage,
+            error,
+            active_clusters: self.node.active.count(),
+            hidden_clusters: self.node.hidden.count(),
+            cluster_size: self.node.geo.cluster,
+            failover: self.failover_progress(),
+        }
+    }
+
+    /// Starts replication (QEMU `replication_start`): checks the mode, the overlay lengths and
+    /// that they can be emptied, then empties them (the initial checkpoint) and arms
+    /// copy-before-write. Ignored in FAILOVER and DONE (continuous replication). On failure the
+    /// node stays in NONE and can be started again.
+    pub async fn start(&self, mode: Mode) -> Result<(), ReplicationError> {
+        self.node.start(mode).await
+    }
+
+    /// Checks what [`start`](Self::start) checks, changing nothing.
+    pub fn validate_start(&self, mode: Mode) -> Result<(), ReplicationError> {
+        self.node.check_start(mode).map(|_| ())
+    }
+
+    /// Returns a started node to NONE, discarding the overlays (the rollback of a group start).
+    pub async fn undo_start(&self) -> Result<(), ReplicationError> {
+        self.node.undo_start().await
+    }
+
+    /// A checkpoint (QEMU `replication_do_checkpoint`): forgets what copy-before-write
+    /// preserved, empties the active then the hidden overlay. Afterwards the VM's view is the
+    /// secondary disk. Refused while a sticky error stands (the disk may lack a primary write).
+    pub async fn checkpoint(&self) -> Result<(), ReplicationError> {
+        self.node.checkpoint().await
+    }
+
+    /// Checks what [`checkpoint`](Self::checkpoint) checks, changing nothing.
+    pub fn validate_checkpoint(&self) -> Result<(), ReplicationError> {
+        self.node.check_checkpoint().map(|_| ())
+    }
+
+    /// QEMU `replication_get_error`: "Block replication is not running" in NONE, "I/O error
+    /// occurred" while a sticky error stands.
+    pub fn get_error(&self) -> Result<(), ReplicationError> {
+        self.node.get_error()
+    }
+
+    /// Stops replication (QEMU `replication_stop`). With `failover`, starts merging the
+    /// overlays into the secondary disk in the background and returns (see
+    /// [`wait_failover`](Self::wait_failover)); from FAILOVER_FAILED this retries the merge.
+    /// Without, discards the overlays and goes to DONE.
+    pub async fn stop(&self, failover: bool) -> Result<(), ReplicationError> {
+        self.node.stop(failover).await
+    }
+
+    /// Waits until no failover merge is running; `Err(IoError)` if the node is in
+    /// FAILOVER_FAILED.
+    pub async fn wait_failover(&self) -> Result<(), ReplicationError> {
+        let mut rx = self.node.stage_tx.subscribe();
+        let stage = match rx.wait_for(|s| *s != Stage::Failover).await {
+            Ok(s) => *s,
+            Err(_) => return Err(ReplicationError::NotRunning),
+        };
+        match stage {
+            Stage::FailoverFailed => Err(ReplicationError::IoError),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl std::fmt::Debug for SecondaryNode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SecondaryNode")
+            .field("stage", &self.stage())
+            .field("len", &self.node.geo.len)
+            .field("cluster_size", &self.node.geo.cluster)
+            .finish()
+    }
+}
