@@ -16,7 +16,12 @@ pub fn expand(args: Vec<OsString>) -> anyhow::Result<Vec<OsString>> {
     while let Some(a) = it.next() {
         let s = a.to_string_lossy().to_string();
         let path = if s == "--config" {
-            Some(it.next().context("--config needs a FILE")?.to_string_lossy().to_string())
+            Some(
+                it.next()
+                    .context("--config needs a FILE")?
+                    .to_string_lossy()
+                    .to_string(),
+            )
         } else {
             s.strip_prefix("--config=").map(str::to_string)
         };
@@ -40,8 +45,11 @@ pub fn expand(args: Vec<OsString>) -> anyhow::Result<Vec<OsString>> {
 }
 
 fn file_args(path: &str) -> anyhow::Result<Vec<OsString>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config file {path}"))?;
-    let table: toml::Table = text.parse().with_context(|| format!("config file {path} is not valid TOML"))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read config file {path}"))?;
+    let table: toml::Table = text
+        .parse()
+        .with_context(|| format!("config file {path} is not valid TOML"))?;
     let mut args = Vec::new();
     for (key, value) in table {
         let flag = format!("--{key}");
@@ -52,7 +60,9 @@ fn file_args(path: &str) -> anyhow::Result<Vec<OsString>> {
                 toml::Value::String(s) => args.extend([flag.clone().into(), s.into()]),
                 toml::Value::Integer(i) => args.extend([flag.clone().into(), i.to_string().into()]),
                 toml::Value::Float(f) => args.extend([flag.clone().into(), f.to_string().into()]),
-                other => anyhow::bail!("config file {path}: '{key}' has an unsupported value {other}"),
+                other => {
+                    anyhow::bail!("config file {path}: '{key}' has an unsupported value {other}")
+                }
             }
             Ok(())
         };
@@ -72,15 +82,42 @@ mod tests {
     fn file_options_come_before_the_command_line_ones() {
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("p.toml");
-        std::fs::write(&f, "disk = [\"a=/a\", \"b=/b\"]\nstart = true\nqueue-mib = 8\ncontrol = \"unix:/c\"\n").unwrap();
-        let args: Vec<OsString> =
-            ["coloblk", "primary", "--config", f.to_str().unwrap(), "--control", "unix:/d"].map(Into::into).to_vec();
-        let got: Vec<String> = expand(args).unwrap().iter().map(|a| a.to_string_lossy().to_string()).collect();
+        std::fs::write(
+            &f,
+            "disk = [\"a=/a\", \"b=/b\"]\nstart = true\nqueue-mib = 8\ncontrol = \"unix:/c\"\n",
+        )
+        .unwrap();
+        let args: Vec<OsString> = [
+            "coloblk",
+            "primary",
+            "--config",
+            f.to_str().unwrap(),
+            "--control",
+            "unix:/d",
+        ]
+        .map(Into::into)
+        .to_vec();
+        let got: Vec<String> = expand(args)
+            .unwrap()
+            .iter()
+            .map(|a| a.to_string_lossy().to_string())
+            .collect();
         assert_eq!(
             got,
             [
-                "coloblk", "primary", "--control", "unix:/c", "--disk", "a=/a", "--disk", "b=/b", "--queue-mib", "8",
-                "--start", "--control", "unix:/d"
+                "coloblk",
+                "primary",
+                "--control",
+                "unix:/c",
+                "--disk",
+                "a=/a",
+                "--disk",
+                "b=/b",
+                "--queue-mib",
+                "8",
+                "--start",
+                "--control",
+                "unix:/d"
             ]
         );
     }
@@ -90,9 +127,22 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("bad.toml");
         std::fs::write(&f, "disk = [").unwrap();
-        let e = expand(["coloblk", "primary", "--config", f.to_str().unwrap()].map(Into::into).to_vec()).unwrap_err();
+        let e = expand(
+            ["coloblk", "primary", "--config", f.to_str().unwrap()]
+                .map(Into::into)
+                .to_vec(),
+        )
+        .unwrap_err();
         assert!(format!("{e:#}").contains("is not valid TOML"), "{e:#}");
-        let e = expand(["coloblk", "primary", "--config", "/nonexistent.toml"].map(Into::into).to_vec()).unwrap_err();
-        assert!(format!("{e:#}").contains("cannot read config file /nonexistent.toml"), "{e:#}");
+        let e = expand(
+            ["coloblk", "primary", "--config", "/nonexistent.toml"]
+                .map(Into::into)
+                .to_vec(),
+        )
+        .unwrap_err();
+        assert!(
+            format!("{e:#}").contains("cannot read config file /nonexistent.toml"),
+            "{e:#}"
+        );
     }
 }

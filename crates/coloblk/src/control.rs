@@ -53,7 +53,11 @@ const COMMANDS: &[&str] = &[
 ];
 
 fn own_mode<G: Group>(g: &G) -> Mode {
-    if g.role() == "primary" { Mode::Primary } else { Mode::Secondary }
+    if g.role() == "primary" {
+        Mode::Primary
+    } else {
+        Mode::Secondary
+    }
 }
 
 #[async_trait]
@@ -89,9 +93,15 @@ impl<G: Group> Handler for Control<G> {
                 let failover = args.opt_bool("failover")?;
                 if enable {
                     if failover.is_some() {
-                        return Err(QmpError::generic("Parameter 'failover' is only for stopping replication"));
+                        return Err(QmpError::generic(
+                            "Parameter 'failover' is only for stopping replication",
+                        ));
                     }
-                    let mode = if primary { Mode::Primary } else { Mode::Secondary };
+                    let mode = if primary {
+                        Mode::Primary
+                    } else {
+                        Mode::Secondary
+                    };
                     g.start(mode).await.map(|()| json!({}))
                 } else {
                     let failover = failover.unwrap_or(false);
@@ -125,8 +135,9 @@ impl<G: Group> Handler for Control<G> {
 
 /// Serves the control socket until the task is dropped.
 pub async fn serve(addr: &SocketAddr, server: Arc<QmpServer>) -> anyhow::Result<()> {
-    let listener =
-        Listener::bind(addr).await.map_err(|e| anyhow::anyhow!("cannot listen on {addr} for control: {e}"))?;
+    let listener = Listener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {addr} for control: {e}"))?;
     info!(%addr, "control socket listening");
     tokio::spawn(async move {
         loop {

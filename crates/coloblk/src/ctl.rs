@@ -20,10 +20,12 @@ pub mod exit {
 }
 
 #[derive(Args, Debug)]
-#[command(after_help = "Exit codes: 0 done, 1 refused or failed (the message says why), \
+#[command(
+    after_help = "Exit codes: 0 done, 1 refused or failed (the message says why), \
     2 bad command line, 3 control socket unreachable.\n\n\
     Examples:\n  coloblk ctl --control unix:/run/coloblk/secondary.qmp status\n  \
-    coloblk ctl --control tcp:10.0.0.2:4445 failover")]
+    coloblk ctl --control tcp:10.0.0.2:4445 failover"
+)]
 pub struct CtlArgs {
     /// The daemon's control socket: unix:PATH or tcp:HOST:PORT.
     #[arg(long, value_name = "ADDR")]
@@ -148,8 +150,10 @@ where
     } else {
         let b = indicatif::ProgressBar::new(0);
         b.set_style(
-            indicatif::ProgressStyle::with_template("merging {bar:40} {bytes}/{total_bytes} {bytes_per_sec} {msg}")
-                .context("progress template")?,
+            indicatif::ProgressStyle::with_template(
+                "merging {bar:40} {bytes}/{total_bytes} {bytes_per_sec} {msg}",
+            )
+            .context("progress template")?,
         );
         b
     };
@@ -218,7 +222,15 @@ pub fn render_status(st: &Value) -> String {
     out.push('\n');
     let primary = role == "primary";
     let header: Vec<&str> = if primary {
-        vec!["DISK", "STAGE", "LINK", "QUEUE", "FORWARDED", "DIRTY", "ERROR"]
+        vec![
+            "DISK",
+            "STAGE",
+            "LINK",
+            "QUEUE",
+            "FORWARDED",
+            "DIRTY",
+            "ERROR",
+        ]
     } else {
         vec!["DISK", "STAGE", "ACTIVE", "HIDDEN", "FAILOVER", "ERROR"]
     };
@@ -228,8 +240,16 @@ pub fn render_status(st: &Value) -> String {
             vec![
                 text(&d["name"]),
                 text(&d["stage"]),
-                if d["link-up"] == json!(true) { "up".into() } else { "down".into() },
-                format!("{} req / {}", text(&d["queue-requests"]), bytes(&d["queue-bytes"])),
+                if d["link-up"] == json!(true) {
+                    "up".into()
+                } else {
+                    "down".into()
+                },
+                format!(
+                    "{} req / {}",
+                    text(&d["queue-requests"]),
+                    bytes(&d["queue-bytes"])
+                ),
                 bytes(&d["forwarded-bytes"]),
                 bytes(&d["dirty-bytes"]),
                 text(&d["error"]),
@@ -251,9 +271,15 @@ pub fn render_status(st: &Value) -> String {
         };
         rows.push(row);
     }
-    let widths: Vec<usize> = (0..rows[0].len()).map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0)).collect();
+    let widths: Vec<usize> = (0..rows[0].len())
+        .map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0))
+        .collect();
     for r in &rows {
-        let line: Vec<String> = r.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        let line: Vec<String> = r
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
         out += line.join("  ").trim_end();
         out.push('\n');
     }
@@ -262,10 +288,15 @@ pub fn render_status(st: &Value) -> String {
             "last checkpoint: {} ms ago",
             std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
-                .map(|n| n.as_millis() as i64 - l.get("time-unix-ms").and_then(Value::as_i64).unwrap_or(0))
+                .map(|n| n.as_millis() as i64
+                    - l.get("time-unix-ms").and_then(Value::as_i64).unwrap_or(0))
                 .unwrap_or(0)
         );
-        for (k, label) in [("drain-ms", "drain"), ("secondary-ms", "secondary"), ("duration-ms", "took")] {
+        for (k, label) in [
+            ("drain-ms", "drain"),
+            ("secondary-ms", "secondary"),
+            ("duration-ms", "took"),
+        ] {
             if let Some(v) = l.get(k).and_then(Value::as_f64) {
                 out += &format!(", {label} {v:.2} ms");
             }

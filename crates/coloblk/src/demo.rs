@@ -56,7 +56,11 @@ struct Report {
 
 impl Report {
     fn step(&self, t: Instant, what: &str) {
-        println!("[{:>7.3} s] {what} ({:.0} ms)", self.start.elapsed().as_secs_f64(), t.elapsed().as_secs_f64() * 1000.0);
+        println!(
+            "[{:>7.3} s] {what} ({:.0} ms)",
+            self.start.elapsed().as_secs_f64(),
+            t.elapsed().as_secs_f64() * 1000.0
+        );
     }
 }
 
@@ -65,7 +69,10 @@ fn spawn(name: &'static str, args: &[String], log: &Path) -> anyhow::Result<Daem
     let log_file = std::fs::File::create(log)?;
     let child = Command::new(exe)
         .args(args)
-        .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+        .env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+        )
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(log_file)
@@ -81,7 +88,11 @@ async fn wait_for(sock: &Path, d: &mut Daemon, log: &Path) -> anyhow::Result<()>
             let log = std::fs::read_to_string(log).unwrap_or_default();
             bail!("the {} exited ({st}) before listening:\n{log}", d.name);
         }
-        ensure!(t.elapsed() < Duration::from_secs(30), "the {} did not start within 30 s", d.name);
+        ensure!(
+            t.elapsed() < Duration::from_secs(30),
+            "the {} did not start within 30 s",
+            d.name
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     Ok(())
@@ -90,7 +101,8 @@ async fn wait_for(sock: &Path, d: &mut Daemon, log: &Path) -> anyhow::Result<()>
 async fn qmp(sock: &Path, cmd: &str, args: Value) -> anyhow::Result<Value> {
     let s = SocketAddr::Unix(sock.to_path_buf()).connect().await?;
     let mut c = QmpClient::handshake(s).await?;
-    Ok(c.execute_timeout(cmd, args, Duration::from_secs(120)).await?)
+    Ok(c.execute_timeout(cmd, args, Duration::from_secs(120))
+        .await?)
 }
 
 /// Deterministic data for write `i` of a phase.
@@ -116,7 +128,14 @@ async fn workload(dev: Arc<NbdClient>, seed: u64, total: u64, disk: u64) -> anyh
         let off = ((seed.wrapping_mul(31) + i * 7919) % (disk / 4096)) * 4096;
         let off = off.min(disk - len);
         let dev = dev.clone();
-        tasks.spawn(async move { dev.write(off, block(seed * 100_000 + i, len as usize), WriteFlags::default()).await });
+        tasks.spawn(async move {
+            dev.write(
+                off,
+                block(seed * 100_000 + i, len as usize),
+                WriteFlags::default(),
+            )
+            .await
+        });
         if tasks.len() >= 16 {
             tasks.join_next().await.expect("non-empty")??;
         }
@@ -165,17 +184,31 @@ fn hash_file(p: &Path) -> anyhow::Result<u64> {
 }
 
 async fn connect(sock: &Path, export: &str) -> anyhow::Result<Arc<NbdClient>> {
-    Ok(Arc::new(NbdClient::connect(&SocketAddr::Unix(sock.to_path_buf()), export, ClientConfig::default()).await?))
+    Ok(Arc::new(
+        NbdClient::connect(
+            &SocketAddr::Unix(sock.to_path_buf()),
+            export,
+            ClientConfig::default(),
+        )
+        .await?,
+    ))
 }
 
 pub async fn run(args: DemoArgs) -> anyhow::Result<std::process::ExitCode> {
     ensure!(args.size_mib >= 16, "--size-mib must be at least 16");
     let dir = tempfile::Builder::new().prefix("coloblk-demo.").tempdir()?;
     let d = dir.path().to_path_buf();
-    let r = Report { start: Instant::now() };
+    let r = Report {
+        start: Instant::now(),
+    };
     let disk = args.size_mib << 20;
     let write = (args.write_mib << 20).min(disk);
-    println!("coloblk demo in {} ({} MiB disks, {} MiB written per phase)", d.display(), args.size_mib, args.write_mib);
+    println!(
+        "coloblk demo in {} ({} MiB disks, {} MiB written per phase)",
+        d.display(),
+        args.size_mib,
+        args.write_mib
+    );
     let p = |n: &str| -> PathBuf { d.join(n) };
     let s = |n: &str| -> String { d.join(n).display().to_string() };
 
@@ -207,7 +240,11 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<std::process::ExitCode> {
         &[
             "primary".into(),
             "--disk".into(),
-            format!("vm0={},replica=nbd+unix:///vm0?socket={}", s("primary.raw"), s("replica.sock")),
+            format!(
+                "vm0={},replica=nbd+unix:///vm0?socket={}",
+                s("primary.raw"),
+                s("replica.sock")
+            ),
             "--export-listen".into(),
             format!("unix:{}", s("primary.sock")),
             "--control".into(),
@@ -219,12 +256,18 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<std::process::ExitCode> {
         &p("primary.log"),
     )?;
     wait_for(&p("primary.qmp"), &mut primary, &p("primary.log")).await?;
-    r.step(t, "started a secondary and a primary (two processes, unix sockets), replication running");
+    r.step(
+        t,
+        "started a secondary and a primary (two processes, unix sockets), replication running",
+    );
 
     let vm = connect(&p("primary.sock"), "vm0").await?;
     let svm = connect(&p("top.sock"), "vm0").await?;
     let t = Instant::now();
-    let (a, b) = tokio::join!(workload(vm.clone(), 1, write, disk), workload(svm.clone(), 2, write / 4, disk));
+    let (a, b) = tokio::join!(
+        workload(vm.clone(), 1, write, disk),
+        workload(svm.clone(), 2, write / 4, disk)
+    );
     let (a, b) = (a?, b?);
     let secs = t.elapsed().as_secs_f64();
     r.step(
@@ -249,14 +292,31 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<std::process::ExitCode> {
     );
 
     let t = Instant::now();
-    let (hp, hs) = (hash_file(&p("primary.raw"))?, hash_file(&p("secondary.raw"))?);
-    ensure!(hp == hs, "after the checkpoint the secondary disk differs from the primary disk");
+    let (hp, hs) = (
+        hash_file(&p("primary.raw"))?,
+        hash_file(&p("secondary.raw"))?,
+    );
+    ensure!(
+        hp == hs,
+        "after the checkpoint the secondary disk differs from the primary disk"
+    );
     let ht = hash_export(&svm).await?;
-    ensure!(ht == hs, "after the checkpoint the speculative view differs from the secondary disk");
-    r.step(t, &format!("verified: secondary disk == primary disk == speculative view (checksum {hp:016x})"));
+    ensure!(
+        ht == hs,
+        "after the checkpoint the speculative view differs from the secondary disk"
+    );
+    r.step(
+        t,
+        &format!(
+            "verified: secondary disk == primary disk == speculative view (checksum {hp:016x})"
+        ),
+    );
 
     let t = Instant::now();
-    let (a, b) = tokio::join!(workload(vm.clone(), 3, write, disk), workload(svm.clone(), 4, write / 4, disk));
+    let (a, b) = tokio::join!(
+        workload(vm.clone(), 3, write, disk),
+        workload(svm.clone(), 4, write / 4, disk)
+    );
     let (a, b) = (a?, b?);
     let view = hash_export(&svm).await?;
     r.step(
@@ -281,17 +341,26 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<std::process::ExitCode> {
         match st["disks"][0]["stage"].as_str() {
             Some("done") => break,
             Some("failover") => tokio::time::sleep(Duration::from_millis(20)).await,
-            other => bail!("failover ended in stage {other:?}: {}", st["disks"][0]["error"]),
+            other => bail!(
+                "failover ended in stage {other:?}: {}",
+                st["disks"][0]["error"]
+            ),
         }
     }
-    r.step(t, "failed over: overlays merged into the secondary disk while its view stayed online");
+    r.step(
+        t,
+        "failed over: overlays merged into the secondary disk while its view stayed online",
+    );
 
     let t = Instant::now();
     let after_view = hash_export(&svm).await?;
     drop(svm);
     let after_disk = hash_file(&p("secondary.raw"))?;
     ensure!(after_view == view, "the view changed during failover");
-    ensure!(after_disk == view, "the secondary disk differs from what the speculative view showed");
+    ensure!(
+        after_disk == view,
+        "the secondary disk differs from what the speculative view showed"
+    );
     r.step(t, &format!("verified: secondary disk == speculative view before the failover (checksum {view:016x})"));
 
     drop(secondary);

@@ -24,8 +24,14 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
 }
 
 /// Serves `GET /metrics` on `addr` until the task is dropped.
-pub async fn serve(addr: &SocketAddr, handle: PrometheusHandle, refresh: Refresh) -> anyhow::Result<()> {
-    let listener = Listener::bind(addr).await.map_err(|e| anyhow::anyhow!("cannot listen on {addr} for metrics: {e}"))?;
+pub async fn serve(
+    addr: &SocketAddr,
+    handle: PrometheusHandle,
+    refresh: Refresh,
+) -> anyhow::Result<()> {
+    let listener = Listener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {addr} for metrics: {e}"))?;
     info!(%addr, "metrics endpoint listening");
     tokio::spawn(async move {
         loop {

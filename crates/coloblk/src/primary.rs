@@ -13,10 +13,8 @@ use nbd::client::{ClientConfig, NbdClient};
 use nbd::server::{Export, ExportSet, Listener, Server, ServerConfig};
 use parking_lot::Mutex;
 use qmp::QmpServer;
+use replication::primary::{ForwardMode, PrimaryConfig, PrimaryEvent, PrimaryNode, QueueLimits};
 use replication::{Mode, Stage};
-use replication::primary::{
-    ForwardMode, PrimaryConfig, PrimaryEvent, PrimaryNode, QueueLimits,
-};
 use serde_json::{Value, json};
 use tracing::{info, warn};
 
@@ -104,7 +102,10 @@ impl PrimaryGroup {
 
     async fn drain_all(&self, force: bool) -> Result<(), String> {
         for d in &self.disks {
-            d.node.drain(true, force).await.map_err(|e| format!("disk '{}': {e}", d.name))?;
+            d.node
+                .drain(true, force)
+                .await
+                .map_err(|e| format!("disk '{}': {e}", d.name))?;
         }
         Ok(())
     }
@@ -156,7 +157,9 @@ impl Group for PrimaryGroup {
         let mut secondary_ms = None;
         if let Some(peer) = &self.peer_control {
             let t = Instant::now();
-            checkpoint_peer(peer).await.map_err(|e| format!("primary drained; secondary checkpoint failed: {e}"))?;
+            checkpoint_peer(peer)
+                .await
+                .map_err(|e| format!("primary drained; secondary checkpoint failed: {e}"))?;
             secondary_ms = Some(t.elapsed().as_secs_f64() * 1000.0);
         }
         let last = LastCheckpoint {
@@ -225,9 +228,13 @@ impl Group for PrimaryGroup {
 
 /// Asks the secondary to checkpoint (after our drain).
 async fn checkpoint_peer(peer: &SocketAddr) -> anyhow::Result<()> {
-    let stream = peer.connect().await.with_context(|| format!("cannot reach {peer}"))?;
+    let stream = peer
+        .connect()
+        .await
+        .with_context(|| format!("cannot reach {peer}"))?;
     let mut c = qmp::QmpClient::handshake(stream).await?;
-    c.execute_timeout("replication-checkpoint", json!({}), Duration::from_secs(60)).await?;
+    c.execute_timeout("replication-checkpoint", json!({}), Duration::from_secs(60))
+        .await?;
     Ok(())
 }
 
@@ -240,24 +247,39 @@ fn replica_uri(spec: &DiskSpec) -> anyhow::Result<String> {
             other => anyhow::bail!("disk '{}': unknown option '{other}'", spec.name),
         }
     }
-    uri.ok_or_else(|| anyhow::anyhow!("disk '{}': missing replica=NBD-URI (the secondary's replica export)", spec.name))
+    uri.ok_or_else(|| {
+        anyhow::anyhow!(
+            "disk '{}': missing replica=NBD-URI (the secondary's replica export)",
+            spec.name
+        )
+    })
 }
 
 pub async fn run(args: PrimaryArgs) -> anyhow::Result<std::process::ExitCode> {
     if args.disks.is_empty() {
         anyhow::bail!("no --disk given: a primary needs at least one disk");
     }
-    let export_listen = args.export_listen.clone().context("--export-listen is required")?;
+    let export_listen = args
+        .export_listen
+        .clone()
+        .context("--export-listen is required")?;
     let control_addr = args.control.clone().context("--control is required")?;
     if !(args.link_timeout > 0.0 && args.link_timeout.is_finite()) {
         anyhow::bail!("--link-timeout must be a positive number of seconds");
     }
     let link_timeout = Duration::from_secs_f64(args.link_timeout);
-    let metrics_handle = args.metrics.as_ref().map(|_| crate::metrics::install()).transpose()?;
+    let metrics_handle = args
+        .metrics
+        .as_ref()
+        .map(|_| crate::metrics::install())
+        .transpose()?;
     let pool = IoPool::default();
     let config = PrimaryConfig {
         mode: args.mode,
-        queue: QueueLimits { max_bytes: args.queue_mib.max(1) << 20, ..Default::default() },
+        queue: QueueLimits {
+            max_bytes: args.queue_mib.max(1) << 20,
+            ..Default::default()
+        },
         link_timeout: Some(link_timeout),
         ..Default::default()
     };
@@ -268,14 +290,23 @@ pub async fn run(args: PrimaryArgs) -> anyhow::Result<std::process::ExitCode> {
         }
         let uri = replica_uri(spec)?;
         let local = spec.open(&pool)?;
-        let client_cfg = ClientConfig { request_timeout: Some(link_timeout), ..Default::default() };
+        let client_cfg = ClientConfig {
+            request_timeout: Some(link_timeout),
+            ..Default::default()
+        };
         let link = NbdClient::connect_uri(&uri, client_cfg)
             .await
-            .with_context(|| format!("disk '{}': cannot reach the secondary at {uri}", spec.name))?;
+            .with_context(|| {
+                format!("disk '{}': cannot reach the secondary at {uri}", spec.name)
+            })?;
         let node = PrimaryNode::new(local, config.clone());
-        node.set_link(Arc::new(link)).map_err(|e| anyhow::anyhow!("disk '{}': {e}", spec.name))?;
+        node.set_link(Arc::new(link))
+            .map_err(|e| anyhow::anyhow!("disk '{}': {e}", spec.name))?;
         info!(disk = %spec.name, replica = %uri, "disk ready");
-        disks.push(Disk { name: spec.name.clone(), node });
+        disks.push(Disk {
+            name: spec.name.clone(),
+            node,
+        });
     }
     let group = Arc::new(PrimaryGroup {
         disks,
@@ -284,7 +315,12 @@ pub async fn run(args: PrimaryArgs) -> anyhow::Result<std::process::ExitCode> {
         last: Mutex::new(None),
         qmp: Mutex::new(None),
     });
-    let qmp_server = QmpServer::new(Arc::new(Control { group: group.clone() }), "coloblk primary");
+    let qmp_server = QmpServer::new(
+        Arc::new(Control {
+            group: group.clone(),
+        }),
+        "coloblk primary",
+    );
     *group.qmp.lock() = Some(qmp_server.clone());
     forward_events(&group, &qmp_server);
     control::serve(&control_addr, qmp_server).await?;
@@ -298,10 +334,15 @@ pub async fn run(args: PrimaryArgs) -> anyhow::Result<std::process::ExitCode> {
         exports.add(Export::new(d.name.clone(), Arc::new(d.node.clone())));
     }
     let server = Server::new(exports, ServerConfig::default());
-    let listener = Listener::bind(&export_listen).await.with_context(|| format!("cannot listen on {export_listen}"))?;
+    let listener = Listener::bind(&export_listen)
+        .await
+        .with_context(|| format!("cannot listen on {export_listen}"))?;
     info!(addr = %export_listen, "VM export listening");
     if args.start {
-        group.start(Mode::Primary).await.map_err(|e| anyhow::anyhow!("cannot start replication: {e}"))?;
+        group
+            .start(Mode::Primary)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot start replication: {e}"))?;
     }
     let serving = {
         let server = server.clone();
@@ -327,14 +368,18 @@ fn forward_events(group: &Arc<PrimaryGroup>, qmp: &Arc<QmpServer>) {
             while let Ok(ev) = rx.recv().await {
                 match ev {
                     PrimaryEvent::ForwardFailed { offset, len, error } => {
-                        metrics::counter!("coloblk_forward_errors_total", "disk" => name.clone()).increment(1);
+                        metrics::counter!("coloblk_forward_errors_total", "disk" => name.clone())
+                            .increment(1);
                         qmp.emit(
                             "REPLICATION_ERROR",
                             json!({"disk": name, "offset": offset, "length": len, "error": error}),
                         );
                     }
                     PrimaryEvent::LinkLost { reason } => {
-                        qmp.emit("REPLICATION_LINK_LOST", json!({"disk": name, "reason": reason}));
+                        qmp.emit(
+                            "REPLICATION_LINK_LOST",
+                            json!({"disk": name, "reason": reason}),
+                        );
                     }
                 }
             }
@@ -346,11 +391,19 @@ fn refresh_metrics(group: &PrimaryGroup) {
     for d in &group.disks {
         let s = d.node.status();
         let n = d.name.clone();
-        metrics::counter!("coloblk_forwarded_writes_total", "disk" => n.clone()).absolute(s.forwarded_writes);
-        metrics::counter!("coloblk_forwarded_bytes_total", "disk" => n.clone()).absolute(s.forwarded_bytes);
-        metrics::gauge!("coloblk_forward_queue_requests", "disk" => n.clone()).set(s.queued_requests as f64);
-        metrics::gauge!("coloblk_forward_queue_bytes", "disk" => n.clone()).set(s.queued_bytes as f64);
+        metrics::counter!("coloblk_forwarded_writes_total", "disk" => n.clone())
+            .absolute(s.forwarded_writes);
+        metrics::counter!("coloblk_forwarded_bytes_total", "disk" => n.clone())
+            .absolute(s.forwarded_bytes);
+        metrics::gauge!("coloblk_forward_queue_requests", "disk" => n.clone())
+            .set(s.queued_requests as f64);
+        metrics::gauge!("coloblk_forward_queue_bytes", "disk" => n.clone())
+            .set(s.queued_bytes as f64);
         metrics::gauge!("coloblk_dirty_bytes", "disk" => n.clone()).set(s.dirty_bytes as f64);
-        metrics::gauge!("coloblk_replication_error", "disk" => n).set(if s.error.is_some() { 1.0 } else { 0.0 });
+        metrics::gauge!("coloblk_replication_error", "disk" => n).set(if s.error.is_some() {
+            1.0
+        } else {
+            0.0
+        });
     }
 }

@@ -107,7 +107,9 @@ impl Group for SecondaryGroup {
         self.group.checkpoint().await.map_err(|e| e.to_string())?;
         let ms = t.elapsed().as_secs_f64() * 1000.0;
         metrics::histogram!("coloblk_checkpoint_seconds").record(ms / 1000.0);
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
         *self.last.lock() = Some((now.as_millis(), ms));
         let reply = json!({"duration-ms": ms});
         self.emit("REPLICATION_CHECKPOINT", reply.clone());
@@ -154,14 +156,30 @@ impl Group for SecondaryGroup {
 
 /// Opens a user-named qcow2 overlay (QEMU-style setups), ignoring its backing file: the node
 /// tracks what the overlay holds itself.
-fn qcow2_overlay(spec: &DiskSpec, which: &str, path: &str, pool: &IoPool) -> anyhow::Result<DevOverlay> {
-    let opts = Qcow2Options { backing: Qcow2Backing::None, ..Default::default() };
-    let dev = Qcow2::open(path, opts, pool.clone())
-        .with_context(|| format!("disk '{}': cannot open the {which} overlay {path}", spec.name))?;
+fn qcow2_overlay(
+    spec: &DiskSpec,
+    which: &str,
+    path: &str,
+    pool: &IoPool,
+) -> anyhow::Result<DevOverlay> {
+    let opts = Qcow2Options {
+        backing: Qcow2Backing::None,
+        ..Default::default()
+    };
+    let dev = Qcow2::open(path, opts, pool.clone()).with_context(|| {
+        format!(
+            "disk '{}': cannot open the {which} overlay {path}",
+            spec.name
+        )
+    })?;
     Ok(DevOverlay::new(Arc::new(dev)))
 }
 
-fn build_node(spec: &DiskSpec, args: &SecondaryArgs, pool: &IoPool) -> anyhow::Result<SecondaryNode> {
+fn build_node(
+    spec: &DiskSpec,
+    args: &SecondaryArgs,
+    pool: &IoPool,
+) -> anyhow::Result<SecondaryNode> {
     let (mut active, mut hidden) = (None, None);
     for (k, v) in &spec.extra {
         match k.as_str() {
@@ -176,21 +194,30 @@ fn build_node(spec: &DiskSpec, args: &SecondaryArgs, pool: &IoPool) -> anyhow::R
         (Some(a), Some(h)) => {
             let a = qcow2_overlay(spec, "active", &a, pool)?;
             let h = qcow2_overlay(spec, "hidden", &h, pool)?;
-            SecondaryNode::with_overlays(disk, args.cluster_size, Arc::new(a), Arc::new(h)).map_err(fail)
+            SecondaryNode::with_overlays(disk, args.cluster_size, Arc::new(a), Arc::new(h))
+                .map_err(fail)
         }
         (None, None) => {
             let store = if args.buffer_dir == "memory" {
                 OverlayStore::Memory
             } else {
                 let dir = PathBuf::from(&args.buffer_dir);
-                std::fs::create_dir_all(&dir)
-                    .with_context(|| format!("cannot create the buffer directory {}", dir.display()))?;
+                std::fs::create_dir_all(&dir).with_context(|| {
+                    format!("cannot create the buffer directory {}", dir.display())
+                })?;
                 OverlayStore::BufferDir(dir)
             };
-            let cfg = SecondaryConfig { cluster_size: args.cluster_size, store, pool: pool.clone() };
+            let cfg = SecondaryConfig {
+                cluster_size: args.cluster_size,
+                store,
+                pool: pool.clone(),
+            };
             SecondaryNode::new(disk, cfg).map_err(fail)
         }
-        _ => anyhow::bail!("disk '{}': give both active= and hidden=, or neither", spec.name),
+        _ => anyhow::bail!(
+            "disk '{}': give both active= and hidden=, or neither",
+            spec.name
+        ),
     }
 }
 
@@ -198,10 +225,20 @@ pub async fn run(args: SecondaryArgs) -> anyhow::Result<std::process::ExitCode> 
     if args.disks.is_empty() {
         anyhow::bail!("no --disk given: a secondary needs at least one disk");
     }
-    let replica_listen = args.replica_listen.clone().context("--replica-listen is required")?;
-    let export_listen = args.export_listen.clone().context("--export-listen is required")?;
+    let replica_listen = args
+        .replica_listen
+        .clone()
+        .context("--replica-listen is required")?;
+    let export_listen = args
+        .export_listen
+        .clone()
+        .context("--export-listen is required")?;
     let control_addr = args.control.clone().context("--control is required")?;
-    let metrics_handle = args.metrics.as_ref().map(|_| crate::metrics::install()).transpose()?;
+    let metrics_handle = args
+        .metrics
+        .as_ref()
+        .map(|_| crate::metrics::install())
+        .transpose()?;
     let pool = IoPool::default();
     let mut disks: Vec<Disk> = Vec::new();
     let mut group = ReplicationGroup::new();
@@ -212,10 +249,23 @@ pub async fn run(args: SecondaryArgs) -> anyhow::Result<std::process::ExitCode> 
         let node = build_node(spec, &args, &pool)?;
         group.add(spec.name.clone(), Arc::new(node.clone()));
         info!(disk = %spec.name, path = %spec.path.display(), len = node.disk().len(), "disk ready");
-        disks.push(Disk { name: spec.name.clone(), node });
+        disks.push(Disk {
+            name: spec.name.clone(),
+            node,
+        });
     }
-    let group = Arc::new(SecondaryGroup { disks, group, last: Mutex::new(None), qmp: Mutex::new(None) });
-    let qmp_server = QmpServer::new(Arc::new(Control { group: group.clone() }), "coloblk secondary");
+    let group = Arc::new(SecondaryGroup {
+        disks,
+        group,
+        last: Mutex::new(None),
+        qmp: Mutex::new(None),
+    });
+    let qmp_server = QmpServer::new(
+        Arc::new(Control {
+            group: group.clone(),
+        }),
+        "coloblk secondary",
+    );
     *group.qmp.lock() = Some(qmp_server.clone());
     watch_nodes(&group, &qmp_server);
 
@@ -234,7 +284,10 @@ pub async fn run(args: SecondaryArgs) -> anyhow::Result<std::process::ExitCode> 
         .await
         .with_context(|| format!("cannot listen on {export_listen} for the speculative VM"))?;
     if args.start {
-        group.start(Mode::Secondary).await.map_err(|e| anyhow::anyhow!("cannot start replication: {e}"))?;
+        group
+            .start(Mode::Secondary)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot start replication: {e}"))?;
     }
     if let (Some(addr), Some(handle)) = (&args.metrics, metrics_handle) {
         let g = group.clone();
@@ -260,8 +313,14 @@ pub async fn run(args: SecondaryArgs) -> anyhow::Result<std::process::ExitCode> 
     for s in serving {
         s.await.context("listener task failed")??;
     }
-    replica_server.finish().await.context("final flush of the secondary disks failed")?;
-    top_server.finish().await.context("final flush of the overlays failed")?;
+    replica_server
+        .finish()
+        .await
+        .context("final flush of the secondary disks failed")?;
+    top_server
+        .finish()
+        .await
+        .context("final flush of the overlays failed")?;
     info!("stopped cleanly");
     Ok(std::process::ExitCode::SUCCESS)
 }
@@ -292,10 +351,18 @@ fn watch_nodes(group: &Arc<SecondaryGroup>, qmp: &Arc<QmpServer>) {
                 }
                 if s.stage != last_stage {
                     match s.stage {
-                        Stage::Done if last_stage == Stage::Failover || last_stage == Stage::FailoverFailed => {
-                            qmp.emit("FAILOVER_DONE", json!({"disk": name, "merged-bytes": s.failover.total}))
+                        Stage::Done
+                            if last_stage == Stage::Failover
+                                || last_stage == Stage::FailoverFailed =>
+                        {
+                            qmp.emit(
+                                "FAILOVER_DONE",
+                                json!({"disk": name, "merged-bytes": s.failover.total}),
+                            )
                         }
-                        Stage::FailoverFailed => qmp.emit("FAILOVER_FAILED", json!({"disk": name, "error": s.error})),
+                        Stage::FailoverFailed => {
+                            qmp.emit("FAILOVER_FAILED", json!({"disk": name, "error": s.error}))
+                        }
                         _ => {}
                     }
                     last_stage = s.stage;
@@ -311,10 +378,18 @@ fn refresh_metrics(group: &SecondaryGroup) {
     for d in &group.disks {
         let s = d.node.status();
         let n = d.name.clone();
-        metrics::gauge!("coloblk_active_bytes", "disk" => n.clone()).set((s.active_clusters as u64 * s.cluster_size) as f64);
-        metrics::gauge!("coloblk_hidden_bytes", "disk" => n.clone()).set((s.hidden_clusters as u64 * s.cluster_size) as f64);
-        metrics::gauge!("coloblk_failover_done_bytes", "disk" => n.clone()).set(s.failover.done as f64);
-        metrics::gauge!("coloblk_failover_total_bytes", "disk" => n.clone()).set(s.failover.total as f64);
-        metrics::gauge!("coloblk_replication_error", "disk" => n).set(if s.error.is_some() { 1.0 } else { 0.0 });
+        metrics::gauge!("coloblk_active_bytes", "disk" => n.clone())
+            .set((s.active_clusters as u64 * s.cluster_size) as f64);
+        metrics::gauge!("coloblk_hidden_bytes", "disk" => n.clone())
+            .set((s.hidden_clusters as u64 * s.cluster_size) as f64);
+        metrics::gauge!("coloblk_failover_done_bytes", "disk" => n.clone())
+            .set(s.failover.done as f64);
+        metrics::gauge!("coloblk_failover_total_bytes", "disk" => n.clone())
+            .set(s.failover.total as f64);
+        metrics::gauge!("coloblk_replication_error", "disk" => n).set(if s.error.is_some() {
+            1.0
+        } else {
+            0.0
+        });
     }
 }

@@ -34,11 +34,18 @@ impl Cluster {
         unix_uri("vm0", &self.p("top.sock"))
     }
     fn ctl(&self, qmp: &str, action: &str) -> std::process::Output {
-        coloblk().args(["ctl", "--control", &self.unix(qmp), action]).output().unwrap()
+        coloblk()
+            .args(["ctl", "--control", &self.unix(qmp), action])
+            .output()
+            .unwrap()
     }
     fn ok(&self, qmp: &str, action: &str) -> String {
         let out = self.ctl(qmp, action);
-        assert!(out.status.success(), "ctl {action} on {qmp}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "ctl {action} on {qmp}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8_lossy(&out.stdout).to_string()
     }
     fn status(&self, qmp: &str) -> serde_json::Value {
@@ -55,7 +62,12 @@ fn start_secondary(dir: &Path) -> Proc {
         coloblk()
             .args(["secondary", "--disk"])
             .arg(format!("vm0={}", dir.join("secondary.raw").display()))
-            .args(["--replica-listen", &u("replica.sock"), "--export-listen", &u("top.sock")])
+            .args([
+                "--replica-listen",
+                &u("replica.sock"),
+                "--export-listen",
+                &u("top.sock"),
+            ])
             .args(["--control", &u("secondary.qmp"), "--buffer-dir"])
             .arg(dir.join("buffer"))
             .arg("--start"),
@@ -74,18 +86,49 @@ fn cluster(mode: &str) -> Cluster {
         "coloblk primary",
         coloblk()
             .args(["primary", "--disk"])
-            .arg(format!("vm0={},replica=nbd+unix:///vm0?socket={}", d.join("primary.raw").display(), d.join("replica.sock").display()))
-            .args(["--export-listen", &u("primary.sock"), "--control", &u("primary.qmp")])
-            .args(["--peer-control", &u("secondary.qmp"), "--mode", mode, "--start"]),
+            .arg(format!(
+                "vm0={},replica=nbd+unix:///vm0?socket={}",
+                d.join("primary.raw").display(),
+                d.join("replica.sock").display()
+            ))
+            .args([
+                "--export-listen",
+                &u("primary.sock"),
+                "--control",
+                &u("primary.qmp"),
+            ])
+            .args([
+                "--peer-control",
+                &u("secondary.qmp"),
+                "--mode",
+                mode,
+                "--start",
+            ]),
     );
     wait_socket(&d.join("primary.qmp"), &mut p);
-    Cluster { dir, secondary, primary: Some(p) }
+    Cluster {
+        dir,
+        secondary,
+        primary: Some(p),
+    }
 }
 
 fn fio(uri: &str, secs: u32, seed: u32) -> std::process::Child {
     Command::new("fio")
-        .args(["--name=load", "--ioengine=nbd", "--rw=randrw", "--rwmixwrite=80", "--bs=4k,64k", "--iodepth=16"])
-        .args(["--size=64M", "--time_based", &format!("--runtime={secs}"), &format!("--randseed={seed}")])
+        .args([
+            "--name=load",
+            "--ioengine=nbd",
+            "--rw=randrw",
+            "--rwmixwrite=80",
+            "--bs=4k,64k",
+            "--iodepth=16",
+        ])
+        .args([
+            "--size=64M",
+            "--time_based",
+            &format!("--runtime={secs}"),
+            &format!("--randseed={seed}"),
+        ])
         .arg(format!("--uri={uri}"))
         .stdout(std::process::Stdio::null())
         .spawn()
@@ -95,7 +138,10 @@ fn fio(uri: &str, secs: u32, seed: u32) -> std::process::Child {
 fn read_export(uri: &str, dir: &Path, name: &str) -> Vec<u8> {
     let out = dir.join(name);
     let _ = std::fs::remove_file(&out);
-    run(Command::new("qemu-img").args(["convert", "-f", "raw", "-O", "raw"]).arg(uri).arg(&out));
+    run(Command::new("qemu-img")
+        .args(["convert", "-f", "raw", "-O", "raw"])
+        .arg(uri)
+        .arg(&out));
     std::fs::read(&out).unwrap()
 }
 
@@ -113,9 +159,16 @@ fn rss_kib(p: &Proc, field: &str) -> u64 {
 /// The demo's steps, as the demo itself asserts them, and its report.
 #[test]
 fn the_demo_passes_and_reports_every_step() {
-    let out = coloblk().args(["demo", "--size-mib", "64", "--write-mib", "16"]).output().unwrap();
+    let out = coloblk()
+        .args(["demo", "--size-mib", "64", "--write-mib", "16"])
+        .output()
+        .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "demo failed:\n{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "demo failed:\n{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     for step in [
         "started a secondary and a primary",
         "coordinated checkpoint: primary drain",
@@ -152,15 +205,27 @@ fn coordinated_checkpoints_under_fio_load_keep_the_disks_equal() {
                 // load in question): each daemon under 64 MiB plus its forwarding queue (64 MiB
                 // on the primary, none on the secondary).
                 let p = c.primary.as_ref().unwrap();
-                assert!(rss_kib(p, "VmHWM:") < 128 * 1024, "primary peak RSS {} KiB", rss_kib(p, "VmHWM:"));
+                assert!(
+                    rss_kib(p, "VmHWM:") < 128 * 1024,
+                    "primary peak RSS {} KiB",
+                    rss_kib(p, "VmHWM:")
+                );
                 let s = rss_kib(&c.secondary, "VmHWM:");
                 assert!(s < 64 * 1024, "secondary peak RSS {s} KiB");
             }
             let a = std::fs::read(c.p("primary.raw")).unwrap();
             let b = std::fs::read(c.p("secondary.raw")).unwrap();
-            assert_eq!(first_difference(&a, &b), None, "{mode} round {round}: secondary differs from primary");
+            assert_eq!(
+                first_difference(&a, &b),
+                None,
+                "{mode} round {round}: secondary differs from primary"
+            );
             let view = read_export(&c.view(), c.dir.path(), "view.raw");
-            assert_eq!(first_difference(&view, &b), None, "{mode} round {round}: view differs after checkpoint");
+            assert_eq!(
+                first_difference(&view, &b),
+                None,
+                "{mode} round {round}: view differs after checkpoint"
+            );
         }
         let st = c.status("secondary.qmp");
         assert_eq!(st["disks"][0]["active-bytes"], 0);
@@ -191,9 +256,15 @@ fn killing_the_primary_under_load_then_failover_keeps_the_speculative_view() {
     assert_eq!(st["disks"][0]["stage"], "done", "{st}");
     assert_eq!(st["disks"][0]["error"], serde_json::Value::Null, "{st}");
     let disk = std::fs::read(c.p("secondary.raw")).unwrap();
-    assert_eq!(first_difference(&disk, &before), None, "secondary disk differs from the view before failover");
+    assert_eq!(
+        first_difference(&disk, &before),
+        None,
+        "secondary disk differs from the view before failover"
+    );
     // The view is the disk now, and takes writes.
-    run(Command::new("qemu-io").args(["-f", "raw", "-c", "write -P 0x7e 0 64k"]).arg(c.view()));
+    run(Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "write -P 0x7e 0 64k"])
+        .arg(c.view()));
     let disk = std::fs::read(c.p("secondary.raw")).unwrap();
     assert!(disk[..65536].iter().all(|&b| b == 0x7e));
 }
@@ -209,8 +280,12 @@ fn qemu_quorum_and_nbd_write_into_our_secondary() {
     let d = dir.path();
     let local = raw_image(d, "qemu-local.raw", DISK);
     // Same starting content on both sides, written before replication matters.
-    run(Command::new("qemu-io").args(["-f", "raw", "-c", "write -P 0x11 0 8M"]).arg(&local));
-    run(Command::new("qemu-io").args(["-f", "raw", "-c", "write -P 0x11 0 8M"]).arg(unix_uri("vm0", &d.join("replica.sock"))));
+    run(Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "write -P 0x11 0 8M"])
+        .arg(&local));
+    run(Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "write -P 0x11 0 8M"])
+        .arg(unix_uri("vm0", &d.join("replica.sock"))));
     let u = |n: &str| format!("unix:{}", d.join(n).display());
     let ctl = |a: &str| run(coloblk().args(["ctl", "--control", &u("secondary.qmp"), a]));
     ctl("checkpoint");
@@ -219,16 +294,35 @@ fn qemu_quorum_and_nbd_write_into_our_secondary() {
         local.display(),
         d.join("replica.sock").display()
     );
-    run(Command::new("qemu-io").args(["-c", "write -P 0x22 1M 2M", "-c", "write -P 0x33 6M 4k", "-c", "flush"]).arg(&quorum));
+    run(Command::new("qemu-io")
+        .args([
+            "-c",
+            "write -P 0x22 1M 2M",
+            "-c",
+            "write -P 0x33 6M 4k",
+            "-c",
+            "flush",
+        ])
+        .arg(&quorum));
     let view = read_export(&unix_uri("vm0", &d.join("top.sock")), d, "view.raw");
-    assert!(view[..8 * MIB as usize].iter().all(|&b| b == 0x11), "the view changed before the checkpoint");
+    assert!(
+        view[..8 * MIB as usize].iter().all(|&b| b == 0x11),
+        "the view changed before the checkpoint"
+    );
     ctl("checkpoint");
     let want = std::fs::read(&local).unwrap();
-    assert_eq!(first_difference(&std::fs::read(d.join("secondary.raw")).unwrap(), &want), None);
+    assert_eq!(
+        first_difference(&std::fs::read(d.join("secondary.raw")).unwrap(), &want),
+        None
+    );
     let view = read_export(&unix_uri("vm0", &d.join("top.sock")), d, "view2.raw");
     assert_eq!(first_difference(&view, &want), None);
     // Idle resource use.
-    assert!(rss_kib(&secondary, "VmRSS:") < 32 * 1024, "idle secondary RSS {} KiB", rss_kib(&secondary, "VmRSS:"));
+    assert!(
+        rss_kib(&secondary, "VmRSS:") < 32 * 1024,
+        "idle secondary RSS {} KiB",
+        rss_kib(&secondary, "VmRSS:")
+    );
     secondary.signal("TERM");
     assert!(secondary.wait_exit(Duration::from_secs(10)).success());
 }

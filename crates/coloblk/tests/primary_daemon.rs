@@ -35,7 +35,13 @@ fn qemu_nbd_secondary(dir: &Path, len: u64) -> Proc {
     require("qemu-nbd");
     let img = raw_image(dir, "secondary.raw", len);
     let sock = dir.join("secondary.sock");
-    let mut p = Proc::spawn("qemu-nbd", Command::new("qemu-nbd").args(["-f", "raw", "-t", "-x", "vm0", "-k"]).arg(&sock).arg(&img));
+    let mut p = Proc::spawn(
+        "qemu-nbd",
+        Command::new("qemu-nbd")
+            .args(["-f", "raw", "-t", "-x", "vm0", "-k"])
+            .arg(&sock)
+            .arg(&img),
+    );
     wait_socket(&sock, &mut p);
     p
 }
@@ -48,7 +54,11 @@ fn pair(extra: &[&str]) -> Pair {
     let mut cmd = coloblk();
     cmd.arg("primary")
         .arg("--disk")
-        .arg(format!("vm0={},replica=nbd+unix:///vm0?socket={}", img.display(), d.join("secondary.sock").display()))
+        .arg(format!(
+            "vm0={},replica=nbd+unix:///vm0?socket={}",
+            img.display(),
+            d.join("secondary.sock").display()
+        ))
         .arg("--export-listen")
         .arg(format!("unix:{}", d.join("primary.sock").display()))
         .arg("--control")
@@ -57,11 +67,19 @@ fn pair(extra: &[&str]) -> Pair {
     let mut primary = Proc::spawn("coloblk primary", &mut cmd);
     wait_socket(&d.join("primary.sock"), &mut primary);
     wait_socket(&d.join("primary.qmp"), &mut primary);
-    Pair { dir, secondary, primary }
+    Pair {
+        dir,
+        secondary,
+        primary,
+    }
 }
 
 fn ctl(qmp: &str, action: &[&str]) -> std::process::Output {
-    coloblk().args(["ctl", "--control", qmp]).args(action).output().unwrap()
+    coloblk()
+        .args(["ctl", "--control", qmp])
+        .args(action)
+        .output()
+        .unwrap()
 }
 
 fn status(p: &Pair) -> serde_json::Value {
@@ -75,17 +93,41 @@ fn status(p: &Pair) -> serde_json::Value {
 fn primary_forwards_into_qemu_nbd_and_checkpoint_makes_the_images_equal() {
     require("qemu-io");
     let p = pair(&[]);
-    run(Command::new("qemu-io").args(["-f", "raw", "-c", "write -P 0x11 0 1M"]).arg(p.export()));
+    run(Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "write -P 0x11 0 1M"])
+        .arg(p.export()));
     let st = status(&p);
     assert_eq!(st["disks"][0]["stage"], "none");
-    assert_eq!(st["disks"][0]["dirty-bytes"], MIB, "the write before start is dirty");
+    assert_eq!(
+        st["disks"][0]["dirty-bytes"], MIB,
+        "the write before start is dirty"
+    );
     let out = ctl(&p.qmp(), &["start"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     run(Command::new("qemu-io")
-        .args(["-f", "raw", "-c", "write -P 0x22 1M 3M", "-c", "write -z 2M 64k", "-c", "discard 3M 64k", "-c", "write -P 0x33 1000 5000"])
+        .args([
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x22 1M 3M",
+            "-c",
+            "write -z 2M 64k",
+            "-c",
+            "discard 3M 64k",
+            "-c",
+            "write -P 0x33 1000 5000",
+        ])
         .arg(p.export()));
     let out = ctl(&p.qmp(), &["checkpoint"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("checkpoint done: drain "));
     let a = std::fs::read(p.path("primary.raw")).unwrap();
     let b = std::fs::read(p.path("secondary.raw")).unwrap();
@@ -96,12 +138,19 @@ fn primary_forwards_into_qemu_nbd_and_checkpoint_makes_the_images_equal() {
     assert!(b[1000..6000].iter().all(|&x| x == 0x33));
     // The discard reads back as zeroes on both sides (the primary sends it as write-zeroes
     // with unmap, because a discard's content is the one thing the two sides could disagree on).
-    assert!(b[3 * MIB as usize..3 * MIB as usize + 65536].iter().all(|&x| x == 0));
+    assert!(
+        b[3 * MIB as usize..3 * MIB as usize + 65536]
+            .iter()
+            .all(|&x| x == 0)
+    );
     assert_eq!(a[..1000], [0x11u8; 1000]);
     let st = status(&p);
     assert_eq!(st["disks"][0]["stage"], "running");
     assert_eq!(st["disks"][0]["forward-errors"], 0);
-    assert_eq!(st["disks"][0]["dirty-bytes"], MIB, "only the pre-start write stays dirty");
+    assert_eq!(
+        st["disks"][0]["dirty-bytes"], MIB,
+        "only the pre-start write stays dirty"
+    );
 }
 
 /// Python's qemu.qmp library works as a client: negotiation, commands with results and with
@@ -138,7 +187,10 @@ async def main(path):
     print("qemu.qmp ok")
 asyncio.run(main(sys.argv[1]))
 "#;
-    let out = run(Command::new("python3").arg("-c").arg(script).arg(p.path("primary.qmp")));
+    let out = run(Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .arg(p.path("primary.qmp")));
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "qemu.qmp ok");
 }
 
@@ -159,14 +211,38 @@ fn malformed_control_input_gets_errors_not_a_crash() {
     };
     assert!(next(&mut r)["QMP"].is_object());
     for (input, class, desc) in [
-        ("{\"execute\": \"query-replication\"}\n", "CommandNotFound", "Expecting capabilities negotiation with 'qmp_capabilities'"),
+        (
+            "{\"execute\": \"query-replication\"}\n",
+            "CommandNotFound",
+            "Expecting capabilities negotiation with 'qmp_capabilities'",
+        ),
         ("{\"execute\": \"qmp_capabilities\"}\n", "", ""),
         ("{\"execute\": oops}\n", "GenericError", "JSON parse error"),
-        ("[1, 2]\n", "GenericError", "QMP input must be a JSON object"),
-        ("{\"arguments\": {}}\n", "GenericError", "QMP input lacks member 'execute'"),
-        ("{\"execute\": \"replication-start\", \"arguments\": {\"x\": 1}}\n", "GenericError", "Parameter 'x' is unexpected"),
-        ("{\"execute\": \"xen-set-replication\", \"arguments\": {\"enable\": \"yes\", \"primary\": true}}\n", "GenericError", "Invalid parameter type for 'enable', expected: boolean"),
-        ("{\"execute\": \"replication-stop\", \"id\": \"x1\"}\n", "GenericError", "Block replication is not running"),
+        (
+            "[1, 2]\n",
+            "GenericError",
+            "QMP input must be a JSON object",
+        ),
+        (
+            "{\"arguments\": {}}\n",
+            "GenericError",
+            "QMP input lacks member 'execute'",
+        ),
+        (
+            "{\"execute\": \"replication-start\", \"arguments\": {\"x\": 1}}\n",
+            "GenericError",
+            "Parameter 'x' is unexpected",
+        ),
+        (
+            "{\"execute\": \"xen-set-replication\", \"arguments\": {\"enable\": \"yes\", \"primary\": true}}\n",
+            "GenericError",
+            "Invalid parameter type for 'enable', expected: boolean",
+        ),
+        (
+            "{\"execute\": \"replication-stop\", \"id\": \"x1\"}\n",
+            "GenericError",
+            "Block replication is not running",
+        ),
     ] {
         w.write_all(input.as_bytes()).unwrap();
         let v = next(&mut r);
@@ -174,10 +250,14 @@ fn malformed_control_input_gets_errors_not_a_crash() {
             assert_eq!(v, serde_json::json!({"return": {}}), "{input}");
         } else {
             assert_eq!(v["error"]["class"], class, "{input}: {v}");
-            assert!(v["error"]["desc"].as_str().unwrap().starts_with(desc), "{input}: {v}");
+            assert!(
+                v["error"]["desc"].as_str().unwrap().starts_with(desc),
+                "{input}: {v}"
+            );
         }
     }
-    w.write_all(b"{\"execute\": \"query-replication\", \"id\": 42}\n").unwrap();
+    w.write_all(b"{\"execute\": \"query-replication\", \"id\": 42}\n")
+        .unwrap();
     let v = next(&mut r);
     assert_eq!(v["id"], 42);
     assert_eq!(v["return"]["role"], "primary");
@@ -192,8 +272,19 @@ fn killing_the_secondary_under_fio_load_keeps_the_vm_writing() {
     let export = p.export();
     let fio = |secs: u32| {
         Command::new("fio")
-            .args(["--name=load", "--ioengine=nbd", "--rw=randwrite", "--bs=4k", "--iodepth=16", "--size=64M"])
-            .args(["--time_based", &format!("--runtime={secs}"), "--output-format=json"])
+            .args([
+                "--name=load",
+                "--ioengine=nbd",
+                "--rw=randwrite",
+                "--bs=4k",
+                "--iodepth=16",
+                "--size=64M",
+            ])
+            .args([
+                "--time_based",
+                &format!("--runtime={secs}"),
+                "--output-format=json",
+            ])
             .arg(format!("--uri={export}"))
             .stdout(std::process::Stdio::null())
             .spawn()
@@ -215,20 +306,29 @@ fn killing_the_secondary_under_fio_load_keeps_the_vm_writing() {
     assert!(dirty1 > 0, "{s1}");
     let out = Command::new("python3")
         .arg("-c")
-        .arg(r#"
+        .arg(
+            r#"
 import asyncio, sys
 from qemu.qmp import QMPClient
 async def main(p):
     c = QMPClient("x"); await c.connect(p)
     print((await c.execute("query-xen-replication-status"))["desc"])
-asyncio.run(main(sys.argv[1]))"#)
+asyncio.run(main(sys.argv[1]))"#,
+        )
         .arg(p.path("primary.qmp"))
         .output()
         .unwrap();
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "I/O error occurred");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "I/O error occurred"
+    );
     let out = ctl(&p.qmp(), &["checkpoint"]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("checkpoint refused"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("checkpoint refused"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // More writes at local speed: dirty grows.
     assert!(fio(1).wait().unwrap().success());
     let dirty2 = status(&p)["disks"][0]["dirty-bytes"].as_u64().unwrap();
@@ -241,20 +341,46 @@ asyncio.run(main(sys.argv[1]))"#)
 #[test]
 fn metrics_endpoint_serves_forwarding_counters() {
     require("qemu-io");
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let p = pair(&["--start", "--metrics", &format!("tcp:127.0.0.1:{port}")]);
-    run(Command::new("qemu-io").args(["-f", "raw", "-c", "write -P 1 0 256k", "-c", "write -P 2 1M 256k"]).arg(p.export()));
+    run(Command::new("qemu-io")
+        .args([
+            "-f",
+            "raw",
+            "-c",
+            "write -P 1 0 256k",
+            "-c",
+            "write -P 2 1M 256k",
+        ])
+        .arg(p.export()));
     assert!(ctl(&p.qmp(), &["checkpoint"]).status.success());
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
     let mut body = String::new();
     s.read_to_string(&mut body).unwrap();
     assert!(body.starts_with("HTTP/1.1 200 OK"), "{body}");
-    assert!(body.contains("coloblk_forwarded_bytes_total{disk=\"vm0\"} 524288"), "{body}");
-    assert!(body.contains("coloblk_forwarded_writes_total{disk=\"vm0\"} 2"), "{body}");
-    assert!(body.contains("coloblk_checkpoint_drain_seconds_count 1"), "{body}");
-    assert!(body.contains("coloblk_replication_error{disk=\"vm0\"} 0"), "{body}");
+    assert!(
+        body.contains("coloblk_forwarded_bytes_total{disk=\"vm0\"} 524288"),
+        "{body}"
+    );
+    assert!(
+        body.contains("coloblk_forwarded_writes_total{disk=\"vm0\"} 2"),
+        "{body}"
+    );
+    assert!(
+        body.contains("coloblk_checkpoint_drain_seconds_count 1"),
+        "{body}"
+    );
+    assert!(
+        body.contains("coloblk_replication_error{disk=\"vm0\"} 0"),
+        "{body}"
+    );
 }
 
 /// Startup refusals: one clear line and a failing exit code, for an unreachable secondary,
@@ -272,27 +398,58 @@ fn bad_startups_are_refused_with_one_clear_line() {
             .arg(format!("unix:{}", d.join("x.qmp").display()))
             .output()
             .unwrap();
-        (out.status.code(), String::from_utf8_lossy(&out.stderr).trim().to_string())
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        )
     };
-    let (code, err) = run_primary(format!("vm0={},replica=nbd+unix:///vm0?socket={}/nobody.sock", img.display(), d.display()));
+    let (code, err) = run_primary(format!(
+        "vm0={},replica=nbd+unix:///vm0?socket={}/nobody.sock",
+        img.display(),
+        d.display()
+    ));
     assert_eq!(code, Some(1));
-    assert!(err.starts_with("coloblk: disk 'vm0': cannot reach the secondary at nbd+unix:///vm0?socket="), "{err}");
+    assert!(
+        err.starts_with(
+            "coloblk: disk 'vm0': cannot reach the secondary at nbd+unix:///vm0?socket="
+        ),
+        "{err}"
+    );
     assert_eq!(err.lines().count(), 1, "{err}");
 
     let _secondary = qemu_nbd_secondary(d, 16 * MIB);
-    let (code, err) = run_primary(format!("vm0={},replica=nbd+unix:///vm0?socket={}", img.display(), d.join("secondary.sock").display()));
+    let (code, err) = run_primary(format!(
+        "vm0={},replica=nbd+unix:///vm0?socket={}",
+        img.display(),
+        d.join("secondary.sock").display()
+    ));
     assert_eq!(code, Some(1));
     assert_eq!(
         err,
-        format!("coloblk: disk 'vm0': disk lengths differ: the primary disk has {} bytes, the secondary {}", 8 * MIB, 16 * MIB)
+        format!(
+            "coloblk: disk 'vm0': disk lengths differ: the primary disk has {} bytes, the secondary {}",
+            8 * MIB,
+            16 * MIB
+        )
     );
-    let (code, err) = run_primary(format!("vm0={}/none.raw,replica=nbd://127.0.0.1:1/x", d.display()));
+    let (code, err) = run_primary(format!(
+        "vm0={}/none.raw,replica=nbd://127.0.0.1:1/x",
+        d.display()
+    ));
     assert_eq!(code, Some(1));
     assert!(err.contains("disk 'vm0': cannot open"), "{err}");
     let (code, err) = run_primary(format!("vm0={}", img.display()));
     assert_eq!(code, Some(1));
     assert!(err.contains("missing replica=NBD-URI"), "{err}");
 
-    let out = coloblk().args(["ctl", "--control", &format!("unix:{}/nothing.qmp", d.display()), "status"]).output().unwrap();
+    let out = coloblk()
+        .args([
+            "ctl",
+            "--control",
+            &format!("unix:{}/nothing.qmp", d.display()),
+            "status",
+        ])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(3));
 }
