@@ -232,7 +232,15 @@ pub fn render_status(st: &Value) -> String {
             "ERROR",
         ]
     } else {
-        vec!["DISK", "STAGE", "ACTIVE", "HIDDEN", "FAILOVER", "ERROR"]
+        vec![
+            "DISK",
+            "STAGE",
+            "ACTIVE",
+            "HIDDEN",
+            "CBW COPIES",
+            "FAILOVER",
+            "ERROR",
+        ]
     };
     let mut rows = vec![header.iter().map(|s| s.to_string()).collect::<Vec<_>>()];
     for d in st["disks"].as_array().into_iter().flatten() {
@@ -265,6 +273,7 @@ pub fn render_status(st: &Value) -> String {
                 text(&d["stage"]),
                 bytes(&d["active-bytes"]),
                 bytes(&d["hidden-bytes"]),
+                text(&d["cbw-copies"]),
                 progress,
                 text(&d["error"]),
             ]

@@ -69,6 +69,33 @@ pub struct SecondaryArgs {
 struct Disk {
     name: String,
     node: SecondaryNode,
+    /// Copy-before-write copies of the epochs before the current one (the node counts only
+    /// the current epoch's, as clusters in the hidden overlay).
+    past_copies: std::sync::atomic::AtomicU64,
+    /// After a stop no copy happens any more and the hidden overlay only shrinks.
+    stopped: std::sync::atomic::AtomicBool,
+}
+
+impl Disk {
+    /// Clusters preserved by copy-before-write since the daemon started.
+    fn cbw_copies(&self) -> u64 {
+        use std::sync::atomic::Ordering::Relaxed;
+        let current = if self.stopped.load(Relaxed) {
+            0
+        } else {
+            self.node.status().hidden_clusters as u64
+        };
+        self.past_copies.load(Relaxed) + current
+    }
+
+    /// Moves the current epoch's copies into the past, just before the hidden overlay empties.
+    fn close_epoch(&self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        if !self.stopped.load(Relaxed) {
+            self.past_copies
+                .fetch_add(self.node.status().hidden_clusters as u64, Relaxed);
+        }
+    }
 }
 
 /// The secondary's disks as one replication group.
@@ -103,6 +130,9 @@ impl Group for SecondaryGroup {
         if force {
             self.disks.iter().for_each(|d| d.node.clear_error());
         }
+        // Copies counted now could be missed if the checkpoint then fails; an undercount of a
+        // counter is better than a double count, and a failed checkpoint is an error anyway.
+        self.disks.iter().for_each(Disk::close_epoch);
         let t = Instant::now();
         self.group.checkpoint().await.map_err(|e| e.to_string())?;
         let ms = t.elapsed().as_secs_f64() * 1000.0;
@@ -121,6 +151,12 @@ impl Group for SecondaryGroup {
     }
 
     async fn stop(&self, failover: bool) -> Result<(), String> {
+        for d in &self.disks {
+            if d.node.stage() == Stage::Running {
+                d.close_epoch();
+                d.stopped.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
         self.group.stop(failover).await.map_err(|e| e.to_string())?;
         if failover {
             self.emit("FAILOVER_STARTED", json!({}));
@@ -141,6 +177,7 @@ impl Group for SecondaryGroup {
                     "cluster-size": s.cluster_size,
                     "active-bytes": s.active_clusters as u64 * s.cluster_size,
                     "hidden-bytes": s.hidden_clusters as u64 * s.cluster_size,
+                    "cbw-copies": d.cbw_copies(),
                     "failover": {"done-bytes": s.failover.done, "total-bytes": s.failover.total},
                 })
             })
@@ -252,6 +289,8 @@ pub async fn run(args: SecondaryArgs) -> anyhow::Result<std::process::ExitCode> 
         disks.push(Disk {
             name: spec.name.clone(),
             node,
+            past_copies: 0.into(),
+            stopped: false.into(),
         });
     }
     let group = Arc::new(SecondaryGroup {
@@ -382,6 +421,7 @@ fn refresh_metrics(group: &SecondaryGroup) {
             .set((s.active_clusters as u64 * s.cluster_size) as f64);
         metrics::gauge!("coloblk_hidden_bytes", "disk" => n.clone())
             .set((s.hidden_clusters as u64 * s.cluster_size) as f64);
+        metrics::counter!("coloblk_cbw_copies_total", "disk" => n.clone()).absolute(d.cbw_copies());
         metrics::gauge!("coloblk_failover_done_bytes", "disk" => n.clone())
             .set(s.failover.done as f64);
         metrics::gauge!("coloblk_failover_total_bytes", "disk" => n.clone())

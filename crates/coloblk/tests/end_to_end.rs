@@ -55,6 +55,10 @@ impl Cluster {
 }
 
 fn start_secondary(dir: &Path) -> Proc {
+    start_secondary_with(dir, &[])
+}
+
+fn start_secondary_with(dir: &Path, extra: &[&str]) -> Proc {
     raw_image(dir, "secondary.raw", DISK);
     let u = |n: &str| format!("unix:{}", dir.join(n).display());
     let mut s = Proc::spawn(
@@ -70,7 +74,8 @@ fn start_secondary(dir: &Path) -> Proc {
             ])
             .args(["--control", &u("secondary.qmp"), "--buffer-dir"])
             .arg(dir.join("buffer"))
-            .arg("--start"),
+            .arg("--start")
+            .args(extra),
     );
     wait_socket(&dir.join("secondary.qmp"), &mut s);
     s
@@ -325,4 +330,60 @@ fn qemu_quorum_and_nbd_write_into_our_secondary() {
     );
     secondary.signal("TERM");
     assert!(secondary.wait_exit(Duration::from_secs(10)).success());
+}
+
+/// The secondary's status table and Prometheus metrics show copy-before-write copies, overlay
+/// sizes and checkpoint durations.
+#[test]
+fn secondary_status_and_metrics_count_copies_and_checkpoints() {
+    require("qemu-io");
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let _s = start_secondary_with(d, &["--metrics", &format!("tcp:127.0.0.1:{port}")]);
+    // Three clusters overwritten by the primary, one twice: three copies; 128 KiB on the view.
+    run(Command::new("qemu-io")
+        .args([
+            "-f",
+            "raw",
+            "-c",
+            "write -P 1 0 64k",
+            "-c",
+            "write -P 2 1M 128k",
+            "-c",
+            "write -P 3 0 4k",
+        ])
+        .arg(unix_uri("vm0", &d.join("replica.sock"))));
+    run(Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "write -P 4 4M 128k"])
+        .arg(unix_uri("vm0", &d.join("top.sock"))));
+    let qmp = format!("unix:{}", d.join("secondary.qmp").display());
+    let table = String::from_utf8(run(coloblk().args(["ctl", "--control", &qmp, "status"])).stdout)
+        .unwrap();
+    let want = "role: secondary\n\
+                DISK  STAGE    ACTIVE     HIDDEN     CBW COPIES  FAILOVER  ERROR\n\
+                vm0   running  128.0 KiB  192.0 KiB  3           -         -\n";
+    assert_eq!(table, want);
+    run(coloblk().args(["ctl", "--control", &qmp, "checkpoint"]));
+    run(Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "write -P 5 0 64k"])
+        .arg(unix_uri("vm0", &d.join("replica.sock"))));
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).unwrap();
+    for line in [
+        "coloblk_cbw_copies_total{disk=\"vm0\"} 4",
+        "coloblk_hidden_bytes{disk=\"vm0\"} 65536",
+        "coloblk_active_bytes{disk=\"vm0\"} 0",
+        "coloblk_checkpoint_seconds_count 1",
+        "coloblk_replication_error{disk=\"vm0\"} 0",
+    ] {
+        assert!(body.contains(line), "missing '{line}' in:\n{body}");
+    }
 }
