@@ -65,9 +65,12 @@ def meta_payload(name, queries):
     return string(name) + struct.pack(">I", len(queries)) + b"".join(string(q) for q in queries)
 
 
+_cookies = iter(range(0x1000, 0x10000))
+
+
 def request(kind, offset=0, length=0, flags=0, cookie=None, payload=b""):
     if cookie is None:
-        cookie = 0x1000 + kind
+        cookie = next(_cookies)  # distinct, so the target can match every reply
     return struct.pack(">IHHQQI", REQUEST_MAGIC, flags, kind, cookie, offset, length) + payload
 
 
