@@ -1,10 +1,12 @@
-//! Fault injection for tests: a [`BlockDev`] wrapper that fails, delays or hangs on demand.
+//! Fault injection for tests: a [`BlockDev`] wrapper that fails, delays, holds or tears
+//! requests on demand.
 //!
 //! Real peers do this too (nbdkit's error and delay filters); this wrapper does it in-process,
-//! where a test needs to flip a fault on and off at an exact moment.
+//! where a test needs to flip a fault on and off at an exact moment. Every fault is an atomic
+//! the test sets while requests run.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -21,12 +23,20 @@ pub struct FaultyDev {
     pub fail_writes: AtomicBool,
     /// Reads fail with EIO.
     pub fail_reads: AtomicBool,
+    /// When >= 0: that many more write-class requests succeed, then they fail.
+    pub fail_writes_after: AtomicI64,
     /// Requests never complete while set.
     pub hang: AtomicBool,
-    /// Every request sleeps this many microseconds first; with `jitter`, a pseudo-random
-    /// part of it, so that concurrent requests complete out of order.
+    /// Write-class requests wait while set (reads go on).
+    pub hold_writes: AtomicBool,
+    /// Writes go down in two halves with a pause between (a torn write, if anyone looks).
+    pub split_writes: AtomicBool,
+    /// Every request sleeps this many microseconds first; with `jitter`, a pseudo-random part
+    /// of it, so that concurrent requests complete out of order.
     pub delay_us: AtomicU64,
     pub jitter: AtomicBool,
+    /// Report `can_discard: false`.
+    pub no_discard: AtomicBool,
     /// Write-class requests that reached the inner device.
     pub writes_seen: AtomicU64,
     seed: AtomicU64,
@@ -38,15 +48,24 @@ impl FaultyDev {
             inner,
             fail_writes: AtomicBool::new(false),
             fail_reads: AtomicBool::new(false),
+            fail_writes_after: AtomicI64::new(-1),
             hang: AtomicBool::new(false),
+            hold_writes: AtomicBool::new(false),
+            split_writes: AtomicBool::new(false),
             delay_us: AtomicU64::new(0),
             jitter: AtomicBool::new(false),
+            no_discard: AtomicBool::new(false),
             writes_seen: AtomicU64::new(0),
             seed: AtomicU64::new(0x2545_F491_4F6C_DD1D),
         }
     }
 
-    async fn before(&self, op: Op, offset: u64, write: bool) -> Result<()> {
+    /// Switches a fault on or off (shorthand for a sequentially consistent store).
+    pub fn set(flag: &AtomicBool, on: bool) {
+        flag.store(on, Ordering::SeqCst);
+    }
+
+    async fn delay(&self) {
         let mut us = self.delay_us.load(Ordering::Relaxed);
         if us > 0 && self.jitter.load(Ordering::Relaxed) {
             let x = self
@@ -57,19 +76,30 @@ impl FaultyDev {
         if us > 0 {
             tokio::time::sleep(Duration::from_micros(us)).await;
         }
-        while self.hang.load(Ordering::Relaxed) {
-            tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+
+    async fn before(&self, op: Op, offset: u64, write: bool) -> Result<()> {
+        self.delay().await;
+        while self.hang.load(Ordering::SeqCst) || (write && self.hold_writes.load(Ordering::SeqCst))
+        {
+            tokio::time::sleep(Duration::from_millis(1)).await;
         }
-        let fail = if write {
-            &self.fail_writes
-        } else {
-            &self.fail_reads
-        };
-        if fail.load(Ordering::Relaxed) {
-            return Err(BlockError::new(ErrorKind::Io(None), op, offset).context("injected fault"));
-        }
+        let injected =
+            || Err(BlockError::new(ErrorKind::Io(None), op, offset).context("injected fault"));
         if write {
+            if self.fail_writes.load(Ordering::SeqCst) {
+                return injected();
+            }
+            let left = self.fail_writes_after.load(Ordering::SeqCst);
+            if left == 0 {
+                return injected();
+            }
+            if left > 0 {
+                self.fail_writes_after.fetch_sub(1, Ordering::SeqCst);
+            }
             self.writes_seen.fetch_add(1, Ordering::Relaxed);
+        } else if self.fail_reads.load(Ordering::SeqCst) {
+            return injected();
         }
         Ok(())
     }
@@ -78,7 +108,11 @@ impl FaultyDev {
 #[async_trait]
 impl BlockDev for FaultyDev {
     fn info(&self) -> DevInfo {
-        self.inner.info()
+        let mut info = self.inner.info();
+        if self.no_discard.load(Ordering::SeqCst) {
+            info.can_discard = false;
+        }
+        info
     }
     async fn read(&self, offset: u64, len: usize) -> Result<Bytes> {
         self.before(Op::Read, offset, false).await?;
@@ -86,6 +120,16 @@ impl BlockDev for FaultyDev {
     }
     async fn write(&self, offset: u64, data: Bytes, flags: WriteFlags) -> Result<()> {
         self.before(Op::Write, offset, true).await?;
+        if self.split_writes.load(Ordering::Relaxed) && data.len() > 1 {
+            let half = data.len() / 2;
+            self.inner.write(offset, data.slice(..half), flags).await?;
+            self.delay().await;
+            tokio::task::yield_now().await;
+            return self
+                .inner
+                .write(offset + half as u64, data.slice(half..), flags)
+                .await;
+        }
         self.inner.write(offset, data, flags).await
     }
     async fn flush(&self) -> Result<()> {

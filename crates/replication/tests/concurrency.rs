@@ -9,7 +9,7 @@ use std::sync::atomic::Ordering;
 
 use blockdev::{BlockDev, MemoryDev, WriteFlags};
 use bytes::Bytes;
-use common::{Faulty, MIB, node_over, whole};
+use common::{Faulty, MIB, faulty, node_over, whole};
 use replication::Mode;
 
 const K: u64 = 64 * 1024;
@@ -42,7 +42,7 @@ impl Rng {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn s21_vm_reads_racing_primary_writes_always_see_the_old_data() {
-    let disk = Faulty::new(Arc::new(MemoryDev::with_data(&old_range(0, LEN))));
+    let disk = faulty(Arc::new(MemoryDev::with_data(&old_range(0, LEN))));
     let node = node_over(disk.clone(), K);
     node.start(Mode::Secondary).await.unwrap();
     disk.delay_us.store(300, Ordering::Relaxed);
@@ -88,7 +88,7 @@ async fn s21_vm_reads_racing_primary_writes_always_see_the_old_data() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_sub_block_vm_writes_never_lose_each_others_bytes() {
-    let disk = Faulty::new(Arc::new(MemoryDev::with_data(&old_range(0, LEN))));
+    let disk = faulty(Arc::new(MemoryDev::with_data(&old_range(0, LEN))));
     let node = node_over(disk.clone(), K);
     node.start(Mode::Secondary).await.unwrap();
     disk.delay_us.store(200, Ordering::Relaxed);

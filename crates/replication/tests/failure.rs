@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use blockdev::{BlockDev, MemoryDev, WriteFlags};
-use common::{Faulty, MIB, expect, fill, node_over, pattern, whole};
+use common::{Faulty, MIB, expect, faulty, fill, node_over, pattern, whole};
 use replication::secondary::{DevOverlay, MemoryStore, SecondaryNode};
 use replication::{Mode, ReplicationError, Stage};
 
@@ -17,7 +17,7 @@ const LEN: u64 = 4 * MIB;
 /// A started node over a disk of 0xAA whose hidden overlay lives on a device we can break.
 async fn node_with_breakable_hidden() -> (SecondaryNode, Arc<dyn BlockDev>, Arc<Faulty>) {
     let disk: Arc<dyn BlockDev> = Arc::new(MemoryDev::with_data(&vec![0xAA; LEN as usize]));
-    let hidden = Faulty::new(Arc::new(MemoryDev::new(LEN)));
+    let hidden = faulty(Arc::new(MemoryDev::new(LEN)));
     let node = SecondaryNode::with_overlays(
         disk.clone(),
         K,
@@ -46,7 +46,7 @@ async fn s20_failed_copy_fails_the_write_and_leaves_the_disk_unchanged() {
 #[tokio::test]
 async fn s20_failed_read_of_the_old_content_fails_the_write_too() {
     let inner: Arc<dyn BlockDev> = Arc::new(MemoryDev::with_data(&vec![0xAA; LEN as usize]));
-    let disk = Faulty::new(inner.clone());
+    let disk = faulty(inner.clone());
     let node = node_over(disk.clone(), K);
     node.start(Mode::Secondary).await.unwrap();
     Faulty::set(&disk.fail_reads, true);
@@ -95,7 +95,7 @@ async fn s26_copy_failure_is_sticky_and_refuses_the_checkpoint() {
 #[tokio::test]
 async fn failed_start_leaves_the_node_startable() {
     let disk: Arc<dyn BlockDev> = Arc::new(MemoryDev::new(LEN));
-    let active = Faulty::new(Arc::new(MemoryDev::new(LEN)));
+    let active = faulty(Arc::new(MemoryDev::new(LEN)));
     let node = SecondaryNode::with_overlays(
         disk,
         K,
@@ -116,7 +116,7 @@ async fn failed_start_leaves_the_node_startable() {
 /// A started node over a breakable disk of 0xAA, with primary writes (0x01) over the first
 /// half and VM writes (0x5A) over [1M, 1M + 256K).
 async fn dirty_node() -> (SecondaryNode, Arc<Faulty>, Vec<u8>) {
-    let disk = Faulty::new(Arc::new(MemoryDev::with_data(&vec![0xAA; LEN as usize])));
+    let disk = faulty(Arc::new(MemoryDev::with_data(&vec![0xAA; LEN as usize])));
     let node = node_over(disk.clone(), K);
     node.start(Mode::Secondary).await.unwrap();
     fill(&node.replica(), 0, LEN / 2, 0x01).await;
@@ -185,7 +185,7 @@ async fn s30_failed_failover_is_sticky_and_routes_writes_like_qemu() {
 #[tokio::test]
 async fn failover_that_fails_midway_resumes_where_it_stopped() {
     const BIG: u64 = 16 * MIB;
-    let disk = Faulty::new(Arc::new(MemoryDev::with_data(&vec![0xAA; BIG as usize])));
+    let disk = faulty(Arc::new(MemoryDev::with_data(&vec![0xAA; BIG as usize])));
     let node = node_over(disk.clone(), K);
     node.start(Mode::Secondary).await.unwrap();
     fill(&node.replica(), 0, 12 * MIB, 0x01).await;

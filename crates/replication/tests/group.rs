@@ -5,7 +5,7 @@ mod common;
 use std::sync::Arc;
 
 use blockdev::{BlockDev, MemoryDev, WriteFlags};
-use common::{Faulty, MIB, expect, fill, node_over, pattern};
+use common::{Faulty, MIB, expect, faulty, fill, node_over, pattern};
 use replication::secondary::{DevOverlay, MemoryStore, SecondaryNode};
 use replication::{Mode, ReplicationGroup, Stage};
 
@@ -46,7 +46,7 @@ async fn group_start_validates_every_member_before_starting_any() {
 #[tokio::test]
 async fn group_start_rolls_back_members_started_before_a_failure() {
     // Passes validation (the device can discard) but fails to empty at start.
-    let broken = Faulty::new(Arc::new(MemoryDev::new(LEN)));
+    let broken = faulty(Arc::new(MemoryDev::new(LEN)));
     let bad = SecondaryNode::with_overlays(
         Arc::new(MemoryDev::new(LEN)),
         K,
@@ -73,7 +73,7 @@ async fn group_start_rolls_back_members_started_before_a_failure() {
 
 #[tokio::test]
 async fn group_checkpoint_validates_every_member_before_emptying_any() {
-    let disk = Faulty::new(Arc::new(MemoryDev::with_data(&vec![0xAA; LEN as usize])));
+    let disk = faulty(Arc::new(MemoryDev::with_data(&vec![0xAA; LEN as usize])));
     let sick = node_over(disk.clone(), K);
     let nodes = [plain(), sick];
     let g = group(&nodes);

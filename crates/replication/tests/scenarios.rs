@@ -8,7 +8,7 @@ mod common;
 use std::sync::Arc;
 
 use blockdev::{BlockDev, ErrorKind, Extent, MemoryDev, WriteFlags, ZeroFlags};
-use common::{Backend, Faulty, MIB, expect, fill, node_over, pattern, setup, whole};
+use common::{Backend, Faulty, MIB, expect, faulty, fill, node_over, pattern, setup, whole};
 use replication::secondary::{DevOverlay, MemoryStore, Overlay, SecondaryNode};
 use replication::{Mode, ReplicationError, Stage};
 
@@ -49,7 +49,7 @@ async fn s08_start_refuses_overlays_of_another_length() {
 #[tokio::test]
 async fn s09_start_refuses_overlays_that_cannot_be_emptied() {
     let disk: Arc<dyn BlockDev> = Arc::new(MemoryDev::new(LEN));
-    let no_discard = Faulty::new(Arc::new(MemoryDev::new(LEN)));
+    let no_discard = faulty(Arc::new(MemoryDev::new(LEN)));
     Faulty::set(&no_discard.no_discard, true);
     let node = SecondaryNode::with_overlays(
         disk,
@@ -422,7 +422,7 @@ async fn s27_failover_rolls_back_the_primarys_writes_since_the_checkpoint() {
 #[tokio::test]
 async fn s28_vm_io_during_failover_is_consistent_and_kept() {
     const BIG: u64 = 16 * MIB;
-    let held = Faulty::new(Arc::new(MemoryDev::new(BIG)));
+    let held = faulty(Arc::new(MemoryDev::new(BIG)));
     let node = node_over(held.clone(), K);
     fill(&*held, 0, BIG, 0xAA).await;
     node.start(Mode::Secondary).await.unwrap();
@@ -509,7 +509,7 @@ async fn replica_path_writes_through_after_stop_without_failover() {
 
 #[tokio::test]
 async fn checkpoint_is_ignored_during_failover() {
-    let slow = Faulty::new(Arc::new(MemoryDev::new(LEN)));
+    let slow = faulty(Arc::new(MemoryDev::new(LEN)));
     let node = node_over(slow.clone(), K);
     node.start(Mode::Secondary).await.unwrap();
     fill(&node.top(), 0, LEN, 0x5A).await;

@@ -1,17 +1,11 @@
-//! Shared fixtures: fresh disks and nodes per test, exact range checks, and a block device
-//! wrapper that fails, splits or delays requests on demand.
+//! Shared fixtures: fresh disks and nodes per test, exact range checks, and the
+//! fault-injecting wrapper.
 
 #![allow(dead_code)]
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
-use std::time::Duration;
 
-use async_trait::async_trait;
-use blockdev::{
-    BlockDev, BlockError, DevInfo, ErrorKind, ExtentList, IoPool, MemoryDev, Op, RawFile,
-    RawOptions, Result, WriteFlags, ZeroFlags,
-};
+use blockdev::{BlockDev, IoPool, MemoryDev, RawFile, RawOptions, WriteFlags};
 use bytes::Bytes;
 use replication::secondary::{OverlayStore, SecondaryConfig, SecondaryNode};
 
@@ -107,121 +101,12 @@ pub async fn whole(dev: &dyn BlockDev) -> Vec<u8> {
     dev.read(0, dev.len() as usize).await.unwrap().to_vec()
 }
 
-/// A block device that fails, delays or splits requests when told to.
-pub struct Faulty {
-    inner: Arc<dyn BlockDev>,
-    /// Write-class requests (write, zeroes, discard, flush) fail with EIO.
-    pub fail_writes: AtomicBool,
-    /// Reads fail with EIO.
-    pub fail_reads: AtomicBool,
-    /// When >= 0: that many more write-class requests succeed, then they fail.
-    pub fail_writes_after: AtomicI64,
-    /// Writes go down in two halves with a pause between (a torn write, if anyone looks).
-    pub split_writes: AtomicBool,
-    /// Every request sleeps up to this many microseconds (pseudo-random) first.
-    pub delay_us: AtomicU64,
-    /// Write-class requests wait while this is set.
-    pub hold_writes: AtomicBool,
-    /// Report `can_discard: false`.
-    pub no_discard: AtomicBool,
-    seed: AtomicU64,
-}
+/// The fault-injecting wrapper, as these tests use it: shared, with random delays (so that
+/// concurrent requests complete out of order).
+pub use blockdev::fault::FaultyDev as Faulty;
 
-impl Faulty {
-    pub fn new(inner: Arc<dyn BlockDev>) -> Arc<Self> {
-        Arc::new(Faulty {
-            inner,
-            fail_writes: AtomicBool::new(false),
-            fail_reads: AtomicBool::new(false),
-            fail_writes_after: AtomicI64::new(-1),
-            split_writes: AtomicBool::new(false),
-            hold_writes: AtomicBool::new(false),
-            delay_us: AtomicU64::new(0),
-            no_discard: AtomicBool::new(false),
-            seed: AtomicU64::new(0x2545_F491_4F6C_DD1D),
-        })
-    }
-
-    pub fn set(flag: &AtomicBool, on: bool) {
-        flag.store(on, Ordering::SeqCst);
-    }
-
-    async fn delay(&self) {
-        let us = self.delay_us.load(Ordering::Relaxed);
-        if us > 0 {
-            let x = self
-                .seed
-                .fetch_add(0x9E37_79B9_7F4A_7C15, Ordering::Relaxed);
-            tokio::time::sleep(Duration::from_micros((x >> 33) % (us + 1))).await;
-        }
-    }
-
-    async fn before(&self, op: Op, offset: u64, write: bool) -> Result<()> {
-        self.delay().await;
-        let injected =
-            || Err(BlockError::new(ErrorKind::Io(None), op, offset).context("injected fault"));
-        if write {
-            while self.hold_writes.load(Ordering::SeqCst) {
-                tokio::time::sleep(Duration::from_millis(1)).await;
-            }
-            if self.fail_writes.load(Ordering::SeqCst) {
-                return injected();
-            }
-            let left = self.fail_writes_after.load(Ordering::SeqCst);
-            if left == 0 {
-                return injected();
-            }
-            if left > 0 {
-                self.fail_writes_after.fetch_sub(1, Ordering::SeqCst);
-            }
-        } else if self.fail_reads.load(Ordering::SeqCst) {
-            return injected();
-        }
-        Ok(())
-    }
-}
-
-#[async_trait]
-impl BlockDev for Faulty {
-    fn info(&self) -> DevInfo {
-        let mut i = self.inner.info();
-        if self.no_discard.load(Ordering::SeqCst) {
-            i.can_discard = false;
-        }
-        i
-    }
-    async fn read(&self, offset: u64, len: usize) -> Result<Bytes> {
-        self.before(Op::Read, offset, false).await?;
-        self.inner.read(offset, len).await
-    }
-    async fn write(&self, offset: u64, data: Bytes, flags: WriteFlags) -> Result<()> {
-        self.before(Op::Write, offset, true).await?;
-        if self.split_writes.load(Ordering::Relaxed) && data.len() > 1 {
-            let half = data.len() / 2;
-            self.inner.write(offset, data.slice(..half), flags).await?;
-            self.delay().await;
-            tokio::task::yield_now().await;
-            return self
-                .inner
-                .write(offset + half as u64, data.slice(half..), flags)
-                .await;
-        }
-        self.inner.write(offset, data, flags).await
-    }
-    async fn flush(&self) -> Result<()> {
-        self.before(Op::Flush, 0, true).await?;
-        self.inner.flush().await
-    }
-    async fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
-        self.before(Op::WriteZeroes, offset, true).await?;
-        self.inner.write_zeroes(offset, len, flags).await
-    }
-    async fn discard(&self, offset: u64, len: u64) -> Result<()> {
-        self.before(Op::Discard, offset, true).await?;
-        self.inner.discard(offset, len).await
-    }
-    async fn block_status(&self, offset: u64, len: u64) -> Result<ExtentList> {
-        self.before(Op::BlockStatus, offset, false).await?;
-        self.inner.block_status(offset, len).await
-    }
+pub fn faulty(inner: Arc<dyn BlockDev>) -> Arc<Faulty> {
+    let f = Faulty::new(inner);
+    f.jitter.store(true, std::sync::atomic::Ordering::Relaxed);
+    Arc::new(f)
 }
