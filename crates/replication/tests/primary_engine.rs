@@ -416,3 +416,32 @@ async fn a_secondary_of_another_length_is_refused() {
     );
     assert_eq!(node.start(Mode::Primary).unwrap_err(), PrimaryError::NoLink);
 }
+
+/// Sync mode writes locally and forwards side by side: a local failure still reaches the VM,
+/// and since the secondary may have taken the write, the range is recorded as dirty.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_local_error_in_sync_mode_reaches_the_vm_and_marks_the_range_dirty() {
+    let local = Arc::new(FaultyDev::new(Arc::new(MemoryDev::new(DISK))));
+    let remote = Arc::new(MemoryDev::new(DISK));
+    let node = PrimaryNode::new(
+        local.clone(),
+        PrimaryConfig {
+            mode: ForwardMode::Sync,
+            ..Default::default()
+        },
+    );
+    node.set_link(remote.clone()).unwrap();
+    node.start(Mode::Primary).unwrap();
+    node.write(0, fill(1, 4096), WriteFlags::default())
+        .await
+        .unwrap();
+    assert_eq!(node.dirty().dirty_clusters(), 0);
+    local.fail_writes.store(true, Ordering::Relaxed);
+    assert!(
+        node.write(3 * 65536, fill(2, 4096), WriteFlags::default())
+            .await
+            .is_err()
+    );
+    assert_eq!(node.dirty().ranges(), vec![(3 * 65536, 65536)]);
+    node.get_error().unwrap();
+}

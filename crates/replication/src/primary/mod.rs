@@ -341,21 +341,40 @@ impl PrimaryNode {
             Some((o, l)) => Some(self.inner.order.lock(o, l).await),
             None => None,
         };
-        // A local failure always reaches the VM, and nothing is forwarded for it.
-        local.await?;
         if !self.forwarding() {
+            local.await?;
             if let Some((o, l)) = range {
                 self.inner.shared.dirty.mark(o, l);
             }
             return Ok(());
         }
-        let sync = self.inner.mode == ForwardMode::Sync;
-        let ack = self.inner.forwarder.push(change, sync).await;
-        drop(guard);
-        if let Some(ack) = ack {
-            // In sync mode the VM waits for the secondary, but a forwarding failure is still
-            // only recorded (sticky error, dirty range), never returned to the VM.
-            let _ = ack.await;
+        match self.inner.mode {
+            ForwardMode::Async => {
+                // A local failure always reaches the VM, and nothing is forwarded for it.
+                local.await?;
+                self.inner.forwarder.push(change, false).await;
+                drop(guard);
+            }
+            ForwardMode::Sync => {
+                // The local write and the forward run side by side, as in QEMU's quorum; the
+                // range lock is held until both are done, so overlapping writes cannot overtake
+                // each other on either side.
+                let ack = self.inner.forwarder.push(change, true).await;
+                let local_result = local.await;
+                if let Some(ack) = ack {
+                    // The VM waits for the secondary, but a forwarding failure is only recorded
+                    // (sticky error, dirty range), never returned to the VM.
+                    let _ = ack.await;
+                }
+                drop(guard);
+                if let Err(e) = local_result {
+                    // The secondary may now hold what the primary does not.
+                    if let Some((o, l)) = range {
+                        self.inner.shared.dirty.mark(o, l);
+                    }
+                    return Err(e);
+                }
+            }
         }
         Ok(())
     }
