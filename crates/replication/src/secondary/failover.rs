@@ -122,13 +122,21 @@ async fn run(node: Arc<Node>, todo: Vec<u64>) {
     }
 }
 
-/// The merge proper: batch by batch, each under the gate's shared side.
+/// Batches merged at once: reading the next batch's overlays overlaps writing the last one's
+/// view into the disk (batches are disjoint, each holds its own cluster locks).
+const MERGE_PARALLEL: usize = 4;
+
+/// The merge proper: batch by batch, each under the gate's shared side, a few at a time.
 async fn merge(node: &Node, todo: &[u64]) -> Result<()> {
-    for run in runs(todo, MERGE_CHUNK / node.geo.cluster) {
-        let _gate = node.gate.read().await;
-        node.merge_run(run).await?;
-    }
-    Ok(())
+    use futures::stream::{self, StreamExt, TryStreamExt};
+    stream::iter(runs(todo, MERGE_CHUNK / node.geo.cluster))
+        .map(|run| async move {
+            let _gate = node.gate.read().await;
+            node.merge_run(run).await
+        })
+        .buffer_unordered(MERGE_PARALLEL)
+        .try_collect::<()>()
+        .await
 }
 
 impl Node {
