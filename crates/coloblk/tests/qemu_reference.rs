@@ -3,7 +3,7 @@
 //! the same QMP commands and the same NBD requests (spec sections 1.3, 1.4, 4, 5, Appendix B).
 //!
 //! QEMU is Debian's qemu-system-x86 7.2, unpacked (not installed) into target/qemu-colo by
-//! shared/tools/get-qemu-colo. It runs on `-M none` with no guest:
+//! scripts/get-qemu-colo (a copy of shared/tools/get-qemu-colo). It runs on `-M none` with no guest:
 //!
 //! ```text
 //! qemu-system-x86_64 -M none -nodefaults -display none -L $QEMU_COLO_DATA \
@@ -83,11 +83,11 @@ fn qemu_colo() -> &'static QemuColo {
 
 fn unpack_qemu() -> QemuColo {
     let root = repo_root();
-    let tool = root.join("../shared/tools/get-qemu-colo");
+    let tool = root.join("scripts/get-qemu-colo");
     let dir = root.join("target/qemu-colo");
     assert!(
         tool.is_file(),
-        "cannot get the QEMU 7.2 reference: {} does not exist (shared/ must sit beside the clone)",
+        "cannot get the QEMU 7.2 reference: {} does not exist",
         tool.display()
     );
     let out = Command::new("bash")
