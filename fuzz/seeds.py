@@ -44,6 +44,36 @@ CMD_FLAG_DF = 1 << 2
 CMD_FLAG_REQ_ONE = 1 << 3
 CMD_FLAG_FAST_ZERO = 1 << 4
 BASE_ALLOCATION = b"base:allocation"
+# Server side (for the client target).
+NBDMAGIC = 0x4E42444D41474943
+OLDSTYLE_MAGIC = 0x0000420281861253
+OPT_REPLY_MAGIC = 0x0003E889045565A9
+SIMPLE_REPLY_MAGIC = 0x67446698
+STRUCTURED_REPLY_MAGIC = 0x668E33EF
+FLAG_FIXED_NEWSTYLE = 1 << 0
+FLAG_NO_ZEROES = 1 << 1
+FLAG_HAS_FLAGS = 1 << 0
+FLAG_SEND_FLUSH = 1 << 2
+FLAG_SEND_FUA = 1 << 3
+FLAG_SEND_TRIM = 1 << 5
+FLAG_SEND_WRITE_ZEROES = 1 << 6
+FLAG_SEND_FAST_ZERO = 1 << 11
+FLAG_SEND_CACHE = 1 << 10
+REP_ACK = 1
+REP_INFO = 3
+REP_META_CONTEXT = 4
+REP_ERR_UNSUP = (1 << 31) + 1
+REPLY_FLAG_DONE = 1 << 0
+REPLY_TYPE_NONE = 0
+REPLY_TYPE_OFFSET_DATA = 1
+REPLY_TYPE_OFFSET_HOLE = 2
+REPLY_TYPE_BLOCK_STATUS = 5
+REPLY_TYPE_ERROR = (1 << 15) + 1
+REPLY_TYPE_ERROR_OFFSET = (1 << 15) + 2
+STATE_HOLE = 1 << 0
+STATE_ZERO = 1 << 1
+EIO = 5
+ENOSPC = 28
 
 # The fuzz target serves one 1 MiB export named "disk".
 EXPORT = b"disk"
@@ -202,6 +232,226 @@ def nbd_parser_inputs():
     yield "meta_context_payload", meta_payload(EXPORT, [BASE_ALLOCATION, b"base:"])
 
 
+# --- nbd_client_replies: the server's side, for the client target ---------------------------
+# Byte 0 is the target's control byte (see fuzz_targets/nbd_client_replies.rs): bits 0-1 the
+# mode (0 raw; 1 structured + base:allocation id 7; 2 structured, no context; 3 simple replies),
+# bit 2 hang up after the input, bit 3 block sizes 512/512/512, bit 4 read-only, bit 5 no
+# WRITE_ZEROES, bit 6 no FUA, bit 7 no FLUSH/TRIM/CACHE. The client numbers its cookies from 1
+# in the order it registers requests: read(0, 512), read(1024, 1024) (two requests with
+# block sizes), write(512, 512, FUA), block_status(0, 65536), block_status(65536, 4096,
+# REQ_ONE), flush, write_zeroes(2048, 512), discard(4096, 512), cache(0, 512); requests the
+# server's flags make unnecessary take no cookie.
+CLIENT_DISK = 1 << 20
+META_ID = 7
+ALL_FLAGS = (FLAG_HAS_FLAGS | FLAG_SEND_FLUSH | FLAG_SEND_FUA | FLAG_SEND_TRIM
+             | FLAG_SEND_WRITE_ZEROES | FLAG_SEND_FAST_ZERO | FLAG_SEND_CACHE)
+
+
+def opt_reply(opt, kind, data=b""):
+    return struct.pack(">QIII", OPT_REPLY_MAGIC, opt, kind, len(data)) + data
+
+
+def greeting(flags=FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES):
+    return struct.pack(">QQH", NBDMAGIC, IHAVEOPT, flags)
+
+
+def go_replies(size=CLIENT_DISK, flags=ALL_FLAGS, block_sizes=None):
+    out = opt_reply(OPT_GO, REP_INFO, struct.pack(">HQH", INFO_EXPORT, size, flags))
+    if block_sizes:
+        out += opt_reply(OPT_GO, REP_INFO, struct.pack(">HIII", INFO_BLOCK_SIZE, *block_sizes))
+    return out + opt_reply(OPT_GO, REP_ACK)
+
+
+def full_handshake():
+    """What the target's mode 1 sends: structured replies, base:allocation, GO."""
+    return b"".join(
+        [
+            greeting(),
+            opt_reply(OPT_STRUCTURED_REPLY, REP_ACK),
+            opt_reply(OPT_SET_META_CONTEXT, REP_META_CONTEXT, struct.pack(">I", META_ID) + BASE_ALLOCATION),
+            opt_reply(OPT_SET_META_CONTEXT, REP_ACK),
+            go_replies(),
+        ]
+    )
+
+
+def simple(cookie, error=0, data=b""):
+    return struct.pack(">IIQ", SIMPLE_REPLY_MAGIC, error, cookie) + data
+
+
+def chunk(cookie, kind, body=b"", done=True):
+    flags = REPLY_FLAG_DONE if done else 0
+    return struct.pack(">IHHQI", STRUCTURED_REPLY_MAGIC, flags, kind, cookie, len(body)) + body
+
+
+def none(cookie):
+    return chunk(cookie, REPLY_TYPE_NONE)
+
+
+def data_chunk(cookie, offset, data, done=True):
+    return chunk(cookie, REPLY_TYPE_OFFSET_DATA, struct.pack(">Q", offset) + data, done)
+
+
+def hole_chunk(cookie, offset, length, done=True):
+    return chunk(cookie, REPLY_TYPE_OFFSET_HOLE, struct.pack(">QI", offset, length), done)
+
+
+def status_chunk(cookie, extents, done=True, ctx=META_ID):
+    body = struct.pack(">I", ctx) + b"".join(struct.pack(">II", n, f) for n, f in extents)
+    return chunk(cookie, REPLY_TYPE_BLOCK_STATUS, body, done)
+
+
+def error_chunk(cookie, errno, msg=b"", offset=None, done=True):
+    body = struct.pack(">IH", errno, len(msg)) + msg
+    if offset is None:
+        return chunk(cookie, REPLY_TYPE_ERROR, body, done)
+    return chunk(cookie, REPLY_TYPE_ERROR_OFFSET, body + struct.pack(">Q", offset), done)
+
+
+def structured_replies_all_features():
+    """Replies for cookies 1-9 (no block sizes: the 1 KiB read is one request), out of order."""
+    return b"".join(
+        [
+            none(3),  # write
+            status_chunk(4, [(4096, 0), (8192, STATE_HOLE | STATE_ZERO), (53248, 0)], done=False),
+            data_chunk(1, 0, pattern(512, 1)),
+            data_chunk(2, 1024, pattern(512, 2), done=False),
+            hole_chunk(2, 1536, 512, done=False),
+            none(2),
+            status_chunk(5, [(4096, STATE_ZERO), (4096, 0)]),  # REQ_ONE: the client keeps one
+            none(4),
+            none(6),  # flush
+            none(7),  # write zeroes
+            error_chunk(8, EIO, b"trim failed", done=False),
+            none(8),
+            none(9),  # cache
+        ]
+    )
+
+
+def nbd_client_inputs():
+    yield "structured_all_ok", bytes([0x01]) + structured_replies_all_features()
+    yield "structured_all_ok_hang_up", bytes([0x05]) + structured_replies_all_features()
+    # Block sizes 512/512/512: the 1 KiB read is cookies 2 and 3, the rest shift by one.
+    yield "structured_split_read", bytes([0x09]) + b"".join(
+        [
+            data_chunk(3, 1536, pattern(512, 3)),
+            data_chunk(2, 1024, pattern(256, 4), done=False),
+            data_chunk(2, 1280, pattern(256, 5)),
+            hole_chunk(1, 0, 512),
+            none(4),
+            status_chunk(5, [(65536, 0)]),
+            status_chunk(6, [(512, STATE_HOLE)]),
+            none(7),
+            error_chunk(8, ENOSPC, b"", offset=2048),
+            simple(9),
+            none(10),
+        ]
+    )
+    # Simple replies only (no status requests without a context): cookies 1-7.
+    yield "simple_replies", bytes([0x03]) + b"".join(
+        [
+            simple(2, 0, pattern(1024, 6)),
+            simple(1, 0, pattern(512, 7)),
+            simple(3),
+            simple(4),
+            simple(5, ENOSPC),
+            simple(6),
+            simple(7),
+        ]
+    )
+    # Structured replies, no context (no status requests): cookies 1-7; hang up at the end.
+    yield "structured_no_context", bytes([0x06]) + b"".join(
+        [
+            error_chunk(1, EIO, b"bad sector", offset=100, done=False),
+            data_chunk(1, 0, pattern(512, 8)),
+            data_chunk(2, 1024, pattern(1024, 9)),
+            simple(3),
+            simple(4),
+            none(5),
+            none(6),
+            none(7),
+        ]
+    )
+    # No WRITE_ZEROES, FUA, FLUSH, TRIM or CACHE: read 1, read 2, write 3 (no FUA, no flush),
+    # status 4 and 5, zeroes written as data 6.
+    yield "few_features", bytes([0xE1]) + b"".join(
+        [
+            data_chunk(1, 0, pattern(512, 10)),
+            hole_chunk(2, 1024, 1024),
+            none(3),
+            status_chunk(4, [(65536, STATE_HOLE | STATE_ZERO)]),
+            status_chunk(5, [(4096, 0)]),
+            none(6),
+        ]
+    )
+    # Read-only export: reads 1, 2, status 3, 4, flush 5, cache 6; the writes fail locally.
+    yield "read_only", bytes([0x15]) + b"".join(
+        [
+            data_chunk(1, 0, pattern(512, 11)),
+            data_chunk(2, 1024, pattern(1024, 12)),
+            status_chunk(3, [(65536, 0)]),
+            status_chunk(4, [(4096, 0)]),
+            none(5),  # flush
+            none(6),  # cache
+        ]
+    )
+    # A protocol violation after a good reply: the connection dies, the rest fail.
+    yield "violation_bad_magic", bytes([0x01]) + data_chunk(1, 0, pattern(512, 13)) + b"\xde\xad\xbe\xef" * 8
+    yield "violation_unknown_cookie", bytes([0x01]) + none(3) + none(77)
+    # Raw mode: the whole handshake in the input (replies sent at once), then the same replies.
+    yield "raw_full_handshake", bytes([0x04]) + full_handshake() + structured_replies_all_features()
+    # Raw: GO unsupported, NBD_OPT_EXPORT_NAME (without NO_ZEROES: 124 zero bytes), simple replies.
+    yield "raw_export_name", bytes([0x04]) + b"".join(
+        [
+            greeting(FLAG_FIXED_NEWSTYLE),
+            opt_reply(OPT_STRUCTURED_REPLY, REP_ERR_UNSUP),
+            opt_reply(OPT_GO, REP_ERR_UNSUP),
+            struct.pack(">QH", CLIENT_DISK, ALL_FLAGS),
+            bytes(124),
+            simple(1, 0, pattern(512, 14)),
+            simple(2, 0, pattern(1024, 15)),
+            simple(3),
+            simple(4),
+            simple(5),
+            simple(6, EIO),
+            simple(7),
+        ]
+    )
+    # Raw: not fixed newstyle (only NBD_OPT_EXPORT_NAME), NO_ZEROES, read-only flags.
+    yield "raw_unfixed_newstyle", bytes([0x04]) + greeting(FLAG_NO_ZEROES) + struct.pack(
+        ">QH", CLIENT_DISK, FLAG_HAS_FLAGS | 2
+    ) + simple(2, 0, pattern(1024, 17)) + simple(1, 0, pattern(512, 16))
+    # Raw: GO refused, and an oldstyle server.
+    yield "raw_go_refused", bytes([0x04]) + greeting() + opt_reply(OPT_STRUCTURED_REPLY, REP_ACK) + opt_reply(
+        OPT_SET_META_CONTEXT, REP_ACK
+    ) + opt_reply(OPT_GO, REP_ERR_UNSUP + 5, b"no such export")
+    yield "raw_oldstyle", bytes([0x04]) + struct.pack(">QQQH", NBDMAGIC, OLDSTYLE_MAGIC, CLIENT_DISK, 0) + bytes(124)
+
+
+URIS = [
+    b"nbd://example.com/disk",
+    b"nbd://example.com:10810//abs/path",
+    b"nbd://10.0.0.1:1234/hello%20world",
+    b"nbd://[::1]:99/x",
+    b"nbd://[fe80::1%25eth0]/",
+    b"NBD://h:/e",
+    b"nbd:///e",
+    b"nbd+unix:///disk?socket=/tmp/s.sock",
+    b"nbd+unix://?socket=rel.sock",
+    b"nbd+unix:///a%2Fb?socket=/tmp/with%20space&",
+    b"nbds://h/e",
+    b"nbd+vsock://1/e",
+    b"nbd://h/e?tls-type=x509",
+    b"nbd://user@h/e#frag",
+    b"nbd://h/%C3%A9t%C3%A9",
+    b"nbd://h:65535/%zz",
+    b"tcp:127.0.0.1:10809",
+    b"tcp:[::1]:99",
+    b"unix:/run/coloblk.sock",
+]
+
+
 def write(target, name, data):
     d = os.path.join(OUT, target)
     os.makedirs(d, exist_ok=True)
@@ -219,6 +469,10 @@ def main():
         write("qmp_framer", name + "_random", b"\x05" + data)
     for name, data in nbd_parser_inputs():
         write("nbd_parsers", name, data)
+    for name, data in nbd_client_inputs():
+        write("nbd_client_replies", name, data)
+    for i, uri in enumerate(URIS):
+        write("nbd_uri", "uri_%02d" % i, uri)
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ use blockdev::{
     BlockDev, BlockError, DevInfo, ErrorKind, Extent, ExtentList, Op, Result, WriteFlags, ZeroFlags,
 };
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use futures::{StreamExt, TryStreamExt, future, stream};
+use futures::{StreamExt, stream};
 use parking_lot::Mutex;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
@@ -621,6 +621,10 @@ struct Pending {
     data: BytesMut,
     /// Bytes of a read that chunks have covered.
     filled: u64,
+    /// The ranges chunks covered (start -> end, relative to the request): a chunk that
+    /// overlaps an earlier one is a protocol violation, else `filled` could reach the length
+    /// with bytes never sent.
+    covered: std::collections::BTreeMap<u64, u64>,
     extents: Option<ExtentList>,
     error: Option<ServerError>,
     /// Structured chunks have arrived (a simple reply is then a violation).
@@ -650,6 +654,20 @@ impl Pending {
                 self.len, self.offset
             ))),
         }
+    }
+
+    /// Records that a chunk covered `start..start+n` of the request, refusing overlaps.
+    fn cover(&mut self, start: usize, n: u32) -> std::result::Result<(), ConnError> {
+        let (s, e) = (start as u64, start as u64 + u64::from(n));
+        let before = self.covered.range(..e).next_back();
+        if before.is_some_and(|(_, &end)| end > s) {
+            return Err(ConnError::Protocol(format!(
+                "read chunk for {n} bytes at request offset {s} overlaps an earlier chunk"
+            )));
+        }
+        self.covered.insert(s, e);
+        self.filled += u64::from(n);
+        Ok(())
     }
 
     /// Checks that a finished reply is complete.
@@ -946,8 +964,8 @@ async fn data_chunk<R: AsyncRead + Unpin>(
     let offset = r.read_u64().await?;
     let n = len - 8;
     let start = p.locate(offset, n)?;
+    p.cover(start, n)?;
     r.read_exact(&mut p.data[start..start + n as usize]).await?;
-    p.filled += u64::from(n);
     Ok(())
 }
 
@@ -967,8 +985,8 @@ async fn hole_chunk<R: AsyncRead + Unpin>(
         return violation("empty hole chunk");
     }
     let start = p.locate(offset, n)?;
+    p.cover(start, n)?;
     p.data[start..start + n as usize].fill(0);
-    p.filled += u64::from(n);
     Ok(())
 }
 
@@ -1393,6 +1411,7 @@ impl NbdClient {
             len: cmd.len,
             data,
             filled: 0,
+            covered: std::collections::BTreeMap::new(),
             extents: None,
             error: None,
             chunked: false,
@@ -1494,11 +1513,14 @@ impl NbdClient {
         Fut: Future<Output = Result<()>> + 'a,
     {
         let mut f = f;
-        stream::iter(spans(offset, len, limit))
+        // Every part runs to its end (reply or its own timeout) even when another failed: a
+        // part dropped half-way would keep its slot with nobody left to time it out.
+        let results: Vec<Result<()>> = stream::iter(spans(offset, len, limit))
             .map(|(o, l)| f(o, l))
             .buffer_unordered(SPLIT_PARALLELISM)
-            .try_for_each(|()| future::ready(Ok(())))
-            .await
+            .collect()
+            .await;
+        results.into_iter().collect()
     }
 
     /// Makes preceding writes durable where the server could not take FUA on the request.
@@ -1526,11 +1548,13 @@ impl NbdClient {
         if len <= limit as usize {
             return self.read_one(offset, len as u32).await;
         }
-        let parts: Vec<Bytes> = stream::iter(spans(offset, len as u64, limit))
+        // As in for_each_span: wait for every part, then report the first failure.
+        let parts: Vec<Result<Bytes>> = stream::iter(spans(offset, len as u64, limit))
             .map(|(o, l)| self.read_one(o, l))
             .buffered(SPLIT_PARALLELISM)
-            .try_collect()
-            .await?;
+            .collect()
+            .await;
+        let parts = parts.into_iter().collect::<Result<Vec<Bytes>>>()?;
         let mut out = BytesMut::with_capacity(len);
         parts.iter().for_each(|p| out.extend_from_slice(p));
         Ok(out.freeze())
