@@ -20,6 +20,22 @@ use replication::Mode;
 use serde_json::{Value, json};
 use tracing::{info, warn};
 
+/// Options every daemon has.
+#[derive(clap::Args, Debug, Clone)]
+pub struct DaemonArgs {
+    /// The QMP-compatible control socket: unix:PATH or tcp:HOST:PORT.
+    #[arg(long, value_name = "ADDR")]
+    pub control: Option<SocketAddr>,
+
+    /// Start replication at once (otherwise send replication-start).
+    #[arg(long)]
+    pub start: bool,
+
+    /// Prometheus metrics endpoint: tcp:HOST:PORT (or unix:PATH).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<SocketAddr>,
+}
+
 /// What a daemon's disks do together. Errors are the texts the client sees.
 #[async_trait]
 pub trait Group: Send + Sync + 'static {

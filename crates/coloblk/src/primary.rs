@@ -39,10 +39,6 @@ pub struct PrimaryArgs {
     #[arg(long, value_name = "ADDR")]
     pub export_listen: Option<SocketAddr>,
 
-    /// The QMP-compatible control socket: unix:PATH or tcp:HOST:PORT.
-    #[arg(long, value_name = "ADDR")]
-    pub control: Option<SocketAddr>,
-
     /// async: a write completes when the local write is done and the forward follows
     /// (checkpoints drain); sync: it also waits for the secondary, as QEMU does.
     #[arg(long, value_name = "MODE", default_value = "async")]
@@ -53,10 +49,6 @@ pub struct PrimaryArgs {
     #[arg(long, value_name = "ADDR")]
     pub peer_control: Option<SocketAddr>,
 
-    /// Start replication at once (otherwise send replication-start).
-    #[arg(long)]
-    pub start: bool,
-
     /// Forwarding queue bound in MiB (backpressure beyond it).
     #[arg(long, value_name = "MIB", default_value_t = 64)]
     pub queue_mib: usize,
@@ -65,9 +57,8 @@ pub struct PrimaryArgs {
     #[arg(long, value_name = "SECONDS", default_value_t = 10.0)]
     pub link_timeout: f64,
 
-    /// Prometheus metrics endpoint: tcp:HOST:PORT (or unix:PATH).
-    #[arg(long, value_name = "ADDR")]
-    pub metrics: Option<SocketAddr>,
+    #[command(flatten)]
+    pub daemon: crate::control::DaemonArgs,
 }
 
 /// One disk of the primary.
@@ -263,12 +254,17 @@ pub async fn run(args: PrimaryArgs) -> anyhow::Result<std::process::ExitCode> {
         .export_listen
         .clone()
         .context("--export-listen is required")?;
-    let control_addr = args.control.clone().context("--control is required")?;
+    let control_addr = args
+        .daemon
+        .control
+        .clone()
+        .context("--control is required")?;
     if !(args.link_timeout > 0.0 && args.link_timeout.is_finite()) {
         anyhow::bail!("--link-timeout must be a positive number of seconds");
     }
     let link_timeout = Duration::from_secs_f64(args.link_timeout);
     let metrics_handle = args
+        .daemon
         .metrics
         .as_ref()
         .map(|_| crate::metrics::install())
@@ -324,7 +320,7 @@ pub async fn run(args: PrimaryArgs) -> anyhow::Result<std::process::ExitCode> {
     *group.qmp.lock() = Some(qmp_server.clone());
     forward_events(&group, &qmp_server);
     control::serve(&control_addr, qmp_server).await?;
-    if let (Some(addr), Some(handle)) = (&args.metrics, metrics_handle) {
+    if let (Some(addr), Some(handle)) = (&args.daemon.metrics, metrics_handle) {
         let g = group.clone();
         crate::metrics::serve(addr, handle, Arc::new(move || refresh_metrics(&g))).await?;
     }
@@ -338,7 +334,7 @@ pub async fn run(args: PrimaryArgs) -> anyhow::Result<std::process::ExitCode> {
         .await
         .with_context(|| format!("cannot listen on {export_listen}"))?;
     info!(addr = %export_listen, "VM export listening");
-    if args.start {
+    if args.daemon.start {
         group
             .start(Mode::Primary)
             .await

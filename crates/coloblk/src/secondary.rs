@@ -44,10 +44,6 @@ pub struct SecondaryArgs {
     #[arg(long, value_name = "ADDR")]
     pub export_listen: Option<SocketAddr>,
 
-    /// The QMP-compatible control socket: unix:PATH or tcp:HOST:PORT.
-    #[arg(long, value_name = "ADDR")]
-    pub control: Option<SocketAddr>,
-
     /// Directory for the overlay buffers (sparse, unlinked files; tmpfs is best, as QEMU
     /// recommends a ramdisk). `memory` keeps them in the process instead.
     #[arg(long, value_name = "DIR", default_value = "/dev/shm")]
@@ -57,13 +53,8 @@ pub struct SecondaryArgs {
     #[arg(long, value_name = "BYTES", default_value_t = 65536)]
     pub cluster_size: u64,
 
-    /// Start replication at once (otherwise send replication-start).
-    #[arg(long)]
-    pub start: bool,
-
-    /// Prometheus metrics endpoint: tcp:HOST:PORT (or unix:PATH).
-    #[arg(long, value_name = "ADDR")]
-    pub metrics: Option<SocketAddr>,
+    #[command(flatten)]
+    pub daemon: crate::control::DaemonArgs,
 }
 
 struct Disk {
@@ -270,8 +261,13 @@ pub async fn run(args: SecondaryArgs) -> anyhow::Result<std::process::ExitCode> 
         .export_listen
         .clone()
         .context("--export-listen is required")?;
-    let control_addr = args.control.clone().context("--control is required")?;
+    let control_addr = args
+        .daemon
+        .control
+        .clone()
+        .context("--control is required")?;
     let metrics_handle = args
+        .daemon
         .metrics
         .as_ref()
         .map(|_| crate::metrics::install())
@@ -322,13 +318,13 @@ pub async fn run(args: SecondaryArgs) -> anyhow::Result<std::process::ExitCode> 
     let top_l = Listener::bind(&export_listen)
         .await
         .with_context(|| format!("cannot listen on {export_listen} for the speculative VM"))?;
-    if args.start {
+    if args.daemon.start {
         group
             .start(Mode::Secondary)
             .await
             .map_err(|e| anyhow::anyhow!("cannot start replication: {e}"))?;
     }
-    if let (Some(addr), Some(handle)) = (&args.metrics, metrics_handle) {
+    if let (Some(addr), Some(handle)) = (&args.daemon.metrics, metrics_handle) {
         let g = group.clone();
         crate::metrics::serve(addr, handle, Arc::new(move || refresh_metrics(&g))).await?;
     }

@@ -520,30 +520,30 @@ fn info_or_go(
             &format!("unknown export '{}'", req.name),
         );
     };
-    let mut d = BytesMut::new();
-    d.put_u16(INFO_EXPORT);
-    d.put_u64(export.dev.len());
-    d.put_u16(export.transmission_flags());
-    option_reply(out, option, REP_INFO, &d);
-    if req.infos.contains(&INFO_NAME) {
+    let mut info = |kind: u16, body: &dyn Fn(&mut BytesMut)| {
         let mut d = BytesMut::new();
-        d.put_u16(INFO_NAME);
-        d.put_slice(export.name.as_bytes());
+        d.put_u16(kind);
+        body(&mut d);
         option_reply(out, option, REP_INFO, &d);
+    };
+    info(INFO_EXPORT, &|d| {
+        d.put_u64(export.dev.len());
+        d.put_u16(export.transmission_flags());
+    });
+    if req.infos.contains(&INFO_NAME) {
+        info(INFO_NAME, &|d| d.put_slice(export.name.as_bytes()));
     }
     if req.infos.contains(&INFO_DESCRIPTION) && !export.description.is_empty() {
-        let mut d = BytesMut::new();
-        d.put_u16(INFO_DESCRIPTION);
-        d.put_slice(export.description.as_bytes());
-        option_reply(out, option, REP_INFO, &d);
+        info(INFO_DESCRIPTION, &|d| {
+            d.put_slice(export.description.as_bytes())
+        });
     }
-    let info = export.dev.info();
-    let mut d = BytesMut::new();
-    d.put_u16(INFO_BLOCK_SIZE);
-    d.put_u32(info.min_block.max(1));
-    d.put_u32(info.preferred_block.max(info.min_block).max(512));
-    d.put_u32(info.max_request.min(MAX_PAYLOAD));
-    option_reply(out, option, REP_INFO, &d);
+    let sizes = export.dev.info();
+    info(INFO_BLOCK_SIZE, &|d| {
+        d.put_u32(sizes.min_block.max(1));
+        d.put_u32(sizes.preferred_block.max(sizes.min_block).max(512));
+        d.put_u32(sizes.max_request.min(MAX_PAYLOAD));
+    });
     option_reply(out, option, REP_ACK, &[]);
     if option == OPT_GO {
         // A context selected for another export does not carry over.
