@@ -162,7 +162,11 @@ pub async fn serve(addr: &SocketAddr, server: Arc<QmpServer>) -> anyhow::Result<
                     let server = server.clone();
                     tokio::spawn(async move { server.serve_stream(s).await });
                 }
-                Err(e) => warn!("control accept failed: {e}"),
+                // Out of descriptors, say: wait rather than spin, and go on.
+                Err(e) => {
+                    warn!("control accept failed: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
             }
         }
     });

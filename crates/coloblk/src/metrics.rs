@@ -39,6 +39,7 @@ pub async fn serve(
                 Ok(s) => s,
                 Err(e) => {
                     warn!("metrics accept failed: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                     continue;
                 }
             };
