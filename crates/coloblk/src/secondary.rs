@@ -151,6 +151,26 @@ impl Group for SecondaryGroup {
         self.group.stop(failover).await.map_err(|e| e.to_string())?;
         if failover {
             self.emit("FAILOVER_STARTED", json!({}));
+            // The merge runs in the background: report each disk's end exactly, however fast
+            // it was (a polling watcher could miss a merge shorter than its period).
+            let qmp = self.qmp.lock().clone();
+            for d in &self.disks {
+                let (node, name, qmp) = (d.node.clone(), d.name.clone(), qmp.clone());
+                tokio::spawn(async move {
+                    let result = node.wait_failover().await;
+                    let Some(qmp) = qmp else { return };
+                    match result {
+                        Ok(()) => qmp.emit(
+                            "FAILOVER_DONE",
+                            json!({"disk": name, "merged-bytes": node.failover_progress().total}),
+                        ),
+                        Err(_) => qmp.emit(
+                            "FAILOVER_FAILED",
+                            json!({"disk": name, "error": node.status().error}),
+                        ),
+                    }
+                });
+            }
         }
         Ok(())
     }
@@ -360,14 +380,15 @@ pub async fn run(args: SecondaryArgs) -> anyhow::Result<std::process::ExitCode> 
     Ok(std::process::ExitCode::SUCCESS)
 }
 
-/// Watches every node for errors and failover progress and raises QMP events.
+/// Watches every node for errors and failover progress and raises QMP events (the end of a
+/// failover is reported by `stop` itself).
 fn watch_nodes(group: &Arc<SecondaryGroup>, qmp: &Arc<QmpServer>) {
     for d in &group.disks {
         let node = d.node.clone();
         let name = d.name.clone();
         let qmp = qmp.clone();
         tokio::spawn(async move {
-            let (mut last_stage, mut last_error, mut last_done) = (Stage::None, None, u64::MAX);
+            let (mut last_error, mut last_done) = (None, u64::MAX);
             loop {
                 let s = node.status();
                 if s.error != last_error {
@@ -383,24 +404,6 @@ fn watch_nodes(group: &Arc<SecondaryGroup>, qmp: &Arc<QmpServer>) {
                         "FAILOVER_PROGRESS",
                         json!({"disk": name, "done-bytes": s.failover.done, "total-bytes": s.failover.total}),
                     );
-                }
-                if s.stage != last_stage {
-                    match s.stage {
-                        Stage::Done
-                            if last_stage == Stage::Failover
-                                || last_stage == Stage::FailoverFailed =>
-                        {
-                            qmp.emit(
-                                "FAILOVER_DONE",
-                                json!({"disk": name, "merged-bytes": s.failover.total}),
-                            )
-                        }
-                        Stage::FailoverFailed => {
-                            qmp.emit("FAILOVER_FAILED", json!({"disk": name, "error": s.error}))
-                        }
-                        _ => {}
-                    }
-                    last_stage = s.stage;
                 }
                 let pause = if s.stage == Stage::Failover { 100 } else { 250 };
                 tokio::time::sleep(Duration::from_millis(pause)).await;

@@ -438,3 +438,60 @@ asyncio.run(main(sys.argv[1]))"#;
         .arg(c.p("primary.qmp")));
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "done");
 }
+
+/// The secondary raises QMP events for checkpoints and for the failover's start and end, and
+/// python's qemu.qmp receives them.
+#[test]
+fn checkpoint_and_failover_raise_qmp_events() {
+    require("qemu-io");
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let _s = start_secondary(d);
+    let replica = unix_uri("vm0", &d.join("replica.sock"));
+    run(Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "write -P 1 0 4M"])
+        .arg(&replica));
+    let script = r#"
+import asyncio, sys
+from qemu.qmp import QMPClient, EventListener
+async def main(path):
+    c = QMPClient("events")
+    await c.connect(path)
+    listener = EventListener()
+    with c.listen(listener):
+        await c.execute("replication-checkpoint")
+        ev = await asyncio.wait_for(listener.get(), 5)
+        print(ev["event"], "duration-ms" in ev["data"])
+    proc = await asyncio.create_subprocess_exec(
+        "qemu-io", "-f", "raw", "-c", "write -P 2 0 4M", sys.argv[2], stdout=asyncio.subprocess.DEVNULL)
+    await proc.wait()
+    names = []
+    listener = EventListener()
+    with c.listen(listener):
+        await c.execute("replication-failover")
+        while "FAILOVER_DONE" not in names:
+            ev = await asyncio.wait_for(listener.get(), 10)
+            names.append(ev["event"])
+            if ev["event"] == "FAILOVER_DONE":
+                print("FAILOVER_DONE", ev["data"]["disk"], ev["data"]["merged-bytes"])
+    print(names[0])
+    await c.disconnect()
+asyncio.run(main(sys.argv[1]))
+"#;
+    let out = run(Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .arg(d.join("secondary.qmp"))
+        .arg(&replica));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(
+        lines,
+        [
+            "REPLICATION_CHECKPOINT True",
+            "FAILOVER_DONE vm0 4194304",
+            "FAILOVER_STARTED"
+        ],
+        "{text}"
+    );
+}
