@@ -129,6 +129,20 @@ pub fn check_range(op: Op, offset: u64, len: u64, dev_len: u64) -> Result<()> {
     }
 }
 
+/// Checks a block-status request: in range, and not empty (the protocol has no answer for
+/// zero bytes).
+pub fn check_status_range(offset: u64, len: u64, dev_len: u64) -> Result<()> {
+    check_range(Op::BlockStatus, offset, len, dev_len)?;
+    if len == 0 {
+        return Err(BlockError::new(
+            ErrorKind::InvalidArgument,
+            Op::BlockStatus,
+            offset,
+        ));
+    }
+    Ok(())
+}
+
 /// Checks a write-class request: in range and device writable.
 pub fn check_write(info: &DevInfo, op: Op, offset: u64, len: u64) -> Result<()> {
     if info.read_only {

@@ -7,8 +7,8 @@ use bytes::{Bytes, BytesMut};
 use parking_lot::RwLock;
 
 use crate::{
-    BlockDev, BlockError, DevInfo, ErrorKind, Extent, ExtentList, MAX_REQUEST, Op, Result,
-    WriteFlags, ZeroFlags, check_range, check_write,
+    BlockDev, DevInfo, Extent, ExtentList, MAX_REQUEST, Op, Result, WriteFlags, ZeroFlags,
+    check_range, check_status_range, check_write,
 };
 
 /// Granularity of allocation in a [`MemoryDev`].
@@ -153,14 +153,7 @@ impl BlockDev for MemoryDev {
     }
 
     async fn block_status(&self, offset: u64, len: u64) -> Result<ExtentList> {
-        check_range(Op::BlockStatus, offset, len, self.len)?;
-        if len == 0 {
-            return Err(BlockError::new(
-                ErrorKind::InvalidArgument,
-                Op::BlockStatus,
-                offset,
-            ));
-        }
+        check_status_range(offset, len, self.len)?;
         let chunks = self.chunks.read();
         let mut list = ExtentList::new();
         let end = offset + len;
@@ -182,6 +175,7 @@ impl BlockDev for MemoryDev {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ErrorKind;
 
     #[tokio::test]
     async fn unwritten_reads_zero_and_reports_hole() {

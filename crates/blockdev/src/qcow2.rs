@@ -59,7 +59,7 @@ use parking_lot::RwLock;
 
 use crate::{
     BlockDev, BlockError, DevInfo, ErrorKind, Extent, ExtentList, IoPool, MAX_REQUEST, Op, Result,
-    WriteFlags, ZeroFlags, check_range, check_write,
+    WriteFlags, ZeroFlags, check_range, check_status_range, check_write,
 };
 
 /// qcow2 magic, "QFI\xfb".
@@ -741,14 +741,7 @@ impl BlockDev for Qcow2 {
     /// backing image (the backing image is not consulted, unlike qemu-nbd, which reports the
     /// whole chain). Compressed clusters are data.
     async fn block_status(&self, offset: u64, len: u64) -> Result<ExtentList> {
-        check_range(Op::BlockStatus, offset, len, self.info.len)?;
-        if len == 0 {
-            return Err(BlockError::new(
-                ErrorKind::InvalidArgument,
-                Op::BlockStatus,
-                offset,
-            ));
-        }
+        check_status_range(offset, len, self.info.len)?;
         let image = self.image();
         self.pool
             .run(Op::BlockStatus, offset, move || {

@@ -13,7 +13,7 @@ use rustix::io::Errno;
 
 use crate::{
     BlockDev, BlockError, DevInfo, ErrorKind, Extent, ExtentList, IoPool, MAX_REQUEST, Op, Result,
-    WriteFlags, ZeroFlags, check_range, check_write,
+    WriteFlags, ZeroFlags, check_range, check_status_range, check_write,
 };
 
 /// Alignment required by O_DIRECT on the file systems we care about.
@@ -295,14 +295,7 @@ impl BlockDev for RawFile {
     }
 
     async fn block_status(&self, offset: u64, len: u64) -> Result<ExtentList> {
-        check_range(Op::BlockStatus, offset, len, self.info.len)?;
-        if len == 0 {
-            return Err(BlockError::new(
-                ErrorKind::InvalidArgument,
-                Op::BlockStatus,
-                offset,
-            ));
-        }
+        check_status_range(offset, len, self.info.len)?;
         let file = self.file.clone();
         self.pool
             .run(Op::BlockStatus, offset, move || {

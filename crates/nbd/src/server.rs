@@ -501,6 +501,23 @@ fn handle_option(
     }
 }
 
+/// Looks up the export an option names, answering NBD_REP_ERR_UNKNOWN when there is none.
+fn known_export(
+    exports: &ExportSet,
+    name: &str,
+    option: u32,
+    out: &mut BytesMut,
+) -> Result<Arc<Export>, OptionOutcome> {
+    exports.get(name).ok_or_else(|| {
+        error_reply(
+            out,
+            option,
+            REP_ERR_UNKNOWN,
+            &format!("unknown export '{name}'"),
+        )
+    })
+}
+
 fn info_or_go(
     option: u32,
     data: Bytes,
@@ -512,13 +529,9 @@ fn info_or_go(
         Ok(r) => r,
         Err(e) => return error_reply(out, option, REP_ERR_INVALID, &e.to_string()),
     };
-    let Some(export) = exports.get(&req.name) else {
-        return error_reply(
-            out,
-            option,
-            REP_ERR_UNKNOWN,
-            &format!("unknown export '{}'", req.name),
-        );
+    let export = match known_export(exports, &req.name, option, out) {
+        Ok(e) => e,
+        Err(outcome) => return outcome,
     };
     let mut info = |kind: u16, body: &dyn Fn(&mut BytesMut)| {
         let mut d = BytesMut::new();
@@ -575,13 +588,9 @@ fn meta_context(
             "structured replies must be negotiated first",
         );
     }
-    let Some(export) = exports.get(&req.name) else {
-        return error_reply(
-            out,
-            option,
-            REP_ERR_UNKNOWN,
-            &format!("unknown export '{}'", req.name),
-        );
+    let export = match known_export(exports, &req.name, option, out) {
+        Ok(e) => e,
+        Err(outcome) => return outcome,
     };
     let list_all = option == OPT_LIST_META_CONTEXT && req.queries.is_empty();
     let selected = list_all || req.queries.iter().any(|q| query_matches_base_allocation(q));

@@ -18,8 +18,8 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use blockdev::{
-    BlockDev, BlockError, DevInfo, ErrorKind, Extent, ExtentList, Op, Result, WriteFlags,
-    ZeroFlags, check_range, check_write,
+    BlockDev, DevInfo, Extent, ExtentList, Op, Result, WriteFlags, ZeroFlags, check_range,
+    check_status_range, check_write,
 };
 use bytes::{Bytes, BytesMut};
 
@@ -184,14 +184,7 @@ impl BlockDev for TopPath {
     }
 
     async fn block_status(&self, offset: u64, len: u64) -> Result<ExtentList> {
-        check_range(Op::BlockStatus, offset, len, self.node.geo.len)?;
-        if len == 0 {
-            return Err(BlockError::new(
-                ErrorKind::InvalidArgument,
-                Op::BlockStatus,
-                offset,
-            ));
-        }
+        check_status_range(offset, len, self.node.geo.len)?;
         let node = &self.node;
         let _gate = node.gate.read().await;
         match node.stage() {
