@@ -36,6 +36,28 @@ pub struct DaemonArgs {
     pub metrics: Option<SocketAddr>,
 }
 
+/// Where a group raises QMP events: the control server, once it exists (the group is built
+/// first, because the server dispatches to it).
+#[derive(Default)]
+pub struct Events(parking_lot::Mutex<Option<Arc<QmpServer>>>);
+
+impl Events {
+    pub fn attach(&self, server: Arc<QmpServer>) {
+        *self.0.lock() = Some(server);
+    }
+
+    /// The server, for tasks that raise events later on their own.
+    pub fn server(&self) -> Option<Arc<QmpServer>> {
+        self.0.lock().clone()
+    }
+
+    pub fn emit(&self, name: &str, data: Value) {
+        if let Some(s) = self.0.lock().as_ref() {
+            s.emit(name, data);
+        }
+    }
+}
+
 /// What a daemon's disks do together. Errors are the texts the client sees.
 #[async_trait]
 pub trait Group: Send + Sync + 'static {

@@ -81,16 +81,10 @@ pub struct PrimaryGroup {
     mode: ForwardMode,
     peer_control: Option<SocketAddr>,
     last: Mutex<Option<LastCheckpoint>>,
-    qmp: Mutex<Option<Arc<QmpServer>>>,
+    events: control::Events,
 }
 
 impl PrimaryGroup {
-    fn emit(&self, name: &str, data: Value) {
-        if let Some(q) = self.qmp.lock().as_ref() {
-            q.emit(name, data);
-        }
-    }
-
     async fn drain_all(&self, force: bool) -> Result<(), String> {
         for d in &self.disks {
             d.node
@@ -163,7 +157,7 @@ impl Group for PrimaryGroup {
         };
         *self.last.lock() = Some(last);
         let reply = json!({"drain-ms": drain_ms, "secondary-ms": secondary_ms});
-        self.emit("REPLICATION_CHECKPOINT", reply.clone());
+        self.events.emit("REPLICATION_CHECKPOINT", reply.clone());
         Ok(reply)
     }
 
@@ -178,7 +172,8 @@ impl Group for PrimaryGroup {
         for d in &self.disks {
             d.node.stop(failover).await.map_err(|e| e.to_string())?;
         }
-        self.emit("REPLICATION_STOPPED", json!({"failover": failover}));
+        self.events
+            .emit("REPLICATION_STOPPED", json!({"failover": failover}));
         Ok(())
     }
 
@@ -309,7 +304,7 @@ pub async fn run(args: PrimaryArgs) -> anyhow::Result<std::process::ExitCode> {
         mode: args.mode,
         peer_control: args.peer_control.clone(),
         last: Mutex::new(None),
-        qmp: Mutex::new(None),
+        events: control::Events::default(),
     });
     let qmp_server = QmpServer::new(
         Arc::new(Control {
@@ -317,7 +312,7 @@ pub async fn run(args: PrimaryArgs) -> anyhow::Result<std::process::ExitCode> {
         }),
         "coloblk primary",
     );
-    *group.qmp.lock() = Some(qmp_server.clone());
+    group.events.attach(qmp_server.clone());
     forward_events(&group, &qmp_server);
     control::serve(&control_addr, qmp_server).await?;
     if let (Some(addr), Some(handle)) = (&args.daemon.metrics, metrics_handle) {

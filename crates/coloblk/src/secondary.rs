@@ -94,15 +94,7 @@ pub struct SecondaryGroup {
     disks: Vec<Disk>,
     group: ReplicationGroup,
     last: Mutex<Option<(u128, f64)>>,
-    qmp: Mutex<Option<Arc<QmpServer>>>,
-}
-
-impl SecondaryGroup {
-    fn emit(&self, name: &str, data: Value) {
-        if let Some(q) = self.qmp.lock().as_ref() {
-            q.emit(name, data);
-        }
-    }
+    events: control::Events,
 }
 
 #[async_trait]
@@ -133,7 +125,7 @@ impl Group for SecondaryGroup {
             .unwrap_or_default();
         *self.last.lock() = Some((now.as_millis(), ms));
         let reply = json!({"duration-ms": ms});
-        self.emit("REPLICATION_CHECKPOINT", reply.clone());
+        self.events.emit("REPLICATION_CHECKPOINT", reply.clone());
         Ok(reply)
     }
 
@@ -150,10 +142,10 @@ impl Group for SecondaryGroup {
         }
         self.group.stop(failover).await.map_err(|e| e.to_string())?;
         if failover {
-            self.emit("FAILOVER_STARTED", json!({}));
+            self.events.emit("FAILOVER_STARTED", json!({}));
             // The merge runs in the background: report each disk's end exactly, however fast
             // it was (a polling watcher could miss a merge shorter than its period).
-            let qmp = self.qmp.lock().clone();
+            let qmp = self.events.server();
             for d in &self.disks {
                 let (node, name, qmp) = (d.node.clone(), d.name.clone(), qmp.clone());
                 tokio::spawn(async move {
@@ -313,7 +305,7 @@ pub async fn run(args: SecondaryArgs) -> anyhow::Result<std::process::ExitCode> 
         disks,
         group,
         last: Mutex::new(None),
-        qmp: Mutex::new(None),
+        events: control::Events::default(),
     });
     let qmp_server = QmpServer::new(
         Arc::new(Control {
@@ -321,7 +313,7 @@ pub async fn run(args: SecondaryArgs) -> anyhow::Result<std::process::ExitCode> 
         }),
         "coloblk secondary",
     );
-    *group.qmp.lock() = Some(qmp_server.clone());
+    group.events.attach(qmp_server.clone());
     watch_nodes(&group, &qmp_server);
 
     let replica_exports = ExportSet::new();
