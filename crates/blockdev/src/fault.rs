@@ -16,6 +16,20 @@ use crate::{
     BlockDev, BlockError, DevInfo, ErrorKind, ExtentList, Op, Result, WriteFlags, ZeroFlags,
 };
 
+/// Deterministic pseudo-random bytes (xorshift) for test data: the same seed gives the same
+/// bytes, different seeds differ, and no random-number crate is needed.
+pub fn pattern(seed: u64, len: usize) -> Bytes {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
 /// Wraps a device; every fault is off until switched on.
 pub struct FaultyDev {
     inner: Arc<dyn BlockDev>,

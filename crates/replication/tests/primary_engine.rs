@@ -44,17 +44,7 @@ fn started(config: PrimaryConfig) -> Rig {
 }
 
 fn fill(seed: u64, len: usize) -> Bytes {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    Bytes::from(
-        (0..len)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect::<Vec<_>>(),
-    )
+    blockdev::fault::pattern(seed, len)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -101,17 +101,7 @@ async fn link(sock: &Path, export: &str, timeout: Duration) -> Arc<NbdClient> {
 }
 
 fn data(seed: u64, len: usize) -> Bytes {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    Bytes::from(
-        (0..len)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect::<Vec<_>>(),
-    )
+    blockdev::fault::pattern(seed, len)
 }
 
 /// A mixed workload of concurrent writes, zeroes and discards, many of them overlapping.

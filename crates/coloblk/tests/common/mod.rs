@@ -163,13 +163,5 @@ pub fn serve(dir: &Path, exports: &[&str]) -> Served {
 
 /// Deterministic pseudo-random bytes (xorshift), so tests need no rand crate.
 pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
+    blockdev::fault::pattern(seed, len).to_vec()
 }
