@@ -4,19 +4,26 @@
 //! is most of the cost of a 4 KiB write to the page cache (measured: a server doing its writes
 //! inline would reach 60% more IOPS than one that hands every write to tokio's blocking pool).
 //! So the pool wakes threads sparingly: a thread that wakes drains the queue before it sleeps
-//! again, and another thread is woken only while more than [`JOBS_PER_THREAD`] calls wait per
-//! awake thread. A burst of sixteen requests then costs a handful of wake-ups, not sixteen,
-//! while slow devices still get up to `limit` calls in parallel as the queue grows.
+//! again, and another thread is woken only while the calls waiting per awake thread would take
+//! longer than [`TARGET_BACKLOG`] to run, judged by how long recent calls took. Sixteen 4 KiB
+//! writes to the page cache (a few microseconds each) then cost one wake-up, not sixteen, while
+//! calls to a slow device (a disk, a network file system) still spread over up to `limit`
+//! threads as soon as two of them wait.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
 use crate::{BlockError, ErrorKind, Op, Result};
 
-/// Queued calls per awake thread before another thread is woken.
-pub const JOBS_PER_THREAD: usize = 2;
+/// How much queued work one awake thread may have before another thread is woken.
+pub const TARGET_BACKLOG: Duration = Duration::from_micros(100);
+/// Most calls one awake thread may have queued, however fast calls are.
+const MAX_JOBS_PER_THREAD: u64 = 64;
+/// The duration assumed before any call was measured: two calls per thread, a cautious start.
+const INITIAL_JOB_NS: u64 = TARGET_BACKLOG.as_nanos() as u64 / 2;
 
 type Job = Box<dyn FnOnce() + Send>;
 
@@ -30,6 +37,27 @@ struct State {
     /// Wake-ups granted and not yet taken (makes spurious wake-ups harmless).
     wakeups: usize,
     shutdown: bool,
+    /// Moving average of how long a call runs, in nanoseconds.
+    job_ns: u64,
+}
+
+impl State {
+    /// Calls one awake thread may have queued before another is woken.
+    fn jobs_per_thread(&self) -> usize {
+        (TARGET_BACKLOG.as_nanos() as u64 / self.job_ns.max(1)).clamp(1, MAX_JOBS_PER_THREAD)
+            as usize
+    }
+
+    /// Whether the queue is longer than the awake threads should take on.
+    fn needs_another_thread(&self) -> bool {
+        self.queue.len() > self.awake * self.jobs_per_thread()
+    }
+
+    fn record(&mut self, took: Duration) {
+        let ns = took.as_nanos().min(u64::MAX as u128) as u64;
+        // An average over about eight calls: follows a device that slows down within a burst.
+        self.job_ns = (self.job_ns * 7 + ns) / 8;
+    }
 }
 
 struct Shared {
@@ -83,7 +111,10 @@ impl IoPool {
     /// A pool running at most `limit` calls at once (threads start as needed).
     pub fn new(limit: usize) -> Self {
         let shared = Arc::new(Shared {
-            state: Mutex::new(State::default()),
+            state: Mutex::new(State {
+                job_ns: INITIAL_JOB_NS,
+                ..State::default()
+            }),
             cond: Condvar::new(),
             limit: limit.max(1),
         });
@@ -118,46 +149,59 @@ impl IoPool {
         let shared = &self.handle.0;
         let mut st = shared.lock();
         st.queue.push_back(job);
-        if st.queue.len() <= st.awake * JOBS_PER_THREAD {
-            return;
-        }
-        if st.awake < st.threads {
-            st.awake += 1;
-            st.wakeups += 1;
-            drop(st);
-            shared.cond.notify_one();
-        } else if st.threads < shared.limit {
-            st.threads += 1;
-            st.awake += 1;
-            let name = format!("coloblk-io-{}", st.threads);
-            drop(st);
-            let s = shared.clone();
-            if std::thread::Builder::new()
-                .name(name)
-                .spawn(move || worker(&s))
-                .is_err()
-            {
-                // No thread: the queued calls wait for an existing one; with none at all they are
-                // dropped, which fails them ("I/O pool stopped") rather than leaving them hanging.
-                let mut st = shared.lock();
-                st.threads -= 1;
-                st.awake -= 1;
-                if st.threads == 0 {
-                    st.queue.clear();
-                }
+        wake_if_needed(shared, st);
+    }
+}
+
+/// Wakes (or starts) one more thread if the queue is longer than the awake threads should take
+/// on. Takes the lock guard so that the notify happens after it is released.
+fn wake_if_needed(shared: &Arc<Shared>, mut st: MutexGuard<'_, State>) {
+    if !st.needs_another_thread() {
+        return;
+    }
+    if st.awake < st.threads {
+        st.awake += 1;
+        st.wakeups += 1;
+        drop(st);
+        shared.cond.notify_one();
+    } else if st.threads < shared.limit {
+        st.threads += 1;
+        st.awake += 1;
+        let name = format!("coloblk-io-{}", st.threads);
+        drop(st);
+        let s = shared.clone();
+        if std::thread::Builder::new()
+            .name(name)
+            .spawn(move || worker(&s))
+            .is_err()
+        {
+            // No thread: the queued calls wait for an existing one; with none at all they are
+            // dropped, which fails them ("I/O pool stopped") rather than leaving them hanging.
+            let mut st = shared.lock();
+            st.threads -= 1;
+            st.awake -= 1;
+            if st.threads == 0 {
+                st.queue.clear();
             }
         }
     }
 }
 
 /// A pool thread: takes calls until the queue is empty, then sleeps until woken.
-fn worker(shared: &Shared) {
+fn worker(shared: &Arc<Shared>) {
     let mut st = shared.lock();
     loop {
         if let Some(job) = st.queue.pop_front() {
             drop(st);
+            let started = Instant::now();
             job();
             st = shared.lock();
+            st.record(started.elapsed());
+            if st.needs_another_thread() {
+                // The calls turned out slower than the queue was sized for: share it out.
+                wake_if_needed(shared, st);
+                st = shared.lock();
+            }
             continue;
         }
         if st.shutdown {
@@ -227,6 +271,40 @@ mod tests {
             peak >= 4,
             "slow calls did not spread over threads (peak {peak})"
         );
+    }
+
+    fn state_after(calls: &[Duration], queued: usize, awake: usize) -> State {
+        let mut st = State {
+            job_ns: INITIAL_JOB_NS,
+            awake,
+            ..State::default()
+        };
+        for &c in calls {
+            st.record(c);
+        }
+        st.queue = (0..queued).map(|_| Box::new(|| ()) as Job).collect();
+        st
+    }
+
+    #[test]
+    fn fast_calls_share_one_thread_slow_calls_spread() {
+        let page_cache = [Duration::from_micros(4); 32];
+        // Sixteen 4 KiB writes to the page cache: one thread drains them (about 64 us).
+        assert!(!state_after(&page_cache, 16, 1).needs_another_thread());
+        // A burst of 64 would take one thread over 100 us: a second one helps.
+        assert!(state_after(&page_cache, 64, 1).needs_another_thread());
+        assert!(!state_after(&page_cache, 64, 4).needs_another_thread());
+        // A slow device (1 ms a call): the second waiting call wakes another thread.
+        let disk = [Duration::from_millis(1); 32];
+        assert!(!state_after(&disk, 1, 1).needs_another_thread());
+        assert!(state_after(&disk, 2, 1).needs_another_thread());
+        // Before anything is measured: two calls per thread.
+        assert!(!state_after(&[], 2, 1).needs_another_thread());
+        assert!(state_after(&[], 3, 1).needs_another_thread());
+        // A device that slows down is noticed within a few calls.
+        let mut slowing = page_cache.to_vec();
+        slowing.extend([Duration::from_millis(1); 4]);
+        assert!(state_after(&slowing, 2, 1).needs_another_thread());
     }
 
     #[tokio::test]
