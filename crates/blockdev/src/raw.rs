@@ -199,26 +199,31 @@ impl BlockDev for RawFile {
         self.check_direct(Op::Write, offset, data.len() as u64)?;
         let file = self.file.clone();
         let direct = self.direct;
-        self.pool
-            .run(Op::Write, offset, move || {
-                let aligned;
-                let bytes: &[u8] = if direct && data.as_ptr().align_offset(DIRECT_ALIGN) != 0 {
-                    let mut b = aligned_buffer(data.len());
-                    b.copy_from_slice(&data);
-                    aligned = b;
-                    &aligned
-                } else {
-                    &data
-                };
-                file.write_all_at(bytes, offset)
+        let write = move || {
+            let aligned;
+            let bytes: &[u8] = if direct && data.as_ptr().align_offset(DIRECT_ALIGN) != 0 {
+                let mut b = aligned_buffer(data.len());
+                b.copy_from_slice(&data);
+                aligned = b;
+                &aligned
+            } else {
+                &data
+            };
+            file.write_all_at(bytes, offset)
+                .map_err(|e| BlockError::from_io(e, Op::Write, offset))?;
+            if flags.fua {
+                file.sync_data()
                     .map_err(|e| BlockError::from_io(e, Op::Write, offset))?;
-                if flags.fua {
-                    file.sync_data()
-                        .map_err(|e| BlockError::from_io(e, Op::Write, offset))?;
-                }
-                Ok(())
-            })
-            .await
+            }
+            Ok(())
+        };
+        // A buffered write that needs no sync normally only copies into the page cache: run it
+        // here while such writes stay fast. Direct and FUA writes wait for the device.
+        if direct || flags.fua {
+            self.pool.run(Op::Write, offset, write).await
+        } else {
+            self.pool.run_here_if_fast(Op::Write, offset, write).await
+        }
     }
 
     async fn flush(&self) -> Result<()> {

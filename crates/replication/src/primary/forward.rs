@@ -14,15 +14,18 @@
 //! are pipelined.
 
 use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use blockdev::{BlockDev, BlockError, ErrorKind, WriteFlags, ZeroFlags};
 use bytes::Bytes;
+use futures::stream::FuturesUnordered;
+use futures::{FutureExt, StreamExt};
 use parking_lot::Mutex;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, broadcast, oneshot};
-use tokio::task::JoinSet;
 use tracing::{debug, warn};
 
 use super::dirty::DirtyBitmap;
@@ -224,84 +227,121 @@ impl Forwarder {
     }
 
     /// The forwarder task: runs until the node is dropped.
+    ///
+    /// The changes in flight are futures polled by this one task, not a task each: a reply
+    /// then costs no task switch, and a burst of replies wakes the forwarder once.
     pub async fn run(self: Arc<Self>) {
-        let mut in_flight: JoinSet<()> = JoinSet::new();
-        let mut ranges: Vec<(tokio::task::Id, u64, u64)> = Vec::new();
+        let mut flight = InFlight::default();
+        let mut waiting: Option<Item> = None;
         loop {
-            let item = tokio::select! {
+            if waiting.is_none() {
+                waiting = self.items.lock().pop_front();
+            }
+            // Send all that may go now; stop at the first item that must wait.
+            while let Some(item) = waiting.take() {
+                match item {
+                    Item::Change {
+                        change,
+                        ack,
+                        _budget,
+                    } => {
+                        if !flight.may_send(change.range(), self.max_in_flight) {
+                            waiting = Some(Item::Change {
+                                change,
+                                ack,
+                                _budget,
+                            });
+                            break;
+                        }
+                        let shared = self.shared.clone();
+                        flight.start(change.range(), async move {
+                            let r = send(&shared, &change).await;
+                            shared.stats.queued_requests.fetch_sub(1, Ordering::Relaxed);
+                            shared
+                                .stats
+                                .queued_bytes
+                                .fetch_sub(change.payload_bytes() as u64, Ordering::Relaxed);
+                            if let Some(ack) = ack {
+                                let _ = ack.send(r);
+                            }
+                            drop(_budget);
+                        });
+                    }
+                    Item::Barrier { flush, ack } => {
+                        if !flight.is_empty() {
+                            waiting = Some(Item::Barrier { flush, ack });
+                            break;
+                        }
+                        let r = if flush {
+                            send(&self.shared, &Change::Flush).await
+                        } else {
+                            Ok(())
+                        };
+                        let r = r.and_then(|()| match self.shared.error.lock().clone() {
+                            Some(e) => Err(e),
+                            None => Ok(()),
+                        });
+                        let _ = ack.send(r);
+                    }
+                }
+                waiting = self.items.lock().pop_front();
+            }
+            tokio::select! {
                 biased;
-                Some(done) = in_flight.join_next_with_id(), if !in_flight.is_empty() => {
-                    retire(&mut ranges, done);
-                    continue;
-                }
-                item = self.next() => item,
-            };
-            match item {
-                Item::Change {
-                    change,
-                    ack,
-                    _budget,
-                } => {
-                    let range = change.range();
-                    if let Some((o, l)) = range {
-                        while in_flight.len() >= self.max_in_flight
-                            || ranges.iter().any(|(_, s, e)| *s < o + l && o < *e)
-                        {
-                            let done = in_flight.join_next_with_id().await.expect("non-empty");
-                            retire(&mut ranges, done);
-                        }
-                    } else {
-                        // A flush covers everything before it.
-                        while let Some(done) = in_flight.join_next_with_id().await {
-                            retire(&mut ranges, done);
-                        }
-                    }
-                    let shared = self.shared.clone();
-                    let handle = in_flight.spawn(async move {
-                        let r = send(&shared, &change).await;
-                        shared.stats.queued_requests.fetch_sub(1, Ordering::Relaxed);
-                        shared
-                            .stats
-                            .queued_bytes
-                            .fetch_sub(change.payload_bytes() as u64, Ordering::Relaxed);
-                        if let Some(ack) = ack {
-                            let _ = ack.send(r);
-                        }
-                        drop(_budget);
-                    });
-                    if let Some((o, l)) = range {
-                        ranges.push((handle.id(), o, o + l));
+                Some(id) = flight.running.next(), if !flight.is_empty() => {
+                    flight.retire(id);
+                    // Take every other reply that is already in.
+                    while let Some(Some(id)) = flight.running.next().now_or_never() {
+                        flight.retire(id);
                     }
                 }
-                Item::Barrier { flush, ack } => {
-                    while let Some(done) = in_flight.join_next_with_id().await {
-                        retire(&mut ranges, done);
-                    }
-                    let r = if flush {
-                        send(&self.shared, &Change::Flush).await
-                    } else {
-                        Ok(())
-                    };
-                    let r = r.and_then(|()| match self.shared.error.lock().clone() {
-                        Some(e) => Err(e),
-                        None => Ok(()),
-                    });
-                    let _ = ack.send(r);
-                }
+                item = self.next(), if waiting.is_none() => waiting = Some(item),
             }
         }
     }
 }
 
-fn retire(
-    ranges: &mut Vec<(tokio::task::Id, u64, u64)>,
-    done: Result<(tokio::task::Id, ()), tokio::task::JoinError>,
-) {
-    let id = match done {
-        Ok((id, ())) => id,
-        Err(e) => e.id(),
-    };
-    ranges.retain(|(i, _, _)| *i != id);
+/// The changes on the link: their futures and the ranges they touch.
+#[derive(Default)]
+struct InFlight {
+    running: FuturesUnordered<Pin<Box<dyn Future<Output = u64> + Send>>>,
+    /// (id, start, end) of every write or zeroing in flight; a flush has no range.
+    ranges: Vec<(u64, u64, u64)>,
+    next_id: u64,
+}
+
+impl InFlight {
+    fn is_empty(&self) -> bool {
+        self.running.is_empty()
+    }
+
+    /// Whether a change may go now: there is room on the link, no overlapping change is in
+    /// flight (it would race the earlier one), and for a flush nothing at all is (a flush covers
+    /// what was acknowledged before it).
+    fn may_send(&self, range: Option<(u64, u64)>, max_in_flight: usize) -> bool {
+        match range {
+            Some((o, l)) => {
+                self.running.len() < max_in_flight
+                    && !self.ranges.iter().any(|(_, s, e)| *s < o + l && o < *e)
+            }
+            None => self.running.is_empty(),
+        }
+    }
+
+    fn start(&mut self, range: Option<(u64, u64)>, f: impl Future<Output = ()> + Send + 'static) {
+        let id = self.next_id;
+        self.next_id += 1;
+        if let Some((o, l)) = range {
+            self.ranges.push((id, o, o + l));
+        }
+        self.running.push(Box::pin(f.map(move |()| id)));
+    }
+
+    fn retire(&mut self, id: u64) {
+        if let Some(i) = self.ranges.iter().position(|(r, _, _)| *r == id) {
+            self.ranges.swap_remove(i);
+        }
+    }
 }
 
 /// Sends one change over the link, with the link timeout; failures become sticky.
