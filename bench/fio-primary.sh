@@ -3,10 +3,24 @@
 # (qemu-nbd, and our own `coloblk serve`), in async and sync mode, against the same fio on an
 # unreplicated `coloblk serve` export, all in the same run. Prints a Markdown table.
 #
-#   bench/fio-primary.sh [SECONDS]     (default 5 s per cell)
+#   bench/fio-primary.sh [SECONDS] [shared|pinned]     (default 5 s per cell, shared)
+#
+# shared: every process may run on every core, so the secondary's CPU time is taken from the
+#         VM side (here, fio and the primary): the worst case, a secondary on the same host.
+# pinned: fio and the primary (or the unreplicated server) on CPU 0, the secondaries on the
+#         other cores: the VM side has the same CPU in both columns, as when the secondary runs
+#         on its own host, which is where COLO puts it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SECS=${1:-5}
+LAYOUT=${2:-shared}
+case $LAYOUT in
+shared) VM=(); SEC=() ;;
+pinned)
+    [ "$(nproc)" -ge 2 ] || { echo "pinned needs two cores" >&2; exit 1; }
+    VM=(taskset -c 0); SEC=(taskset -c "1-$(($(nproc) - 1))") ;;
+*) echo "layout must be shared or pinned" >&2; exit 1 ;;
+esac
 SIZE=512M
 cargo build --release -q -p coloblk
 BIN=$PWD/target/release/coloblk
@@ -19,14 +33,14 @@ wait_sock() { for _ in $(seq 200); do [ -S "$1" ] && return 0; sleep 0.05; done;
 
 # fio_run URI RW BS QD -> "iops MiBps"
 fio_run() {
-    fio --name=b --ioengine=nbd --uri="$1" --rw="$2" --bs="$3" --iodepth="$4" --size=$SIZE \
+    "${VM[@]}" fio --name=b --ioengine=nbd --uri="$1" --rw="$2" --bs="$3" --iodepth="$4" --size=$SIZE \
         --time_based --runtime="$SECS" --output-format=json 2>/dev/null | sed -n '/^{/,$p' |
         python3 -c 'import json,sys; j=json.load(sys.stdin)["jobs"][0]["write"]; print(j["iops"], j["bw_bytes"]/2**20)'
 }
 
 # Unreplicated baseline.
 truncate -s $SIZE "$W/plain.raw"
-"$BIN" serve --export d="$W/plain.raw" --listen "unix:$W/plain.sock" 2>/dev/null & PIDS+=($!)
+"${VM[@]}" "$BIN" serve --export d="$W/plain.raw" --listen "unix:$W/plain.sock" 2>/dev/null & PIDS+=($!)
 wait_sock "$W/plain.sock"
 
 # start_pair NAME PEER(qemu|ours) MODE: a secondary and a primary forwarding to it.
@@ -34,12 +48,12 @@ start_pair() {
     local name=$1 peer=$2 mode=$3
     truncate -s $SIZE "$W/$name-p.raw" "$W/$name-s.raw"
     if [ "$peer" = qemu ]; then
-        qemu-nbd -f raw -t -x d -k "$W/$name-s.sock" "$W/$name-s.raw" 2>/dev/null & PIDS+=($!)
+        "${SEC[@]}" qemu-nbd -f raw -t -x d -k "$W/$name-s.sock" "$W/$name-s.raw" 2>/dev/null & PIDS+=($!)
     else
-        "$BIN" serve --export d="$W/$name-s.raw" --listen "unix:$W/$name-s.sock" 2>/dev/null & PIDS+=($!)
+        "${SEC[@]}" "$BIN" serve --export d="$W/$name-s.raw" --listen "unix:$W/$name-s.sock" 2>/dev/null & PIDS+=($!)
     fi
     wait_sock "$W/$name-s.sock"
-    "$BIN" primary --disk "d=$W/$name-p.raw,replica=nbd+unix:///d?socket=$W/$name-s.sock" --mode "$mode" \
+    "${VM[@]}" "$BIN" primary --disk "d=$W/$name-p.raw,replica=nbd+unix:///d?socket=$W/$name-s.sock" --mode "$mode" \
         --export-listen "unix:$W/$name-p.sock" --control "unix:$W/$name-p.qmp" --start 2>/dev/null & PIDS+=($!)
     wait_sock "$W/$name-p.sock"
 }
@@ -68,4 +82,4 @@ for cell in qemu-async ours-async qemu-sync ours-sync; do
     cmp -s "$W/$cell-p.raw" "$W/$cell-s.raw" && echo "$cell: secondary image identical after drain" ||
         { echo "$cell: IMAGES DIFFER" >&2; exit 1; }
 done
-echo "($SECS s per cell, $SIZE raw files on $(df --output=fstype /tmp | tail -1), $(nproc) cores; percentages are of the unreplicated row)"
+echo "($LAYOUT, $SECS s per cell, $SIZE raw files on $(df --output=fstype /tmp | tail -1), $(nproc) cores; percentages are of the unreplicated row)"

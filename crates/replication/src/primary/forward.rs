@@ -153,11 +153,13 @@ pub struct Forwarder {
     bytes: Arc<Semaphore>,
     byte_limit: usize,
     max_in_flight: usize,
+    /// Gather changes before sending (async mode, where the VM does not wait for them).
+    gather: bool,
     shared: Arc<Shared>,
 }
 
 impl Forwarder {
-    pub fn new(limits: QueueLimits, shared: Arc<Shared>) -> Arc<Self> {
+    pub fn new(limits: QueueLimits, gather: bool, shared: Arc<Shared>) -> Arc<Self> {
         Arc::new(Forwarder {
             items: Mutex::new(VecDeque::new()),
             wake: Notify::new(),
@@ -165,6 +167,7 @@ impl Forwarder {
             bytes: Arc::new(Semaphore::new(limits.max_bytes.max(1))),
             byte_limit: limits.max_bytes.max(1),
             max_in_flight: limits.max_in_flight.max(1),
+            gather,
             shared,
         })
     }
@@ -295,7 +298,14 @@ impl Forwarder {
                         flight.retire(id);
                     }
                 }
-                item = self.next(), if waiting.is_none() => waiting = Some(item),
+                item = self.next(), if waiting.is_none() => {
+                    waiting = Some(item);
+                    if self.gather {
+                        // Let the writes being served right now join this one: more frames per
+                        // send, fewer wake-ups of the secondary. Nobody waits on a forward here.
+                        tokio::task::yield_now().await;
+                    }
+                }
             }
         }
     }

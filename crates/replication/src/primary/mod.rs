@@ -182,7 +182,11 @@ impl PrimaryNode {
             events,
             timeout: config.link_timeout,
         });
-        let forwarder = Forwarder::new(config.queue, shared.clone());
+        let forwarder = Forwarder::new(
+            config.queue,
+            config.mode == ForwardMode::Async,
+            shared.clone(),
+        );
         let task = tokio::spawn(forwarder.clone().run());
         PrimaryNode {
             inner: Arc::new(Inner {
