@@ -12,8 +12,10 @@
 //!   on the I/O pool           I/O pool                  for tests          layers, ...)
 //! ```
 //!
-//! Disk I/O never runs on a tokio worker: drivers hand blocking calls to [`IoPool`], a bounded
-//! slice of tokio's blocking pool.
+//! Disk I/O that may block runs on [`IoPool`], the drivers' own bounded thread pool. Only
+//! calls that are cheap while the kernel keeps up run on the caller's tokio worker: reads the
+//! page cache holds (asked with `RWF_NOWAIT`, so they never wait for the disk) and, through
+//! [`FastPath`], buffered writes while a device's writes stay fast, one at a time.
 
 #![forbid(unsafe_code)]
 
@@ -31,7 +33,7 @@ use bytes::Bytes;
 pub use error::{BlockError, ErrorKind, Op, Result};
 pub use extent::{Extent, ExtentList};
 pub use memory::MemoryDev;
-pub use pool::IoPool;
+pub use pool::{FastPath, IoPool};
 pub use qcow2::{
     DEFAULT_CLUSTER_SIZE, ImageFormat, Qcow2, Qcow2Backing, Qcow2CreateOptions, Qcow2Options,
 };

@@ -1,16 +1,23 @@
-//! The bounded pool that runs blocking disk calls off the tokio workers.
+//! The bounded pool that runs blocking disk calls off the tokio workers, and the fast path
+//! that lets a device run its cheapest calls on the caller's thread.
 //!
 //! Handing each call to a thread and back costs two context switches, which on a small machine
 //! is most of the cost of a 4 KiB write to the page cache (measured: a server doing its writes
 //! inline would reach 60% more IOPS than one that hands every write to tokio's blocking pool).
 //! So the pool wakes threads sparingly: a thread that wakes drains the queue before it sleeps
 //! again, and another thread is woken only while the calls waiting per awake thread would take
-//! longer than [`TARGET_BACKLOG`] to run, judged by how long recent calls took. Sixteen 4 KiB
-//! writes to the page cache (a few microseconds each) then cost one wake-up, not sixteen, while
-//! calls to a slow device (a disk, a network file system) still spread over up to `limit`
-//! threads as soon as two of them wait.
+//! longer than [`TARGET_BACKLOG`] to run, judged by how long recent calls took (at most eight
+//! per thread), or when every awake thread is stuck in a call that has run longer than that.
+//! Sixteen 4 KiB writes to the page cache (a few microseconds each) then cost two wake-ups, not
+//! sixteen, while calls to a slow device (a disk, a network file system) spread over up to
+//! `limit` threads.
+//!
+//! [`FastPath`] goes further for calls that are cheap while the kernel keeps up (a buffered
+//! write, a read the page cache holds): one at a time per device, and only while that device's
+//! recent calls were fast, they run on the caller's thread.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -19,25 +26,17 @@ use tokio::sync::oneshot;
 use crate::{BlockError, ErrorKind, Op, Result};
 
 /// Calls that recently took at most this long may run on the caller's thread
-/// ([`IoPool::run_here_if_fast`]): handing them to a pool thread would cost more than they do.
+/// ([`FastPath`]): handing them to a pool thread would cost more than they do.
 pub const INLINE_LIMIT: Duration = Duration::from_micros(20);
 /// How much queued work one awake thread may have before another thread is woken.
 pub const TARGET_BACKLOG: Duration = Duration::from_micros(100);
-/// Most calls one awake thread may have queued, however fast calls are.
-const MAX_JOBS_PER_THREAD: u64 = 64;
+/// Most calls one awake thread may have queued, however fast calls are (a call that turns out
+/// slow holds up at most this many behind it until the next submission notices it).
+const MAX_JOBS_PER_THREAD: u64 = 8;
 /// The duration assumed before any call was measured: two calls per thread, a cautious start.
 const INITIAL_JOB_NS: u64 = TARGET_BACKLOG.as_nanos() as u64 / 2;
 
-/// A call: runs on a pool thread and returns how to hand its result back.
-type Job = Box<dyn FnOnce() -> Completion + Send>;
-/// Hands a result back (wakes the waiting task).
-type Completion = Box<dyn FnOnce() + Send>;
-
-/// Results a thread holds back while it still has queued calls to run, so that a burst of fast
-/// calls wakes the waiting tasks' runtime once rather than once per call...
-const MAX_HELD: usize = 16;
-/// ... but none is held longer than this, which bounds what it adds to a call's latency.
-const MAX_HOLD: Duration = Duration::from_micros(30);
+type Job = Box<dyn FnOnce() + Send>;
 
 #[derive(Default)]
 struct State {
@@ -51,6 +50,8 @@ struct State {
     shutdown: bool,
     /// Moving average of how long a call runs, in nanoseconds.
     job_ns: u64,
+    /// When each thread's current call started (indexed by thread number; `None` when idle).
+    running_since: Vec<Option<Instant>>,
 }
 
 impl State {
@@ -60,9 +61,23 @@ impl State {
             as usize
     }
 
-    /// Whether the queue is longer than the awake threads should take on.
+    /// Whether the queue is longer than the awake threads should take on, or nothing queued
+    /// moves because every thread is stuck in a call that has run longer than the backlog
+    /// target (a sync, a cache miss, a hung device).
     fn needs_another_thread(&self) -> bool {
-        self.queue.len() > self.awake * self.jobs_per_thread()
+        if self.queue.is_empty() {
+            return false;
+        }
+        if self.queue.len() > self.awake * self.jobs_per_thread() {
+            return true;
+        }
+        let stuck = self
+            .running_since
+            .iter()
+            .flatten()
+            .filter(|since| since.elapsed() > TARGET_BACKLOG)
+            .count();
+        stuck >= self.awake
     }
 
     fn record(&mut self, took: Duration) {
@@ -144,9 +159,7 @@ impl IoPool {
         let (tx, rx) = oneshot::channel();
         self.submit(Box::new(move || {
             let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
-            Box::new(move || {
-                let _ = tx.send(r);
-            })
+            let _ = tx.send(r);
         }));
         match rx.await {
             Ok(Ok(r)) => r,
@@ -159,41 +172,80 @@ impl IoPool {
         }
     }
 
-    /// Runs `f` right here when the calls measured lately were fast (under [`INLINE_LIMIT`])
-    /// and none are waiting for a thread, and on a pool thread otherwise.
-    ///
-    /// For calls that are fast while the kernel keeps up (a small write to the page cache) and
-    /// only sometimes slow: handing a 3 us write to another thread and back costs two context
-    /// switches, more than the write. A call that turns out slow raises the average, and the
-    /// calls after it go to the pool until fast calls bring it down again, so a device that
-    /// stalls holds up the caller's thread for one call, not for every call.
-    pub async fn run_here_if_fast<T, F>(&self, op: Op, offset: u64, f: F) -> Result<T>
-    where
-        F: FnOnce() -> Result<T> + Send + 'static,
-        T: Send + 'static,
-    {
-        let shared = &self.handle.0;
-        let fast = {
-            let st = shared.lock();
-            st.queue.is_empty() && st.job_ns <= INLINE_LIMIT.as_nanos() as u64
-        };
-        if !fast {
-            return self.run(op, offset, f).await;
-        }
-        let started = Instant::now();
-        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
-        shared.lock().record(started.elapsed());
-        r.unwrap_or_else(|_| {
-            Err(BlockError::new(ErrorKind::Io(None), op, offset).context("I/O call panicked"))
-        })
-    }
-
     fn submit(&self, job: Job) {
         let shared = &self.handle.0;
         let mut st = shared.lock();
         st.queue.push_back(job);
         wake_if_needed(shared, st);
     }
+}
+
+/// Runs a device's cheap calls on the caller's thread while they stay cheap.
+///
+/// One per device, so that a slow disk is judged by its own calls and not by a fast one that
+/// shares the pool; one call at a time, so that a call that stalls (dirty-page throttling, a
+/// hung device) holds up one runtime thread while the calls behind it go to the pool; and never
+/// on a runtime with a single worker, which such a stall would freeze. A call that turns out
+/// slow raises the device's average, and its calls go to the pool (and are still measured
+/// there) until fast ones bring it down again.
+#[derive(Debug)]
+pub struct FastPath {
+    /// Moving average of the device's calls, in nanoseconds.
+    avg_ns: AtomicU64,
+    /// A call is running on a caller's thread.
+    busy: AtomicBool,
+}
+
+impl Default for FastPath {
+    fn default() -> Self {
+        FastPath {
+            avg_ns: AtomicU64::new(INITIAL_JOB_NS),
+            busy: AtomicBool::new(false),
+        }
+    }
+}
+
+impl FastPath {
+    /// Runs `f` here if the device's calls have been fast and no other call runs here now,
+    /// on `pool` otherwise.
+    pub async fn run<T, F>(self: &Arc<Self>, pool: &IoPool, op: Op, offset: u64, f: F) -> Result<T>
+    where
+        F: FnOnce() -> Result<T> + Send + 'static,
+        T: Send + 'static,
+    {
+        if self.avg_ns.load(Ordering::Relaxed) <= INLINE_LIMIT.as_nanos() as u64
+            && several_workers()
+            && !self.busy.swap(true, Ordering::Acquire)
+        {
+            let started = Instant::now();
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+            self.record(started.elapsed());
+            self.busy.store(false, Ordering::Release);
+            return r.unwrap_or_else(|_| {
+                Err(BlockError::new(ErrorKind::Io(None), op, offset).context("I/O call panicked"))
+            });
+        }
+        let me = self.clone();
+        pool.run(op, offset, move || {
+            let started = Instant::now();
+            let r = f();
+            me.record(started.elapsed());
+            r
+        })
+        .await
+    }
+
+    fn record(&self, took: Duration) {
+        let ns = took.as_nanos().min(u64::MAX as u128) as u64;
+        // Racing updates may lose one sample; the average stays an average.
+        let old = self.avg_ns.load(Ordering::Relaxed);
+        self.avg_ns.store((old * 7 + ns) / 8, Ordering::Relaxed);
+    }
+}
+
+/// Whether the current tokio runtime has another worker to go on while this one is busy.
+fn several_workers() -> bool {
+    tokio::runtime::Handle::try_current().is_ok_and(|h| h.metrics().num_workers() >= 2)
 }
 
 /// Wakes (or starts) one more thread if the queue is longer than the awake threads should take
@@ -208,14 +260,16 @@ fn wake_if_needed(shared: &Arc<Shared>, mut st: MutexGuard<'_, State>) {
         drop(st);
         shared.cond.notify_one();
     } else if st.threads < shared.limit {
+        let index = st.threads;
         st.threads += 1;
         st.awake += 1;
+        st.running_since.push(None);
         let name = format!("coloblk-io-{}", st.threads);
         drop(st);
         let s = shared.clone();
         if std::thread::Builder::new()
             .name(name)
-            .spawn(move || worker(&s))
+            .spawn(move || worker(&s, index))
             .is_err()
         {
             // No thread: the queued calls wait for an existing one; with none at all they are
@@ -223,6 +277,7 @@ fn wake_if_needed(shared: &Arc<Shared>, mut st: MutexGuard<'_, State>) {
             let mut st = shared.lock();
             st.threads -= 1;
             st.awake -= 1;
+            st.running_since.pop();
             if st.threads == 0 {
                 st.queue.clear();
             }
@@ -231,28 +286,20 @@ fn wake_if_needed(shared: &Arc<Shared>, mut st: MutexGuard<'_, State>) {
 }
 
 /// A pool thread: takes calls until the queue is empty, then sleeps until woken.
-fn worker(shared: &Arc<Shared>) {
-    let mut held: Vec<Completion> = Vec::with_capacity(MAX_HELD);
-    let mut held_since = Instant::now();
+fn worker(shared: &Arc<Shared>, index: usize) {
     let mut st = shared.lock();
     loop {
         if let Some(job) = st.queue.pop_front() {
-            drop(st);
             let started = Instant::now();
-            if held.is_empty() {
-                held_since = started;
-            }
-            held.push(job());
+            st.running_since[index] = Some(started);
+            drop(st);
+            job();
             st = shared.lock();
+            st.running_since[index] = None;
             st.record(started.elapsed());
             if st.needs_another_thread() {
                 // The calls turned out slower than the queue was sized for: share it out.
                 wake_if_needed(shared, st);
-                st = shared.lock();
-            }
-            if st.queue.is_empty() || held.len() >= MAX_HELD || held_since.elapsed() >= MAX_HOLD {
-                drop(st);
-                held.drain(..).for_each(|done| done());
                 st = shared.lock();
             }
             continue;
@@ -335,20 +382,18 @@ mod tests {
         for &c in calls {
             st.record(c);
         }
-        st.queue = (0..queued)
-            .map(|_| Box::new(|| Box::new(|| ()) as Completion) as Job)
-            .collect();
+        st.queue = (0..queued).map(|_| Box::new(|| ()) as Job).collect();
         st
     }
 
     #[test]
     fn fast_calls_share_one_thread_slow_calls_spread() {
         let page_cache = [Duration::from_micros(4); 32];
-        // Sixteen 4 KiB writes to the page cache: one thread drains them (about 64 us).
-        assert!(!state_after(&page_cache, 16, 1).needs_another_thread());
-        // A burst of 64 would take one thread over 100 us: a second one helps.
-        assert!(state_after(&page_cache, 64, 1).needs_another_thread());
-        assert!(!state_after(&page_cache, 64, 4).needs_another_thread());
+        // Eight 4 KiB writes to the page cache: one thread drains them (about 32 us).
+        assert!(!state_after(&page_cache, 8, 1).needs_another_thread());
+        // Sixteen: two threads, however fast the calls, so that one stuck call holds up few.
+        assert!(state_after(&page_cache, 16, 1).needs_another_thread());
+        assert!(!state_after(&page_cache, 16, 2).needs_another_thread());
         // A slow device (1 ms a call): the second waiting call wakes another thread.
         let disk = [Duration::from_millis(1); 32];
         assert!(!state_after(&disk, 1, 1).needs_another_thread());
@@ -362,37 +407,110 @@ mod tests {
         assert!(state_after(&slowing, 2, 1).needs_another_thread());
     }
 
+    fn on_pool_thread() -> bool {
+        std::thread::current()
+            .name()
+            .is_some_and(|n| n.starts_with("coloblk-io-"))
+    }
+
+    /// Runs a call through `fp` that sleeps `sleep`; true if it ran on a pool thread.
+    async fn pooled(fp: &Arc<FastPath>, pool: &IoPool, sleep: Duration) -> bool {
+        fp.run(pool, Op::Write, 0, move || {
+            std::thread::sleep(sleep);
+            Ok(on_pool_thread())
+        })
+        .await
+        .unwrap()
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn fast_calls_run_here_slow_ones_move_to_the_pool() {
         let pool = IoPool::new(4);
-        let on_caller = |pool: IoPool, sleep: Duration| async move {
-            pool.run_here_if_fast(Op::Write, 0, move || {
-                std::thread::sleep(sleep);
-                Ok(std::thread::current().id())
-            })
-            .await
-            .unwrap()
-                == std::thread::current().id()
-        };
+        let fp = Arc::new(FastPath::default());
         // Nothing measured yet (assumed 50 us a call): the pool.
-        assert!(!on_caller(pool.clone(), Duration::ZERO).await);
+        assert!(pooled(&fp, &pool, Duration::ZERO).await);
         // Fast calls bring the average down; then they run on the caller's thread.
         for _ in 0..64 {
-            pool.run(Op::Write, 0, || Ok(())).await.unwrap();
+            pooled(&fp, &pool, Duration::ZERO).await;
         }
-        assert!(on_caller(pool.clone(), Duration::ZERO).await);
+        assert!(!pooled(&fp, &pool, Duration::ZERO).await);
         // One slow call runs here (it could not be known), the next goes to the pool.
-        assert!(on_caller(pool.clone(), Duration::from_millis(2)).await);
-        assert!(!on_caller(pool.clone(), Duration::ZERO).await);
+        assert!(!pooled(&fp, &pool, Duration::from_millis(2)).await);
+        assert!(pooled(&fp, &pool, Duration::ZERO).await);
+        // Another device's fast calls do not make this one's calls run here.
+        let other = Arc::new(FastPath::default());
+        for _ in 0..64 {
+            pooled(&other, &pool, Duration::ZERO).await;
+        }
+        assert!(pooled(&fp, &pool, Duration::ZERO).await);
         // A panic is an error here too.
         for _ in 0..64 {
-            pool.run(Op::Write, 0, || Ok(())).await.unwrap();
+            pooled(&fp, &pool, Duration::ZERO).await;
         }
-        let e = pool
-            .run_here_if_fast::<(), _>(Op::Write, 3, || panic!("boom"))
+        let e = fp
+            .run::<(), _>(&pool, Op::Write, 3, || panic!("boom"))
             .await
             .unwrap_err();
         assert_eq!((e.kind, e.offset), (ErrorKind::Io(None), 3));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn one_call_at_a_time_runs_here() {
+        let pool = IoPool::new(4);
+        let fp = Arc::new(FastPath::default());
+        for _ in 0..64 {
+            pooled(&fp, &pool, Duration::ZERO).await;
+        }
+        // A runs here and waits until B has run; B must not also take a runtime thread.
+        let (started_tx, started_rx) = oneshot::channel();
+        let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+        let (a_fp, a_pool) = (fp.clone(), pool.clone());
+        let a = tokio::spawn(async move {
+            a_fp.run(&a_pool, Op::Write, 0, move || {
+                let _ = started_tx.send(());
+                release_rx.recv_timeout(Duration::from_secs(10)).unwrap();
+                Ok(on_pool_thread())
+            })
+            .await
+            .unwrap()
+        });
+        started_rx.await.unwrap();
+        let b_on_pool = fp
+            .run(&pool, Op::Write, 0, move || {
+                let on_pool = on_pool_thread();
+                release_tx.send(()).unwrap();
+                Ok(on_pool)
+            })
+            .await
+            .unwrap();
+        assert!(!a.await.unwrap(), "A should have run on a runtime thread");
+        assert!(
+            b_on_pool,
+            "B ran on a runtime thread while A held the fast path"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_single_worker_runtime_never_runs_calls_here() {
+        let pool = IoPool::new(2);
+        let fp = Arc::new(FastPath::default());
+        for _ in 0..64 {
+            assert!(pooled(&fp, &pool, Duration::ZERO).await);
+        }
+    }
+
+    #[test]
+    fn a_stuck_call_gets_help() {
+        let mut st = state_after(&[Duration::from_micros(4); 32], 3, 1);
+        // One thread, running a call that started just now: the queue waits for it.
+        st.running_since = vec![Some(Instant::now())];
+        assert!(!st.needs_another_thread());
+        // The same call, a millisecond in (a sync, a cache miss): wake another thread.
+        st.running_since = vec![Some(Instant::now() - Duration::from_millis(1))];
+        assert!(st.needs_another_thread());
+        // Nothing queued: nothing to help with.
+        st.queue.clear();
+        assert!(!st.needs_another_thread());
     }
 
     #[tokio::test]

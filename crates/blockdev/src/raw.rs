@@ -1,5 +1,7 @@
-//! Raw image files: positional I/O on the [`IoPool`], fdatasync for flush, fallocate for zeroes
-//! and discard, SEEK_DATA/SEEK_HOLE for block status, and optional O_DIRECT.
+//! Raw image files: positional I/O on the [`IoPool`] (small reads the page cache holds and
+//! buffered writes while they stay fast run on the caller's thread instead), fdatasync for
+//! flush, fallocate for zeroes and discard, SEEK_DATA/SEEK_HOLE for block status, and optional
+//! O_DIRECT.
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
@@ -12,8 +14,8 @@ use rustix::fs::{FallocateFlags, SeekFrom};
 use rustix::io::{Errno, ReadWriteFlags};
 
 use crate::{
-    BlockDev, BlockError, DevInfo, ErrorKind, Extent, ExtentList, IoPool, MAX_REQUEST, Op, Result,
-    WriteFlags, ZeroFlags, check_range, check_status_range, check_write,
+    BlockDev, BlockError, DevInfo, ErrorKind, Extent, ExtentList, FastPath, IoPool, MAX_REQUEST,
+    Op, Result, WriteFlags, ZeroFlags, check_range, check_status_range, check_write,
 };
 
 /// Alignment required by O_DIRECT on the file systems we care about.
@@ -36,6 +38,8 @@ pub struct RawFile {
     info: DevInfo,
     direct: bool,
     pool: IoPool,
+    /// Buffered writes run here while this file's writes stay fast.
+    fast: Arc<FastPath>,
 }
 
 impl RawFile {
@@ -69,6 +73,7 @@ impl RawFile {
             },
             direct: opts.direct,
             pool,
+            fast: Arc::default(),
         })
     }
 
@@ -254,7 +259,7 @@ impl BlockDev for RawFile {
         if direct || flags.fua {
             self.pool.run(Op::Write, offset, write).await
         } else {
-            self.pool.run_here_if_fast(Op::Write, offset, write).await
+            self.fast.run(&self.pool, Op::Write, offset, write).await
         }
     }
 

@@ -10,7 +10,8 @@
 //!                 '-- budget freed -- writer task <---- replies ready together ---'
 //! ```
 //!
-//! Replies leave in completion order, so one slow request never holds up the others. Bad
+//! Replies leave in completion order, so one slow request does not hold up the others (devices
+//! run on the connection's own thread only calls they measured to be fast). Bad
 //! traffic from one client ends that client's connection (or gets the protocol's error reply)
 //! and touches nothing else. [`Server::shutdown`] stops accepting and reading, lets in-flight
 //! requests finish, and [`Server::finish`] then flushes every export.
@@ -18,6 +19,7 @@
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::io;
+use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -755,7 +757,18 @@ where
                 budget.take(cost);
                 let session = session.clone();
                 running.push(Box::pin(async move {
-                    let (header, data) = execute(&session, req, payload).await;
+                    // A panic ends this request with an error, not the connection's other
+                    // requests half-way.
+                    let executed = AssertUnwindSafe(execute(&session, req, payload))
+                        .catch_unwind()
+                        .await;
+                    let (header, data) = executed.unwrap_or_else(|_| {
+                        frame(
+                            &session,
+                            &req,
+                            Outcome::Error(EIO, "internal error: the request panicked".into()),
+                        )
+                    });
                     Reply { header, data, cost }
                 }));
             }
