@@ -28,6 +28,8 @@ use crate::{BlockError, ErrorKind, Op, Result};
 /// Calls that recently took at most this long may run on the caller's thread
 /// ([`FastPath`]): handing them to a pool thread would cost more than they do.
 pub const INLINE_LIMIT: Duration = Duration::from_micros(20);
+/// Largest single sample in a [`FastPath`] average.
+const SAMPLE_CAP: Duration = Duration::from_micros(4 * INLINE_LIMIT.as_micros() as u64);
 /// How much queued work one awake thread may have before another thread is woken.
 pub const TARGET_BACKLOG: Duration = Duration::from_micros(100);
 /// Most calls one awake thread may have queued, however fast calls are (a call that turns out
@@ -185,8 +187,8 @@ impl IoPool {
 /// One per device, so that a slow disk is judged by its own calls and not by a fast one that
 /// shares the pool; one call at a time, so that a call that stalls (dirty-page throttling, a
 /// hung device) holds up one runtime thread while the calls behind it go to the pool; and never
-/// on a runtime with a single worker, which such a stall would freeze. A call that turns out
-/// slow raises the device's average, and its calls go to the pool (and are still measured
+/// on a runtime with a single worker, which such a stall would freeze. Calls that turn out
+/// slow raise the device's average, and its calls go to the pool (and are still measured
 /// there) until fast ones bring it down again.
 #[derive(Debug)]
 pub struct FastPath {
@@ -236,7 +238,10 @@ impl FastPath {
     }
 
     fn record(&self, took: Duration) {
-        let ns = took.as_nanos().min(u64::MAX as u128) as u64;
+        // A sample counts for at most four times the limit: one call that was merely preempted
+        // (on a busy machine the caller shares its core) must not move the device to the pool,
+        // while three slow calls in a row (a disk that makes every write wait) do.
+        let ns = took.min(SAMPLE_CAP).as_nanos() as u64;
         // Racing updates may lose one sample; the average stays an average.
         let old = self.avg_ns.load(Ordering::Relaxed);
         self.avg_ns.store((old * 7 + ns) / 8, Ordering::Relaxed);
@@ -434,8 +439,13 @@ mod tests {
             pooled(&fp, &pool, Duration::ZERO).await;
         }
         assert!(!pooled(&fp, &pool, Duration::ZERO).await);
-        // One slow call runs here (it could not be known), the next goes to the pool.
+        // One slow call runs here (it could not be known) and is taken for a hiccup...
         assert!(!pooled(&fp, &pool, Duration::from_millis(2)).await);
+        assert!(!pooled(&fp, &pool, Duration::ZERO).await);
+        // ... three in a row for a slow device: the next call goes to the pool.
+        for _ in 0..3 {
+            pooled(&fp, &pool, Duration::from_millis(2)).await;
+        }
         assert!(pooled(&fp, &pool, Duration::ZERO).await);
         // Another device's fast calls do not make this one's calls run here.
         let other = Arc::new(FastPath::default());
