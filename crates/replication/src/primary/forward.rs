@@ -242,20 +242,23 @@ impl Forwarder {
             }
             // Send all that may go now; stop at the first item that must wait.
             while let Some(item) = waiting.take() {
+                let may_go = match &item {
+                    Item::Change { change, .. } => {
+                        flight.may_send(change.range(), self.max_in_flight)
+                    }
+                    // Everything before a barrier must be acknowledged first.
+                    Item::Barrier { .. } => flight.is_empty(),
+                };
+                if !may_go {
+                    waiting = Some(item);
+                    break;
+                }
                 match item {
                     Item::Change {
                         change,
                         ack,
                         _budget,
                     } => {
-                        if !flight.may_send(change.range(), self.max_in_flight) {
-                            waiting = Some(Item::Change {
-                                change,
-                                ack,
-                                _budget,
-                            });
-                            break;
-                        }
                         let shared = self.shared.clone();
                         flight.start(change.range(), async move {
                             let r = send(&shared, &change).await;
@@ -271,10 +274,6 @@ impl Forwarder {
                         });
                     }
                     Item::Barrier { flush, ack } => {
-                        if !flight.is_empty() {
-                            waiting = Some(Item::Barrier { flush, ack });
-                            break;
-                        }
                         let r = if flush {
                             send(&self.shared, &Change::Flush).await
                         } else {
