@@ -83,9 +83,7 @@ impl State {
     }
 
     fn record(&mut self, took: Duration) {
-        let ns = took.as_nanos().min(u64::MAX as u128) as u64;
-        // An average over about eight calls: follows a device that slows down within a burst.
-        self.job_ns = (self.job_ns * 7 + ns) / 8;
+        self.job_ns = moving_average(self.job_ns, took);
     }
 }
 
@@ -241,11 +239,18 @@ impl FastPath {
         // A sample counts for at most four times the limit: one call that was merely preempted
         // (on a busy machine the caller shares its core) must not move the device to the pool,
         // while three slow calls in a row (a disk that makes every write wait) do.
-        let ns = took.min(SAMPLE_CAP).as_nanos() as u64;
         // Racing updates may lose one sample; the average stays an average.
         let old = self.avg_ns.load(Ordering::Relaxed);
-        self.avg_ns.store((old * 7 + ns) / 8, Ordering::Relaxed);
+        self.avg_ns
+            .store(moving_average(old, took.min(SAMPLE_CAP)), Ordering::Relaxed);
     }
+}
+
+/// The average of call durations in nanoseconds, over about eight calls: it follows a device
+/// that slows down within a burst.
+fn moving_average(avg_ns: u64, sample: Duration) -> u64 {
+    let ns = sample.as_nanos().min(u64::MAX as u128 / 2) as u64;
+    (avg_ns.saturating_mul(7).saturating_add(ns)) / 8
 }
 
 /// Whether the current tokio runtime has another worker to go on while this one is busy.
