@@ -7,6 +7,7 @@ use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
@@ -40,6 +41,8 @@ pub struct RawFile {
     pool: IoPool,
     /// Buffered writes run here while this file's writes stay fast.
     fast: Arc<FastPath>,
+    /// The kernel and file system take `RWF_NOWAIT` reads (until one refuses).
+    nowait_reads: AtomicBool,
 }
 
 impl RawFile {
@@ -74,6 +77,7 @@ impl RawFile {
             direct: opts.direct,
             pool,
             fast: Arc::default(),
+            nowait_reads: AtomicBool::new(true),
         })
     }
 
@@ -112,8 +116,9 @@ const INLINE_READ_MAX: usize = 256 * 1024;
 
 /// Reads `len` bytes at `offset` if they are all in the page cache, without waiting for the
 /// disk (`RWF_NOWAIT`); `None` when any part would wait, or the kernel or file system cannot
-/// say, so that the caller reads on a pool thread instead.
-fn read_cached(file: &File, offset: u64, len: usize) -> Option<Bytes> {
+/// say, so that the caller reads on a pool thread instead. A kernel or file system that refuses
+/// the flag altogether clears `supported`, so that later reads do not ask again.
+fn read_cached(file: &File, supported: &AtomicBool, offset: u64, len: usize) -> Option<Bytes> {
     let mut buf = BytesMut::zeroed(len);
     let mut done = 0;
     while done < len {
@@ -124,8 +129,13 @@ fn read_cached(file: &File, offset: u64, len: usize) -> Option<Bytes> {
             offset + done as u64,
             ReadWriteFlags::NOWAIT,
         ) {
-            Ok(0) | Err(_) => return None,
+            Ok(0) => return None,
             Ok(n) => done += n,
+            Err(Errno::OPNOTSUPP | Errno::NOSYS) => {
+                supported.store(false, Ordering::Relaxed);
+                return None;
+            }
+            Err(_) => return None,
         }
     }
     Some(buf.freeze())
@@ -208,10 +218,10 @@ impl BlockDev for RawFile {
     async fn read(&self, offset: u64, len: usize) -> Result<Bytes> {
         check_range(Op::Read, offset, len as u64, self.info.len)?;
         self.check_direct(Op::Read, offset, len as u64)?;
-        if !self.direct && len <= INLINE_READ_MAX {
+        if !self.direct && len <= INLINE_READ_MAX && self.nowait_reads.load(Ordering::Relaxed) {
             // Served from the page cache without blocking, or not at all (RWF_NOWAIT): a hit
             // costs one call here instead of two task switches through the pool.
-            if let Some(buf) = read_cached(&self.file, offset, len) {
+            if let Some(buf) = read_cached(&self.file, &self.nowait_reads, offset, len) {
                 return Ok(buf);
             }
         }
@@ -376,10 +386,12 @@ mod tests {
             .await
             .unwrap();
         // Just written, so in the page cache: read here, exactly.
-        let got = read_cached(&dev.file, 1000, 4096).expect("a cached read");
+        let got = read_cached(&dev.file, &dev.nowait_reads, 1000, 4096).expect("a cached read");
         assert_eq!(got, data.slice(..4096));
         // Past the end of the file there is nothing to read: declined, not zeroes.
-        assert!(read_cached(&dev.file, 1 << 20, 4096).is_none());
+        assert!(read_cached(&dev.file, &dev.nowait_reads, 1 << 20, 4096).is_none());
+        // Declining one read is not the file system refusing the flag: later reads still ask.
+        assert!(dev.nowait_reads.load(Ordering::Relaxed));
         // Through the device: small reads go the cached way, big ones through the pool; both
         // return the same bytes.
         assert_eq!(dev.read(1000, 8192).await.unwrap(), data.slice(..8192));
