@@ -35,17 +35,19 @@ use std::fmt;
 use std::future::Future;
 use std::io;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use blockdev::{
-    BlockDev, BlockError, DevInfo, ErrorKind, Extent, ExtentList, Op, Result, WriteFlags, ZeroFlags,
+    BatchWrite, BlockDev, BlockError, DevInfo, ErrorKind, Extent, ExtentList, Op, Result,
+    WriteFlags, ZeroFlags,
 };
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use futures::{StreamExt, stream};
 use parking_lot::Mutex;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
@@ -79,8 +81,8 @@ const MAX_ERROR_CHUNK: u32 = 4 + 2 + MAX_STRING + 8;
 const OLDSTYLE_MAGIC: u64 = 0x0000_4202_8186_1253;
 /// Errno used for protocol violations by the server.
 const EPROTO: i32 = 71;
+/// The reader's buffer: a burst of replies is parsed from one receive.
 const READ_BUFFER: usize = 256 * 1024;
-const WRITE_BUFFER: usize = 256 * 1024;
 /// How long [`NbdClient::disconnect`] waits for the disconnect request to leave.
 const DISCONNECT_GRACE: Duration = Duration::from_secs(5);
 
@@ -629,14 +631,69 @@ struct Pending {
     error: Option<ServerError>,
     /// Structured chunks have arrived (a simple reply is then a violation).
     chunked: bool,
-    tx: oneshot::Sender<Outcome>,
+    tx: Waiter,
     /// Held until the reply arrives, even if the caller gave up: the server still works on it.
-    _slot: OwnedSemaphorePermit,
+    /// (A batch holds its requests' slots together, in its [`BatchWait`].)
+    _slot: Option<OwnedSemaphorePermit>,
+}
+
+/// Who waits for a reply.
+enum Waiter {
+    /// One caller, on a channel of its own.
+    One(Option<oneshot::Sender<Outcome>>),
+    /// Entry `.1` of a batch, woken once its last reply is in.
+    Batch(Option<(Arc<BatchWait>, usize)>),
+}
+
+impl Waiter {
+    fn deliver(&mut self, outcome: Outcome) {
+        match self {
+            Waiter::One(tx) => {
+                if let Some(tx) = tx.take() {
+                    let _ = tx.send(outcome);
+                }
+            }
+            Waiter::Batch(entry) => {
+                if let Some((batch, index)) = entry.take() {
+                    batch.deliver(index, outcome);
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Waiter {
+    /// A request dropped unanswered (its connection went away) must still count down its
+    /// batch, or the batch would wait forever; a single caller sees its channel close.
+    fn drop(&mut self) {
+        if let Waiter::Batch(Some(_)) = self {
+            self.deliver(Err(Failure::Dead("connection lost".into())));
+        }
+    }
+}
+
+/// The replies of a batch of requests, collected for one wake-up of its caller.
+struct BatchWait {
+    outcomes: Mutex<Vec<Option<Outcome>>>,
+    remaining: AtomicUsize,
+    done: Notify,
+    /// The batch's slots, held until its last reply is in even if the caller gave up.
+    _slots: OwnedSemaphorePermit,
+}
+
+impl BatchWait {
+    fn deliver(&self, index: usize, outcome: Outcome) {
+        self.outcomes.lock()[index] = Some(outcome);
+        if self.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
+            // Stores a permit if the caller is not waiting yet.
+            self.done.notify_one();
+        }
+    }
 }
 
 impl Pending {
-    fn fail(self, failure: Failure) {
-        let _ = self.tx.send(Err(failure));
+    fn fail(mut self, failure: Failure) {
+        self.tx.deliver(Err(failure));
     }
 
     /// Where the range `offset..offset+n` of a chunk lies in the request.
@@ -689,15 +746,15 @@ impl Pending {
         Ok(())
     }
 
-    fn complete(self) {
-        let outcome = match self.error {
+    fn complete(mut self) {
+        let outcome = match self.error.take() {
             Some(e) => Err(Failure::Server(e)),
             None => Ok(Reply {
-                data: self.data.freeze(),
-                extents: self.extents.unwrap_or_default(),
+                data: std::mem::take(&mut self.data).freeze(),
+                extents: self.extents.take().unwrap_or_default(),
             }),
         };
-        let _ = self.tx.send(outcome);
+        self.tx.deliver(outcome);
     }
 }
 
@@ -719,6 +776,8 @@ enum Outgoing {
         frame: Bytes,
         payload: Option<Bytes>,
     },
+    /// Requests (header, payload) that leave together.
+    Batch(Vec<(Bytes, Bytes)>),
     /// Flush, shut the write side down and stop (after NBD_CMD_DISC).
     Close,
 }
@@ -748,6 +807,25 @@ impl Shared {
         let cookie = st.next_cookie;
         st.pending.insert(cookie, p);
         Ok(cookie)
+    }
+
+    /// Files several requests under one lock; the first cookie is returned and the others
+    /// follow it. Refused as a whole if the connection is closed.
+    fn register_all(&self, ps: Vec<Pending>) -> std::result::Result<u64, String> {
+        let mut st = self.state.lock();
+        if let Some(reason) = &st.dead {
+            return Err(reason.clone());
+        }
+        if st.closing {
+            return Err("the client is disconnecting".into());
+        }
+        let first = st.next_cookie + 1;
+        for p in ps {
+            st.next_cookie += 1;
+            let cookie = st.next_cookie;
+            st.pending.insert(cookie, p);
+        }
+        Ok(first)
     }
 
     fn take(&self, cookie: u64) -> std::result::Result<Pending, ConnError> {
@@ -1069,32 +1147,73 @@ fn parse_error(mut body: &[u8], kind: u16) -> std::result::Result<ServerError, C
     })
 }
 
-/// The writer task: sends frames in queue order, flushing when the queue runs dry, so
-/// pipelined requests share system calls.
+/// The writer task: sends frames in queue order, gathering every frame queued meanwhile into
+/// one vectored send, so that pipelined requests share system calls and payloads are not
+/// copied on their way to the socket.
 async fn write_frames<W: AsyncWrite + Unpin>(
-    w: W,
+    mut w: W,
     rx: &mut mpsc::UnboundedReceiver<Outgoing>,
 ) -> io::Result<()> {
-    let mut w = BufWriter::with_capacity(WRITE_BUFFER, w);
+    let mut pieces: Vec<Bytes> = Vec::new();
     while let Some(first) = rx.recv().await {
         let mut next = Some(first);
         while let Some(msg) = next {
             match msg {
                 Outgoing::Request { frame, payload } => {
-                    w.write_all(&frame).await?;
-                    if let Some(p) = payload {
-                        w.write_all(&p).await?;
+                    pieces.push(frame);
+                    pieces.extend(payload);
+                }
+                Outgoing::Batch(frames) => {
+                    for (frame, payload) in frames {
+                        pieces.push(frame);
+                        pieces.push(payload);
                     }
                 }
                 Outgoing::Close => {
+                    send_pieces(&mut w, &mut pieces).await?;
                     w.flush().await?;
                     return w.shutdown().await;
                 }
             }
             next = rx.try_recv().ok();
         }
-        w.flush().await?;
+        send_pieces(&mut w, &mut pieces).await?;
     }
+    w.flush().await
+}
+
+/// Most slices one vectored send takes (Linux's IOV_MAX).
+const MAX_IOVECS: usize = 1024;
+
+/// Writes every piece in order with vectored sends, then empties the list.
+async fn send_pieces<W: AsyncWrite + Unpin>(w: &mut W, pieces: &mut Vec<Bytes>) -> io::Result<()> {
+    let mut start = 0;
+    loop {
+        while start < pieces.len() && pieces[start].is_empty() {
+            start += 1;
+        }
+        if start == pieces.len() {
+            break;
+        }
+        let slices: Vec<io::IoSlice<'_>> = pieces[start..]
+            .iter()
+            .take(MAX_IOVECS)
+            .map(|p| io::IoSlice::new(p))
+            .collect();
+        let mut n = w.write_vectored(&slices).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        while n > 0 {
+            let len = pieces[start].len().min(n);
+            pieces[start].advance(len);
+            n -= len;
+            if pieces[start].is_empty() {
+                start += 1;
+            }
+        }
+    }
+    pieces.clear();
     Ok(())
 }
 
@@ -1415,8 +1534,8 @@ impl NbdClient {
             extents: None,
             error: None,
             chunked: false,
-            tx,
-            _slot: slot,
+            tx: Waiter::One(Some(tx)),
+            _slot: Some(slot),
         };
         let cookie = self
             .shared
@@ -1454,12 +1573,164 @@ impl NbdClient {
                 Err(_) => return Err(self.timed_out(cmd, limit)),
             },
         };
+        self.settle(cmd, outcome.ok())
+    }
+
+    /// What a caller gets for a request's outcome (`None`: the request was dropped unanswered).
+    fn settle(&self, cmd: &Cmd, outcome: Option<Outcome>) -> Result<Reply> {
         match outcome {
-            Ok(Ok(reply)) => Ok(reply),
-            Ok(Err(Failure::Server(e))) => Err(self.server_error(cmd, e)),
-            Ok(Err(Failure::Dead(reason))) => Err(self.shutdown_error(cmd, &reason)),
-            Err(_) => Err(self.dead_error(cmd)),
+            Some(Ok(reply)) => Ok(reply),
+            Some(Err(Failure::Server(e))) => Err(self.server_error(cmd, e)),
+            Some(Err(Failure::Dead(reason))) => Err(self.shutdown_error(cmd, &reason)),
+            None => Err(self.dead_error(cmd)),
         }
+    }
+
+    /// [`BlockDev::write_batch`]: writes that fit one request each leave as one run of frames
+    /// per [`ClientConfig::max_in_flight`] of them, and their caller is woken once per run;
+    /// the rest (split or FUA-emulated writes, refused ones) take the usual path alongside.
+    async fn write_burst(&self, writes: Vec<BatchWrite>) -> Vec<Result<()>> {
+        let limit = self.info.max_payload() as usize;
+        let mut results: Vec<Option<Result<()>>> = (0..writes.len()).map(|_| None).collect();
+        let mut framed = Vec::new();
+        let mut others = Vec::new();
+        for (i, w) in writes.into_iter().enumerate() {
+            let one_frame = !w.data.is_empty()
+                && w.data.len() <= limit
+                && (!w.flags.fua || self.info.can_fua());
+            if !one_frame {
+                others.push((i, w));
+                continue;
+            }
+            match self.check(Op::Write, w.offset, w.data.len() as u64, true) {
+                Ok(()) => framed.push((i, w)),
+                Err(e) => results[i] = Some(Err(e)),
+            }
+        }
+        let runs = framed
+            .chunks(self.config.in_flight())
+            .map(|run| self.write_run(run));
+        let singles = others.iter().map(|(i, w)| async move {
+            (
+                *i,
+                self.write_range(w.offset, w.data.clone(), w.flags.fua)
+                    .await,
+            )
+        });
+        let (runs, singles) = futures::future::join(
+            futures::future::join_all(runs),
+            futures::future::join_all(singles),
+        )
+        .await;
+        for (i, r) in runs.into_iter().flatten().chain(singles) {
+            results[i] = Some(r);
+        }
+        results
+            .into_iter()
+            .map(|r| r.expect("every write of a batch has a result"))
+            .collect()
+    }
+
+    /// Sends single-frame writes together (at most the connection's slots) and waits for all
+    /// their replies, with one timer for the run.
+    async fn write_run(&self, run: &[(usize, BatchWrite)]) -> Vec<(usize, Result<()>)> {
+        let cmds: Vec<Cmd> = run
+            .iter()
+            .map(|(_, w)| Cmd {
+                op: Op::Write,
+                kind: CMD_WRITE,
+                flags: if w.flags.fua { CMD_FLAG_FUA } else { 0 },
+                offset: w.offset,
+                len: w.data.len() as u32,
+            })
+            .collect();
+        let fail_all = |e: &dyn Fn(&Cmd) -> BlockError| {
+            run.iter()
+                .zip(&cmds)
+                .map(|((i, _), c)| (*i, Err(e(c))))
+                .collect::<Vec<_>>()
+        };
+        let Ok(slots) = self
+            .shared
+            .slots
+            .clone()
+            .acquire_many_owned(run.len() as u32)
+            .await
+        else {
+            return fail_all(&|c| self.dead_error(c));
+        };
+        let wait = Arc::new(BatchWait {
+            outcomes: Mutex::new((0..run.len()).map(|_| None).collect()),
+            remaining: AtomicUsize::new(run.len()),
+            done: Notify::new(),
+            _slots: slots,
+        });
+        let pending = cmds
+            .iter()
+            .enumerate()
+            .map(|(j, c)| Pending {
+                kind: c.kind,
+                offset: c.offset,
+                len: c.len,
+                data: BytesMut::new(),
+                filled: 0,
+                covered: std::collections::BTreeMap::new(),
+                extents: None,
+                error: None,
+                chunked: false,
+                tx: Waiter::Batch(Some((wait.clone(), j))),
+                _slot: None,
+            })
+            .collect();
+        let first = match self.shared.register_all(pending) {
+            Ok(first) => first,
+            Err(reason) => return fail_all(&|c| self.shutdown_error(c, &reason)),
+        };
+        let mut headers = BytesMut::with_capacity(REQUEST_LEN * run.len());
+        for (cookie, c) in (first..).zip(&cmds) {
+            Request {
+                flags: c.flags,
+                kind: c.kind,
+                cookie,
+                offset: c.offset,
+                length: c.len,
+            }
+            .encode(&mut headers);
+        }
+        let mut headers = headers.freeze();
+        let frames = run
+            .iter()
+            .map(|(_, w)| (headers.split_to(REQUEST_LEN), w.data.clone()))
+            .collect();
+        if self.shared.outgoing.send(Outgoing::Batch(frames)).is_err() {
+            self.shared.kill("the writer task is gone");
+            return fail_all(&|c| self.dead_error(c));
+        }
+        let answered = match self.config.request_timeout {
+            None => {
+                wait.done.notified().await;
+                true
+            }
+            Some(limit) => tokio::time::timeout(limit, wait.done.notified())
+                .await
+                .is_ok(),
+        };
+        // Replaced, not emptied: replies that lose the race with the timer still find a slot.
+        let outcomes = std::mem::replace(
+            &mut *wait.outcomes.lock(),
+            (0..run.len()).map(|_| None).collect(),
+        );
+        run.iter()
+            .zip(&cmds)
+            .zip(outcomes)
+            .map(|(((i, _), c), outcome)| {
+                let r = match (outcome, self.config.request_timeout) {
+                    (None, Some(limit)) if !answered => Err(self.timed_out(c, limit)),
+                    (outcome, _) => self.settle(c, outcome).map(|_| ()),
+                };
+                (*i, r)
+            })
+            .collect()
     }
 
     /// A request with no payload and no reply data.
@@ -1744,6 +2015,10 @@ impl BlockDev for NbdClient {
 
     async fn write(&self, offset: u64, data: Bytes, flags: WriteFlags) -> Result<()> {
         self.write_range(offset, data, flags.fua).await
+    }
+
+    async fn write_batch(&self, writes: Vec<BatchWrite>) -> Vec<Result<()>> {
+        self.write_burst(writes).await
     }
 
     async fn flush(&self) -> Result<()> {

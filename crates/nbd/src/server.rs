@@ -684,8 +684,16 @@ async fn read_request<R: AsyncRead + Unpin>(mut r: R) -> (R, Result<Incoming, Co
             )));
         }
         let payload = if req.has_payload() {
-            let mut buf = BytesMut::zeroed(req.length as usize);
-            r.read_exact(&mut buf).await?;
+            // Read into spare capacity: zeroing the buffer first would only be overwritten.
+            let len = req.length as usize;
+            let mut buf = BytesMut::with_capacity(len);
+            while buf.len() < len {
+                // `take` bounds the read even if the allocator gave more capacity than asked.
+                let want = (len - buf.len()) as u64;
+                if (&mut r).take(want).read_buf(&mut buf).await? == 0 {
+                    return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into());
+                }
+            }
             buf.freeze()
         } else {
             Bytes::new()

@@ -9,7 +9,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use blockdev::{BlockDev, ErrorKind, Extent, ExtentList, MemoryDev, WriteFlags, ZeroFlags};
+use blockdev::{
+    BatchWrite, BlockDev, ErrorKind, Extent, ExtentList, MemoryDev, WriteFlags, ZeroFlags,
+};
 use bytes::Bytes;
 use nbd::addr::SocketAddr;
 use nbd::client::{BlockSize, ClientConfig, NbdClient};
@@ -799,4 +801,252 @@ async fn coloblk_server_round_trip_over_tcp() {
     c.disconnect().await;
     server.shutdown();
     serving.await.unwrap().unwrap();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Batches (BlockDev::write_batch)
+// ---------------------------------------------------------------------------------------------
+
+fn batch_write(offset: u64, data: Vec<u8>, fua: bool) -> BatchWrite {
+    BatchWrite {
+        offset,
+        data: Bytes::from(data),
+        flags: WriteFlags { fua },
+    }
+}
+
+/// A batch larger than the connection's slots (it goes in several runs), with a FUA write and
+/// one write past the end: every write in range lands exactly in qemu-nbd's file, the one past
+/// the end alone fails, in its place in the results.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_nbd_batch_lands_every_write_and_fails_only_the_bad_one() {
+    require!("qemu-nbd");
+    let dir = tempfile::tempdir().unwrap();
+    let (file, sock) = (dir.path().join("d.raw"), dir.path().join("q.sock"));
+    sparse_file(&file, 16 * MIB, &[]);
+    let _q = qemu_nbd(dir.path(), &file, &sock, &[]).await;
+    let cfg = ClientConfig {
+        max_in_flight: 8,
+        ..config()
+    };
+    let c = NbdClient::connect(&unix(&sock), "", cfg).await.unwrap();
+    let mut model = vec![0u8; 16 * MIB as usize];
+    let mut batch = Vec::new();
+    for i in 0..50u64 {
+        let (offset, data) = (
+            i * 96 * KIB + 512,
+            pattern(100 + i, 4096 + 512 * i as usize),
+        );
+        model[offset as usize..][..data.len()].copy_from_slice(&data);
+        batch.push(batch_write(offset, data, i == 7));
+    }
+    batch.insert(20, batch_write(16 * MIB - 100, pattern(1, 4096), false));
+
+    let results = bounded(Duration::from_secs(10), c.write_batch(batch)).await;
+
+    assert_eq!(results.len(), 51);
+    for (i, r) in results.iter().enumerate() {
+        match i {
+            20 => assert_eq!(r.as_ref().unwrap_err().kind, ErrorKind::OutOfRange, "{r:?}"),
+            _ => assert!(r.is_ok(), "write {i}: {r:?}"),
+        }
+    }
+    c.flush().await.unwrap();
+    assert_same(&std::fs::read(&file).unwrap(), &model, "qemu-nbd's file");
+    assert!(c.is_alive());
+}
+
+/// Against a server that refuses requests above 64 KiB, a batch's megabyte write is split
+/// and its small writes still go as one run: all land.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_splits_writes_above_the_servers_maximum() {
+    require!("nbdkit");
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("k.sock");
+    let args = [
+        "--filter=blocksize-policy",
+        "memory",
+        "size=64M",
+        "blocksize-maximum=64K",
+        "blocksize-error-policy=error",
+    ];
+    let _k = nbdkit(dir.path(), &sock, &args).await;
+    let c = connect(&sock).await;
+    let big = pattern(7, MIB as usize + 4096);
+    let small: Vec<Vec<u8>> = (0..16).map(|i| pattern(200 + i, 4096)).collect();
+    let mut batch = vec![batch_write(4 * MIB, big.clone(), false)];
+    for (i, d) in small.iter().enumerate() {
+        batch.push(batch_write(i as u64 * 8 * KIB, d.clone(), false));
+    }
+
+    let results = bounded(Duration::from_secs(10), c.write_batch(batch)).await;
+
+    assert!(results.iter().all(|r| r.is_ok()), "{results:?}");
+    assert_same(
+        &c.read(4 * MIB, big.len()).await.unwrap(),
+        &big,
+        "split write",
+    );
+    for (i, d) in small.iter().enumerate() {
+        let got = c.read(i as u64 * 8 * KIB, 4096).await.unwrap();
+        assert_same(&got, d, &format!("small write {i}"));
+    }
+}
+
+/// A device that fails writes touching one offset with EIO: a server error for one write of
+/// a batch.
+struct FailAt {
+    inner: Arc<MemoryDev>,
+    offset: u64,
+}
+
+#[async_trait::async_trait]
+impl BlockDev for FailAt {
+    fn info(&self) -> blockdev::DevInfo {
+        self.inner.info()
+    }
+    async fn read(&self, offset: u64, len: usize) -> blockdev::Result<Bytes> {
+        self.inner.read(offset, len).await
+    }
+    async fn write(&self, offset: u64, data: Bytes, flags: WriteFlags) -> blockdev::Result<()> {
+        if (offset..offset + data.len() as u64).contains(&self.offset) {
+            return Err(blockdev::BlockError::new(
+                ErrorKind::Io(Some(5)),
+                blockdev::Op::Write,
+                offset,
+            ));
+        }
+        self.inner.write(offset, data, flags).await
+    }
+    async fn flush(&self) -> blockdev::Result<()> {
+        self.inner.flush().await
+    }
+    async fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> blockdev::Result<()> {
+        self.inner.write_zeroes(offset, len, flags).await
+    }
+    async fn discard(&self, offset: u64, len: u64) -> blockdev::Result<()> {
+        self.inner.discard(offset, len).await
+    }
+    async fn block_status(&self, offset: u64, len: u64) -> blockdev::Result<ExtentList> {
+        self.inner.block_status(offset, len).await
+    }
+}
+
+/// Our server fails one write of a batch with EIO: that write, and only it, reports the
+/// server's error; the others land and the connection stays up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_error_fails_only_its_write_of_the_batch() {
+    let mem = Arc::new(MemoryDev::new(MIB));
+    let dev = Arc::new(FailAt {
+        inner: mem.clone(),
+        offset: 5 * 8 * KIB + 100,
+    });
+    let exports = ExportSet::new();
+    exports.add(Export::new("disk", dev));
+    let server = Server::new(exports, ServerConfig::default());
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("s.sock");
+    let listener = Listener::bind(&unix(&sock)).await.unwrap();
+    let serving = {
+        let server = server.clone();
+        tokio::spawn(async move { server.serve(listener).await })
+    };
+    let c = NbdClient::connect(&unix(&sock), "disk", config())
+        .await
+        .unwrap();
+    let batch: Vec<_> = (0..12u64)
+        .map(|i| batch_write(i * 8 * KIB, pattern(300 + i, 4096), false))
+        .collect();
+
+    let results = bounded(Duration::from_secs(10), c.write_batch(batch)).await;
+
+    let mut model = vec![0u8; MIB as usize];
+    for (i, r) in results.iter().enumerate() {
+        if i == 5 {
+            let e = r.as_ref().unwrap_err();
+            assert_eq!(e.kind, ErrorKind::Io(Some(5)), "{e}");
+            assert!(e.to_string().contains("EIO"), "{e}");
+        } else {
+            assert!(r.is_ok(), "write {i}: {r:?}");
+            model[i * 8 * KIB as usize..][..4096].copy_from_slice(&pattern(300 + i as u64, 4096));
+        }
+    }
+    assert!(c.is_alive());
+    assert_same(&mem.snapshot(), &model, "the served device");
+    c.disconnect().await;
+    server.shutdown();
+    serving.await.unwrap().unwrap();
+}
+
+/// A batch waiting on a server that is killed fails whole and promptly with Shutdown, also
+/// when the client has no request timeout (nothing but the connection's end wakes it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_server_fails_a_pending_batch_promptly() {
+    require!("nbdkit");
+    for timeout in [Some(Duration::from_secs(10)), None] {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("k.sock");
+        let args = ["--filter=delay", "memory", "size=64M", "delay-write=3"];
+        let mut k = nbdkit(dir.path(), &sock, &args).await;
+        let cfg = ClientConfig {
+            request_timeout: timeout,
+            ..config()
+        };
+        let c = Arc::new(NbdClient::connect(&unix(&sock), "", cfg).await.unwrap());
+        let batch: Vec<_> = (0..8u64)
+            .map(|i| batch_write(i * 4096, pattern(i, 4096), false))
+            .collect();
+        let pending = {
+            let c = c.clone();
+            tokio::spawn(async move { c.write_batch(batch).await })
+        };
+        tokio::time::sleep(Duration::from_millis(300)).await;
+
+        k.kill();
+        let results = bounded(Duration::from_secs(2), pending).await.unwrap();
+
+        assert_eq!(results.len(), 8);
+        for r in results {
+            assert_eq!(
+                r.unwrap_err().kind,
+                ErrorKind::Shutdown,
+                "timeout {timeout:?}"
+            );
+        }
+        assert!(!c.is_alive());
+    }
+}
+
+/// A batch whose replies come later than the request timeout fails with TimedOut, every
+/// write of it, and closes the connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_slower_than_the_timeout_fails_with_timed_out() {
+    require!("nbdkit");
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("k.sock");
+    let args = ["--filter=delay", "memory", "size=64M", "delay-write=5"];
+    let _k = nbdkit(dir.path(), &sock, &args).await;
+    let cfg = ClientConfig {
+        request_timeout: Some(Duration::from_millis(500)),
+        ..config()
+    };
+    let c = NbdClient::connect(&unix(&sock), "", cfg).await.unwrap();
+    let batch: Vec<_> = (0..4u64)
+        .map(|i| batch_write(i * 4096, pattern(i, 4096), false))
+        .collect();
+
+    let started = Instant::now();
+    let results = c.write_batch(batch).await;
+    let took = started.elapsed();
+
+    for r in &results {
+        let e = r.as_ref().unwrap_err();
+        assert_eq!(e.kind, ErrorKind::TimedOut, "{e}");
+        assert!(e.to_string().contains("no reply within"), "{e}");
+    }
+    assert!(
+        took >= Duration::from_millis(450) && took < Duration::from_secs(2),
+        "{took:?}"
+    );
+    assert!(!c.is_alive());
 }

@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use blockdev::{BlockDev, BlockError, ErrorKind, WriteFlags, ZeroFlags};
+use blockdev::{BatchWrite, BlockDev, BlockError, ErrorKind, WriteFlags, ZeroFlags};
 use bytes::Bytes;
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
@@ -137,6 +137,51 @@ impl Shared {
         });
     }
 
+    /// A change that found no usable link: its range is dirty; the answer is the sticky error.
+    fn not_sent(&self, range: Option<(u64, u64)>) -> String {
+        if let Some((o, l)) = range {
+            self.dirty.mark(o, l);
+        }
+        self.error
+            .lock()
+            .clone()
+            .unwrap_or_else(|| "the secondary is not connected".into())
+    }
+
+    /// Counts a forwarded change, or turns its failure into the sticky error and dirty range.
+    fn settle(
+        &self,
+        range: Option<(u64, u64)>,
+        written: usize,
+        result: Result<(), BlockError>,
+    ) -> Ack {
+        match result {
+            Ok(()) => {
+                if written > 0 {
+                    self.stats.forwarded_writes.fetch_add(1, Ordering::Relaxed);
+                    self.stats
+                        .forwarded_bytes
+                        .fetch_add(written as u64, Ordering::Relaxed);
+                }
+                Ok(())
+            }
+            Err(e) => {
+                let lost = matches!(e.kind, ErrorKind::Shutdown | ErrorKind::TimedOut);
+                debug!("forward failed: {e}");
+                self.fail(range, &e.to_string(), lost);
+                Err(e.to_string())
+            }
+        }
+    }
+
+    /// A change left the queue (answered or failed).
+    fn dequeued(&self, payload: usize) {
+        self.stats.queued_requests.fetch_sub(1, Ordering::Relaxed);
+        self.stats
+            .queued_bytes
+            .fetch_sub(payload as u64, Ordering::Relaxed);
+    }
+
     fn usable_link(&self) -> Option<Arc<dyn BlockDev>> {
         if self.link_down.load(Ordering::SeqCst) {
             return None;
@@ -232,7 +277,9 @@ impl Forwarder {
     /// The forwarder task: runs until the node is dropped.
     ///
     /// The changes in flight are futures polled by this one task, not a task each: a reply
-    /// then costs no task switch, and a burst of replies wakes the forwarder once.
+    /// then costs no task switch, and a burst of replies wakes the forwarder once. The writes
+    /// that may go together leave as one batch ([`BlockDev::write_batch`]): on the NBD link
+    /// one run of frames and one wake-up for all their replies.
     pub async fn run(self: Arc<Self>) {
         let mut flight = InFlight::default();
         let mut waiting: Option<Item> = None;
@@ -240,6 +287,8 @@ impl Forwarder {
             if waiting.is_none() {
                 waiting = self.items.lock().pop_front();
             }
+            let burst_id = flight.new_id();
+            let mut burst = Vec::new();
             // Send all that may go now; stop at the first item that must wait.
             while let Some(item) = waiting.take() {
                 let may_go = match &item {
@@ -255,18 +304,32 @@ impl Forwarder {
                 }
                 match item {
                     Item::Change {
+                        change: Change::Write { offset, data, fua },
+                        ack,
+                        _budget,
+                    } => {
+                        flight.admit(burst_id, Some((offset, data.len() as u64)));
+                        burst.push(Queued {
+                            write: BatchWrite {
+                                offset,
+                                data,
+                                flags: WriteFlags { fua },
+                            },
+                            ack,
+                            _budget,
+                        });
+                    }
+                    Item::Change {
                         change,
                         ack,
                         _budget,
                     } => {
                         let shared = self.shared.clone();
-                        flight.start(change.range(), async move {
+                        let id = flight.new_id();
+                        flight.admit(id, change.range());
+                        flight.launch(id, 1, async move {
                             let r = send(&shared, &change).await;
-                            shared.stats.queued_requests.fetch_sub(1, Ordering::Relaxed);
-                            shared
-                                .stats
-                                .queued_bytes
-                                .fetch_sub(change.payload_bytes() as u64, Ordering::Relaxed);
+                            shared.dequeued(change.payload_bytes());
                             if let Some(ack) = ack {
                                 let _ = ack.send(r);
                             }
@@ -288,13 +351,32 @@ impl Forwarder {
                 }
                 waiting = self.items.lock().pop_front();
             }
+            if !burst.is_empty() {
+                let shared = self.shared.clone();
+                let n = burst.len();
+                flight.launch(burst_id, n, async move {
+                    let (writes, queued): (Vec<_>, Vec<_>) = burst
+                        .into_iter()
+                        .map(|q| (q.write, (q.ack, q._budget)))
+                        .unzip();
+                    let sizes: Vec<usize> = writes.iter().map(|w| w.data.len()).collect();
+                    let acks = send_burst(&shared, writes).await;
+                    for ((r, (ack, budget)), size) in acks.into_iter().zip(queued).zip(sizes) {
+                        shared.dequeued(size);
+                        if let Some(ack) = ack {
+                            let _ = ack.send(r);
+                        }
+                        drop(budget);
+                    }
+                });
+            }
             tokio::select! {
                 biased;
-                Some(id) = flight.running.next(), if !flight.is_empty() => {
-                    flight.retire(id);
+                Some(done) = flight.running.next(), if !flight.running.is_empty() => {
+                    flight.retire(done);
                     // Take every other reply that is already in.
-                    while let Some(Some(id)) = flight.running.next().now_or_never() {
-                        flight.retire(id);
+                    while let Some(Some(done)) = flight.running.next().now_or_never() {
+                        flight.retire(done);
                     }
                 }
                 item = self.next(), if waiting.is_none() => {
@@ -310,18 +392,31 @@ impl Forwarder {
     }
 }
 
-/// The changes on the link: their futures and the ranges they touch.
+/// A write waiting in a burst for [`BlockDev::write_batch`].
+struct Queued {
+    write: BatchWrite,
+    ack: Option<oneshot::Sender<Ack>>,
+    _budget: Budget,
+}
+
+/// The future carrying changes over the link; resolves to (id, number of changes it carried).
+type Carrying = Pin<Box<dyn Future<Output = (u64, usize)> + Send>>;
+
+/// The changes on the link: their futures (one per change, or one per burst of writes) and
+/// the ranges they touch.
 #[derive(Default)]
 struct InFlight {
-    running: FuturesUnordered<Pin<Box<dyn Future<Output = u64> + Send>>>,
-    /// (id, start, end) of every write or zeroing in flight; a flush has no range.
+    running: FuturesUnordered<Carrying>,
+    /// (id, start, end) of every write or zeroing admitted; a flush has no range.
     ranges: Vec<(u64, u64, u64)>,
+    /// Changes admitted and not yet answered (a burst counts each of its writes).
+    changes: usize,
     next_id: u64,
 }
 
 impl InFlight {
     fn is_empty(&self) -> bool {
-        self.running.is_empty()
+        self.changes == 0
     }
 
     /// Whether a change may go now: there is room on the link, no overlapping change is in
@@ -330,26 +425,34 @@ impl InFlight {
     fn may_send(&self, range: Option<(u64, u64)>, max_in_flight: usize) -> bool {
         match range {
             Some((o, l)) => {
-                self.running.len() < max_in_flight
+                self.changes < max_in_flight
                     && !self.ranges.iter().any(|(_, s, e)| *s < o + l && o < *e)
             }
-            None => self.running.is_empty(),
+            None => self.is_empty(),
         }
     }
 
-    fn start(&mut self, range: Option<(u64, u64)>, f: impl Future<Output = ()> + Send + 'static) {
-        let id = self.next_id;
+    fn new_id(&mut self) -> u64 {
         self.next_id += 1;
+        self.next_id
+    }
+
+    /// Counts a change as in flight under `id`, before its future is launched.
+    fn admit(&mut self, id: u64, range: Option<(u64, u64)>) {
+        self.changes += 1;
         if let Some((o, l)) = range {
             self.ranges.push((id, o, o + l));
         }
-        self.running.push(Box::pin(f.map(move |()| id)));
     }
 
-    fn retire(&mut self, id: u64) {
-        if let Some(i) = self.ranges.iter().position(|(r, _, _)| *r == id) {
-            self.ranges.swap_remove(i);
-        }
+    /// Starts the future that carries the `n` changes admitted under `id`.
+    fn launch(&mut self, id: u64, n: usize, f: impl Future<Output = ()> + Send + 'static) {
+        self.running.push(Box::pin(f.map(move |()| (id, n))));
+    }
+
+    fn retire(&mut self, (id, n): (u64, usize)) {
+        self.changes -= n;
+        self.ranges.retain(|(r, _, _)| *r != id);
     }
 }
 
@@ -357,14 +460,7 @@ impl InFlight {
 async fn send(shared: &Shared, change: &Change) -> Ack {
     let range = change.range();
     let Some(link) = shared.usable_link() else {
-        if let Some((o, l)) = range {
-            shared.dirty.mark(o, l);
-        }
-        return Err(shared
-            .error
-            .lock()
-            .clone()
-            .unwrap_or_else(|| "the secondary is not connected".into()));
+        return Err(shared.not_sent(range));
     };
     let op = async {
         match change.clone() {
@@ -376,35 +472,48 @@ async fn send(shared: &Shared, change: &Change) -> Ack {
         }
     };
     let result = match shared.timeout {
+        Some(t) => tokio::time::timeout(t, op)
+            .await
+            .unwrap_or_else(|_| Err(no_answer(t, range))),
+        None => op.await,
+    };
+    let written = match change {
+        Change::Write { data, .. } => data.len(),
+        _ => 0,
+    };
+    shared.settle(range, written, result)
+}
+
+/// Sends a burst of writes over the link in one batch, with one link timeout for all.
+async fn send_burst(shared: &Shared, writes: Vec<BatchWrite>) -> Vec<Ack> {
+    let Some(link) = shared.usable_link() else {
+        return writes
+            .iter()
+            .map(|w| Err(shared.not_sent(Some((w.offset, w.data.len() as u64)))))
+            .collect();
+    };
+    let op = link.write_batch(writes.clone());
+    let results = match shared.timeout {
         Some(t) => tokio::time::timeout(t, op).await.unwrap_or_else(|_| {
-            Err(BlockError::new(
-                ErrorKind::TimedOut,
-                blockdev::Op::Write,
-                range.map_or(0, |r| r.0),
-            )
-            .context(format!("the secondary did not answer within {t:?}")))
+            writes
+                .iter()
+                .map(|w| Err(no_answer(t, Some((w.offset, 0)))))
+                .collect()
         }),
         None => op.await,
     };
-    match result {
-        Ok(()) => {
-            if let Change::Write { data, .. } = change {
-                shared
-                    .stats
-                    .forwarded_writes
-                    .fetch_add(1, Ordering::Relaxed);
-                shared
-                    .stats
-                    .forwarded_bytes
-                    .fetch_add(data.len() as u64, Ordering::Relaxed);
-            }
-            Ok(())
-        }
-        Err(e) => {
-            let lost = matches!(e.kind, ErrorKind::Shutdown | ErrorKind::TimedOut);
-            debug!("forward failed: {e}");
-            shared.fail(range, &e.to_string(), lost);
-            Err(e.to_string())
-        }
-    }
+    writes
+        .iter()
+        .zip(results)
+        .map(|(w, r)| shared.settle(Some((w.offset, w.data.len() as u64)), w.data.len(), r))
+        .collect()
+}
+
+fn no_answer(t: Duration, range: Option<(u64, u64)>) -> BlockError {
+    BlockError::new(
+        ErrorKind::TimedOut,
+        blockdev::Op::Write,
+        range.map_or(0, |r| r.0),
+    )
+    .context(format!("the secondary did not answer within {t:?}"))
 }

@@ -7,63 +7,78 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 
+/// A held range; its waiters' wake-up is made only when someone has to wait (overlaps are
+/// rare, and most writes should cost no allocation here).
+struct Held {
+    id: u64,
+    start: u64,
+    end: u64,
+    waiters: Option<Arc<Notify>>,
+}
+
 /// The set of byte ranges currently held.
 #[derive(Default)]
 pub struct RangeLock {
-    held: Mutex<Vec<(u64, u64, Arc<Notify>)>>,
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    held: Vec<Held>,
+    next_id: u64,
 }
 
 /// A held range, released on drop.
 pub struct RangeGuard<'a> {
     lock: &'a RangeLock,
-    start: u64,
-    end: u64,
-    notify: Arc<Notify>,
+    id: u64,
 }
 
 impl RangeLock {
-    /// Waits until no held range overlaps `offset..offset+len`, then holds it.
+    /// Waits until no held range overlaps `offset..offset+len` (a zero length counts as one
+    /// byte), then holds it.
     pub async fn lock(&self, offset: u64, len: u64) -> RangeGuard<'_> {
-        let (start, end) = (offset, offset + len.max(1));
+        let (start, end) = (offset, offset.saturating_add(len.max(1)));
         loop {
             let wait = {
-                let mut held = self.held.lock();
-                match held.iter().find(|(s, e, _)| *s < end && start < *e) {
-                    Some((_, _, n)) => {
-                        // Register interest before dropping the list lock: the holder wakes
-                        // waiters under that lock, so no wake-up is lost.
-                        let mut fut = Box::pin(n.clone().notified_owned());
+                let mut st = self.state.lock();
+                match st.held.iter_mut().find(|h| h.start < end && start < h.end) {
+                    Some(h) => {
+                        let n = h.waiters.get_or_insert_with(Default::default).clone();
+                        let mut fut = Box::pin(n.notified_owned());
                         fut.as_mut().enable();
-                        Some(fut)
+                        fut
                     }
                     None => {
-                        let notify = Arc::new(Notify::new());
-                        held.push((start, end, notify.clone()));
-                        return RangeGuard {
-                            lock: self,
+                        st.next_id += 1;
+                        let id = st.next_id;
+                        st.held.push(Held {
+                            id,
                             start,
                             end,
-                            notify,
-                        };
+                            waiters: None,
+                        });
+                        return RangeGuard { lock: self, id };
                     }
                 }
             };
-            if let Some(w) = wait {
-                w.await;
-            }
+            wait.await;
         }
     }
 }
 
 impl Drop for RangeGuard<'_> {
     fn drop(&mut self) {
-        let mut held = self.lock.held.lock();
-        if let Some(i) = held.iter().position(|(s, e, n)| {
-            *s == self.start && *e == self.end && Arc::ptr_eq(n, &self.notify)
-        }) {
-            held.swap_remove(i);
+        let waiters = {
+            let mut st = self.lock.state.lock();
+            match st.held.iter().position(|h| h.id == self.id) {
+                Some(i) => st.held.swap_remove(i).waiters,
+                None => None,
+            }
+        };
+        if let Some(n) = waiters {
+            n.notify_waiters();
         }
-        self.notify.notify_waiters();
     }
 }
 
@@ -90,5 +105,37 @@ mod tests {
             .await
             .unwrap()
             .unwrap();
+    }
+
+    /// Every waiter on a released range goes on, one after another where they overlap each
+    /// other, and the lock ends empty.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn all_waiters_of_a_released_range_go_on_in_turn() {
+        let lock = Arc::new(RangeLock::default());
+        let g = lock.lock(0, 4096).await;
+        let inside = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let waiters: Vec<_> = (0..8u64)
+            .map(|i| {
+                let (lock, inside) = (lock.clone(), inside.clone());
+                tokio::spawn(async move {
+                    let _g = lock.lock(i * 512, 1024).await;
+                    // Neighbours overlap, so at most every other range (four) can be held at once.
+                    let now = inside.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+                    assert!(now <= 4, "{now} overlapping holders");
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    inside.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+                })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(waiters.iter().all(|w| !w.is_finished()));
+        drop(g);
+        for w in waiters {
+            tokio::time::timeout(Duration::from_secs(5), w)
+                .await
+                .unwrap()
+                .unwrap();
+        }
+        assert!(lock.state.lock().held.is_empty());
     }
 }
