@@ -281,7 +281,7 @@ impl Forwarder {
     /// that may go together leave as one batch ([`BlockDev::write_batch`]): on the NBD link
     /// one run of frames and one wake-up for all their replies.
     pub async fn run(self: Arc<Self>) {
-        let mut flight = InFlight::default();
+        let mut flight = InFlight::new(self.max_in_flight);
         let mut waiting: Option<Item> = None;
         loop {
             if waiting.is_none() {
@@ -292,9 +292,7 @@ impl Forwarder {
             // Send all that may go now; stop at the first item that must wait.
             while let Some(item) = waiting.take() {
                 let may_go = match &item {
-                    Item::Change { change, .. } => {
-                        flight.may_send(change.range(), self.max_in_flight)
-                    }
+                    Item::Change { change, .. } => flight.may_send(change.range()),
                     // Everything before a barrier must be acknowledged first.
                     Item::Barrier { .. } => flight.is_empty(),
                 };
@@ -404,17 +402,28 @@ type Carrying = Pin<Box<dyn Future<Output = (u64, usize)> + Send>>;
 
 /// The changes on the link: their futures (one per change, or one per burst of writes) and
 /// the ranges they touch.
-#[derive(Default)]
 struct InFlight {
     running: FuturesUnordered<Carrying>,
     /// (id, start, end) of every write or zeroing admitted; a flush has no range.
     ranges: Vec<(u64, u64, u64)>,
     /// Changes admitted and not yet answered (a burst counts each of its writes).
     changes: usize,
+    /// Most changes in flight at once.
+    max: usize,
     next_id: u64,
 }
 
 impl InFlight {
+    fn new(max: usize) -> Self {
+        InFlight {
+            running: FuturesUnordered::new(),
+            ranges: Vec::new(),
+            changes: 0,
+            max: max.max(1),
+            next_id: 0,
+        }
+    }
+
     fn is_empty(&self) -> bool {
         self.changes == 0
     }
@@ -422,11 +431,10 @@ impl InFlight {
     /// Whether a change may go now: there is room on the link, no overlapping change is in
     /// flight (it would race the earlier one), and for a flush nothing at all is (a flush covers
     /// what was acknowledged before it).
-    fn may_send(&self, range: Option<(u64, u64)>, max_in_flight: usize) -> bool {
+    fn may_send(&self, range: Option<(u64, u64)>) -> bool {
         match range {
             Some((o, l)) => {
-                self.changes < max_in_flight
-                    && !self.ranges.iter().any(|(_, s, e)| *s < o + l && o < *e)
+                self.changes < self.max && !self.ranges.iter().any(|(_, s, e)| *s < o + l && o < *e)
             }
             None => self.is_empty(),
         }
