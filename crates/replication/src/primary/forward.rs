@@ -23,9 +23,10 @@ use std::time::Duration;
 use blockdev::{BatchWrite, BlockDev, BlockError, ErrorKind, WriteFlags, ZeroFlags};
 use bytes::Bytes;
 use futures::stream::FuturesUnordered;
+use futures::task::AtomicWaker;
 use futures::{FutureExt, StreamExt};
 use parking_lot::Mutex;
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, broadcast, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast, oneshot};
 use tracing::{debug, warn};
 
 use super::dirty::DirtyBitmap;
@@ -193,7 +194,9 @@ impl Shared {
 /// The bounded queue and its consumer.
 pub struct Forwarder {
     items: Mutex<VecDeque<Item>>,
-    wake: Notify,
+    /// The forwarder task, its only consumer, waiting for items (cheaper per push than a
+    /// `Notify`, which takes a lock to register and to wake).
+    wake: AtomicWaker,
     requests: Arc<Semaphore>,
     bytes: Arc<Semaphore>,
     byte_limit: usize,
@@ -207,7 +210,7 @@ impl Forwarder {
     pub fn new(limits: QueueLimits, gather: bool, shared: Arc<Shared>) -> Arc<Self> {
         Arc::new(Forwarder {
             items: Mutex::new(VecDeque::new()),
-            wake: Notify::new(),
+            wake: AtomicWaker::new(),
             requests: Arc::new(Semaphore::new(limits.max_requests.max(1))),
             bytes: Arc::new(Semaphore::new(limits.max_bytes.max(1))),
             byte_limit: limits.max_bytes.max(1),
@@ -250,7 +253,7 @@ impl Forwarder {
             },
         };
         self.items.lock().push_back(item);
-        self.wake.notify_one();
+        self.wake.wake();
         rx
     }
 
@@ -260,18 +263,20 @@ impl Forwarder {
         self.items
             .lock()
             .push_back(Item::Barrier { flush, ack: tx });
-        self.wake.notify_one();
+        self.wake.wake();
         rx
     }
 
     async fn next(&self) -> Item {
-        loop {
-            let waiter = self.wake.notified();
-            if let Some(item) = self.items.lock().pop_front() {
-                return item;
+        std::future::poll_fn(|cx| {
+            // Registered before looking, so that a push after the look wakes this task.
+            self.wake.register(cx.waker());
+            match self.items.lock().pop_front() {
+                Some(item) => std::task::Poll::Ready(item),
+                None => std::task::Poll::Pending,
             }
-            waiter.await;
-        }
+        })
+        .await
     }
 
     /// The forwarder task: runs until the node is dropped.
