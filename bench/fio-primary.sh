@@ -3,7 +3,13 @@
 # (qemu-nbd, and our own `coloblk serve`), in async and sync mode, against the same fio on an
 # unreplicated `coloblk serve` export, all in the same run. Prints a Markdown table.
 #
-#   bench/fio-primary.sh [SECONDS] [shared|pinned]     (default 5 s per cell, shared)
+#   bench/fio-primary.sh [SECONDS] [shared|pinned] [ROUNDS]   (default 5 s per cell, shared, 3)
+#
+# Every round runs every cell once, interleaved; the table gives each cell's median over the
+# rounds (a single run of the baseline varied by 25% here). Before each cell the page cache is
+# written back (`sync`) and an async primary's queue is drained afterwards, so that neither
+# the kernel's writeback of earlier cells nor a forwarding backlog takes CPU from the cell
+# being measured.
 #
 # shared: every process may run on every core, so the secondary's CPU time is taken from the
 #         VM side (here, fio and the primary): the worst case, a secondary on the same host.
@@ -14,6 +20,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 SECS=${1:-5}
 LAYOUT=${2:-shared}
+ROUNDS=${3:-3}
 case $LAYOUT in
 shared) VM=(); SEC=() ;;
 pinned)
@@ -60,29 +67,54 @@ start_pair() {
 for peer in qemu ours; do for mode in async sync; do start_pair "$peer-$mode" $peer $mode; done; done
 
 ROWS=("4k randwrite QD1|randwrite|4k|1" "4k randwrite QD16|randwrite|4k|16" "1M seqwrite QD16|write|1M|16")
-echo "| workload | unreplicated | async -> qemu-nbd | async -> coloblk | sync -> qemu-nbd | sync -> coloblk |"
-echo "|---|---|---|---|---|---|"
-for row in "${ROWS[@]}"; do
-    IFS='|' read -r name rw bs qd <<<"$row"
-    read -r base_iops base_bw < <(fio_run "nbd+unix:///d?socket=$W/plain.sock" "$rw" "$bs" "$qd")
-    line="| $name |"
-    fmt() { # value baseline
-        python3 -c "import sys; v,b=float(sys.argv[1]),float(sys.argv[2]); u=sys.argv[3]; print(f'{v:,.0f} {u} ({v/b:.0%})')" "$@"
-    }
-    if [ "$bs" = 1M ]; then line+=" $(python3 -c "print(f'{$base_bw:,.0f} MiB/s')") |"; else line+=" $(python3 -c "print(f'{$base_iops:,.0f} IOPS')") |"; fi
-    for cell in qemu-async ours-async qemu-sync ours-sync; do
-        read -r iops bw < <(fio_run "nbd+unix:///d?socket=$W/$cell-p.sock" "$rw" "$bs" "$qd")
-        # An async primary may still hold a queue of forwards: drain it now, so that it does
-        # not take CPU from the next cell.
-        "$BIN" ctl --control "unix:$W/$cell-p.qmp" checkpoint >/dev/null
-        if [ "$bs" = 1M ]; then line+=" $(fmt "$bw" "$base_bw" MiB/s) |"; else line+=" $(fmt "$iops" "$base_iops" IOPS) |"; fi
+CELLS=(plain qemu-async ours-async qemu-sync ours-sync)
+sock() { if [ "$1" = plain ]; then echo "$W/plain.sock"; else echo "$W/$1-p.sock"; fi; }
+# Raw results, one line per run: "row cell iops MiBps".
+RESULTS=$W/results.txt
+for round in $(seq "$ROUNDS"); do
+    for row in "${ROWS[@]}"; do
+        IFS='|' read -r name rw bs qd <<<"$row"
+        for cell in "${CELLS[@]}"; do
+            sync
+            read -r iops bw < <(fio_run "nbd+unix:///d?socket=$(sock "$cell")" "$rw" "$bs" "$qd")
+            echo "$name|$cell|$iops|$bw" >>"$RESULTS"
+            # An async primary may still hold a queue of forwards: drain it now.
+            [ "$cell" = plain ] || "$BIN" ctl --control "unix:$W/$cell-p.qmp" checkpoint >/dev/null
+        done
     done
-    echo "$line"
+    echo "round $round of $ROUNDS done" >&2
 done
+python3 - "$RESULTS" "${CELLS[@]}" <<'PY'
+import statistics, sys
+lines = [l.rstrip("\n").split("|") for l in open(sys.argv[1])]
+cells = sys.argv[2:]
+rows = list(dict.fromkeys(l[0] for l in lines))
+print("| workload | unreplicated | async -> qemu-nbd | async -> coloblk | sync -> qemu-nbd | sync -> coloblk |")
+print("|---|---|---|---|---|---|")
+for row in rows:
+    seq = row.startswith("1M")
+    unit, col = ("MiB/s", 3) if seq else ("IOPS", 2)
+    med = {c: statistics.median(float(l[col]) for l in lines if l[0] == row and l[1] == c) for c in cells}
+    spread = {c: [float(l[col]) for l in lines if l[0] == row and l[1] == c] for c in cells}
+    base = med["plain"]
+    out = [f"{base:,.0f} {unit}"]
+    for c in cells[1:]:
+        out.append(f"{med[c]:,.0f} {unit} ({med[c] / base:.0%})")
+    print(f"| {row} | " + " | ".join(out) + " |")
+print()
+print("Each run (min-max over the rounds):")
+for row in rows:
+    col = 3 if row.startswith("1M") else 2
+    parts = []
+    for c in cells:
+        v = [float(l[col]) for l in lines if l[0] == row and l[1] == c]
+        parts.append(f"{c} {min(v):,.0f}-{max(v):,.0f}")
+    print(f"- {row}: " + ", ".join(parts))
+PY
 # Everything forwarded must have arrived: drain each primary and compare the images.
 for cell in qemu-async ours-async qemu-sync ours-sync; do
     "$BIN" ctl --control "unix:$W/$cell-p.qmp" checkpoint >/dev/null
     cmp -s "$W/$cell-p.raw" "$W/$cell-s.raw" && echo "$cell: secondary image identical after drain" ||
         { echo "$cell: IMAGES DIFFER" >&2; exit 1; }
 done
-echo "($LAYOUT, $SECS s per cell, $SIZE raw files on $(df --output=fstype /tmp | tail -1), $(nproc) cores; percentages are of the unreplicated row)"
+echo "($LAYOUT, $ROUNDS rounds of $SECS s per cell, medians, $SIZE raw files on $(df --output=fstype /tmp | tail -1), $(nproc) cores; percentages are of the unreplicated row)"
