@@ -1,14 +1,14 @@
 //! The pipelined NBD client: how the replication primary reaches the secondary's disk.
 //!
 //! ```text
-//!   callers (any task) --submit--> cookie -> Pending{oneshot, slot} in the pending map
-//!        |                               ^                     |
-//!        | frame (+payload)              | take / put back     | reply or failure
-//!        v                               |                     v
-//!   writer task: BufWriter, flushes   reader task: parses simple replies and structured
-//!   when its queue runs dry           chunks, fills the read buffer in place, completes
-//!        |                               ^   the oneshot on the DONE chunk
-//!        '------------> socket ----------'
+//!   callers (any task) --submit--> cookie -> Pending{waiter, slot} in the pending map
+//!        |  (write_batch: a run of         ^                     |
+//!        |   frames, one waiter)           | take / put back     | reply or failure
+//!        v                                 |                     v
+//!   writer task: everything queued      reader task: parses simple replies and structured
+//!   goes out in one vectored send       chunks, fills the read buffer in place, completes
+//!        |                                 ^   the waiter on the DONE chunk (a oneshot, or
+//!        '------------> socket ------------'   its batch's count, woken at the last reply)
 //! ```
 //!
 //! Many requests share one connection (bounded by [`ClientConfig::max_in_flight`]); replies are
@@ -1185,8 +1185,16 @@ async fn write_frames<W: AsyncWrite + Unpin>(
 /// Most slices one vectored send takes (Linux's IOV_MAX).
 const MAX_IOVECS: usize = 1024;
 
-/// Writes every piece in order with vectored sends, then empties the list.
+/// Writes every piece in order with vectored sends, then empties the list. A stream without
+/// vectored writes (an in-memory pipe given to [`NbdClient::from_stream`]) gets the pieces
+/// copied into one buffer instead, so that frames still share a write.
 async fn send_pieces<W: AsyncWrite + Unpin>(w: &mut W, pieces: &mut Vec<Bytes>) -> io::Result<()> {
+    if !w.is_write_vectored() && pieces.len() > 1 {
+        let mut joined = BytesMut::with_capacity(pieces.iter().map(Bytes::len).sum());
+        pieces.iter().for_each(|p| joined.extend_from_slice(p));
+        pieces.clear();
+        pieces.push(joined.freeze());
+    }
     let mut start = 0;
     loop {
         while start < pieces.len() && pieces[start].is_empty() {
@@ -1588,7 +1596,9 @@ impl NbdClient {
 
     /// [`BlockDev::write_batch`]: writes that fit one request each leave as one run of frames
     /// per [`ClientConfig::max_in_flight`] of them, and their caller is woken once per run;
-    /// the rest (split or FUA-emulated writes, refused ones) take the usual path alongside.
+    /// writes outside the export or to a read-only one fail here without a request, and the
+    /// rest (empty, split or FUA-emulated writes) take the usual path alongside. The whole
+    /// batch answers when its slowest write has.
     async fn write_burst(&self, writes: Vec<BatchWrite>) -> Vec<Result<()>> {
         let limit = self.info.max_payload() as usize;
         let mut results: Vec<Option<Result<()>>> = (0..writes.len()).map(|_| None).collect();

@@ -435,3 +435,71 @@ async fn a_local_error_in_sync_mode_reaches_the_vm_and_marks_the_range_dirty() {
     assert_eq!(node.dirty().ranges(), vec![(3 * 65536, 65536)]);
     node.get_error().unwrap();
 }
+
+/// A link whose `write_batch` breaks its contract and answers only the first write of a batch.
+struct ShortBatch(Arc<MemoryDev>);
+
+#[async_trait::async_trait]
+impl BlockDev for ShortBatch {
+    fn info(&self) -> blockdev::DevInfo {
+        self.0.info()
+    }
+    async fn read(&self, offset: u64, len: usize) -> blockdev::Result<Bytes> {
+        self.0.read(offset, len).await
+    }
+    async fn write(&self, offset: u64, data: Bytes, flags: WriteFlags) -> blockdev::Result<()> {
+        self.0.write(offset, data, flags).await
+    }
+    async fn write_batch(&self, writes: Vec<blockdev::BatchWrite>) -> Vec<blockdev::Result<()>> {
+        let mut results = Vec::new();
+        if let Some(w) = writes.into_iter().next() {
+            results.push(self.0.write(w.offset, w.data, w.flags).await);
+        }
+        results
+    }
+    async fn flush(&self) -> blockdev::Result<()> {
+        self.0.flush().await
+    }
+    async fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> blockdev::Result<()> {
+        self.0.write_zeroes(offset, len, flags).await
+    }
+    async fn discard(&self, offset: u64, len: u64) -> blockdev::Result<()> {
+        self.0.discard(offset, len).await
+    }
+    async fn block_status(&self, offset: u64, len: u64) -> blockdev::Result<blockdev::ExtentList> {
+        self.0.block_status(offset, len).await
+    }
+}
+
+/// A link that answers fewer writes of a batch than it was given loses none of them silently:
+/// every write of the batch counts as failed (even the one it did write: the answer cannot be
+/// trusted), every range is dirty, and the drain says why.
+///
+/// A current-thread runtime makes the batch certain: the eight writes complete locally and
+/// queue their forwards in one turn of the test task, before the forwarder runs.
+#[tokio::test]
+async fn a_batch_answered_short_fails_every_write_of_it() {
+    let local = Arc::new(MemoryDev::new(DISK));
+    let node = PrimaryNode::new(local, PrimaryConfig::default());
+    node.set_link(Arc::new(ShortBatch(Arc::new(MemoryDev::new(DISK)))))
+        .unwrap();
+    node.start(Mode::Primary).unwrap();
+    let writes: Vec<_> = (0..8u64)
+        .map(|i| node.write(i * 131072, fill(10 + i, 4096), WriteFlags::default()))
+        .collect();
+    for r in futures::future::join_all(writes).await {
+        r.unwrap();
+    }
+    let e = node.drain(false, false).await.unwrap_err();
+
+    assert!(matches!(e, PrimaryError::DrainFailed(_)), "{e}");
+    assert!(
+        e.to_string()
+            .contains("the link answered 1 of 8 batched writes"),
+        "{e}"
+    );
+    let want: Vec<(u64, u64)> = (0..8u64).map(|i| (i * 131072, 65536)).collect();
+    assert_eq!(node.dirty().ranges(), want);
+    let status = node.status();
+    assert_eq!((status.forward_errors, status.forwarded_writes), (8, 0));
+}

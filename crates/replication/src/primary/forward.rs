@@ -153,12 +153,12 @@ impl Shared {
     fn settle(
         &self,
         range: Option<(u64, u64)>,
-        written: usize,
+        written: Option<usize>,
         result: Result<(), BlockError>,
     ) -> Ack {
         match result {
             Ok(()) => {
-                if written > 0 {
+                if let Some(written) = written {
                     self.stats.forwarded_writes.fetch_add(1, Ordering::Relaxed);
                     self.stats
                         .forwarded_bytes
@@ -294,6 +294,14 @@ impl Forwarder {
             }
             let burst_id = flight.new_id();
             let mut burst = Vec::new();
+            // A batch answers when its slowest write has: writes the link must split or follow
+            // with a flush (FUA) go on their own, not holding up a burst of small ones.
+            let burst_limit = self
+                .shared
+                .link
+                .lock()
+                .as_ref()
+                .map_or(0, |l| l.info().max_request as usize);
             // Send all that may go now; stop at the first item that must wait.
             while let Some(item) = waiting.take() {
                 let may_go = match &item {
@@ -310,7 +318,7 @@ impl Forwarder {
                         change: Change::Write { offset, data, fua },
                         ack,
                         _budget,
-                    } => {
+                    } if !fua && !data.is_empty() && data.len() <= burst_limit => {
                         flight.admit(burst_id, Some((offset, data.len() as u64)));
                         burst.push(Queued {
                             write: BatchWrite {
@@ -491,8 +499,8 @@ async fn send(shared: &Shared, change: &Change) -> Ack {
         None => op.await,
     };
     let written = match change {
-        Change::Write { data, .. } => data.len(),
-        _ => 0,
+        Change::Write { data, .. } => Some(data.len()),
+        _ => None,
     };
     shared.settle(range, written, result)
 }
@@ -506,7 +514,9 @@ async fn send_burst(shared: &Shared, writes: Vec<BatchWrite>) -> Vec<Ack> {
             .collect();
     };
     let op = link.write_batch(writes.clone());
-    let results = match shared.timeout {
+    // On the timer, every write of the burst counts as failed (and dirty), including any the
+    // secondary did acknowledge: the batch gives no partial answer, and dirty is the safe side.
+    let mut results = match shared.timeout {
         Some(t) => tokio::time::timeout(t, op).await.unwrap_or_else(|_| {
             writes
                 .iter()
@@ -515,10 +525,22 @@ async fn send_burst(shared: &Shared, writes: Vec<BatchWrite>) -> Vec<Ack> {
         }),
         None => op.await,
     };
+    if results.len() != writes.len() {
+        // A device that broke write_batch's contract: no write may go unaccounted for.
+        let short = BlockError::new(ErrorKind::Io(None), blockdev::Op::Write, 0).context(format!(
+            "the link answered {} of {} batched writes",
+            results.len(),
+            writes.len()
+        ));
+        results = writes.iter().map(|_| Err(short.clone())).collect();
+    }
     writes
         .iter()
         .zip(results)
-        .map(|(w, r)| shared.settle(Some((w.offset, w.data.len() as u64)), w.data.len(), r))
+        .map(|(w, r)| {
+            let range = Some((w.offset, w.data.len() as u64));
+            shared.settle(range, Some(w.data.len()), r)
+        })
         .collect()
 }
 
