@@ -452,6 +452,15 @@ URIS = [
 ]
 
 
+# cli_specs: disk specifications (one per line) and a --config file.
+CLI_SEEDS = {
+    "spec": b"d0=/img/a.qcow2,format=qcow2,readonly,replica=nbd://h/x",
+    "specs": b"vm0=/var/lib/a.raw,direct,replica=nbd+unix:///vm0?socket=/run/s.sock\nbad,=x\n",
+    "config": b'export-listen = "unix:/run/p.sock"\nmode = "async"\nstart = true\n'
+    b'disk = ["a=/a.raw,replica=nbd://h/a", "b=/b.qcow2,format=qcow2"]\nio-threads = 8\n',
+}
+
+
 def write(target, name, data):
     d = os.path.join(OUT, target)
     os.makedirs(d, exist_ok=True)
@@ -473,6 +482,8 @@ def main():
         write("nbd_client_replies", name, data)
     for i, uri in enumerate(URIS):
         write("nbd_uri", "uri_%02d" % i, uri)
+    for name, data in CLI_SEEDS.items():
+        write("cli_specs", name, data)
 
 
 if __name__ == "__main__":

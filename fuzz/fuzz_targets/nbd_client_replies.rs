@@ -20,14 +20,17 @@
 //! feature on its cookies are 1..=10: read(0, 512); read(1024, 1024) (cookies 2 and 3 when
 //! split); write(512, 512 bytes of 0xa5, FUA); block_status(0, 65536);
 //! block_status_with(65536, 4096, REQ_ONE); flush; write_zeroes(2048, 512, no unmap);
-//! discard(4096, 512); cache(0, 512); then disconnect(). (Small, so that replies carrying
-//! data fit in libFuzzer's default 4 KiB inputs.)
+//! discard(4096, 512); cache(0, 512); write_batch of (8192, 512) and (12288, 1024) bytes of
+//! 0xa5 (cookies 11 and 12; with bit 3 the second is split and goes its own way); then
+//! disconnect(). (Small, so that replies carrying data fit in libFuzzer's default 4 KiB
+//! inputs.)
 //!
 //! Asserts:
 //!  * no panic; the handshake, the calls together and disconnect() each return within 10 s
 //!    (of the paused clock, so a hang is reported at once), and the client lets go of the
 //!    connection within 10 s after that;
-//!  * a successful read has exactly the requested length; a successful block status describes
+//!  * the batch answers every one of its writes; a successful read has exactly the requested
+//!    length; a successful block status describes
 //!    1..=len bytes in non-empty extents (exactly one extent with REQ_ONE);
 //!  * what the client sends is well-formed and honours what the server advertised: the
 //!    handshake options expected (exactly those in the handshake modes); then request headers
@@ -50,7 +53,7 @@
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use blockdev::{BlockDev, Extent, ExtentList, Result, WriteFlags, ZeroFlags};
+use blockdev::{BatchWrite, BlockDev, Extent, ExtentList, Result, WriteFlags, ZeroFlags};
 use bytes::{BufMut, Bytes, BytesMut};
 use libfuzzer_sys::fuzz_target;
 use nbd::client::{ClientConfig, ExportInfo, NbdClient};
@@ -84,6 +87,7 @@ const STATUS: [(u64, u64, bool); 2] = [(0, 65536, false), (65536, 4096, true)];
 const ZERO: (u64, u64) = (2048, 512);
 const DISCARD: (u64, u64) = (4096, 512);
 const CACHE: (u64, u64) = (0, 512);
+const BATCH: [(u64, usize); 2] = [(8192, 512), (12288, 1024)];
 
 /// A big-endian reader over a byte slice.
 struct Cur<'a>(&'a [u8]);
@@ -262,9 +266,19 @@ async fn drive(c: DuplexStream) -> Option<Outcome> {
             c.write_zeroes(ZERO.0, ZERO.1, zero_flags),
             c.discard(DISCARD.0, DISCARD.1),
             c.cache(CACHE.0, CACHE.1),
+            c.write_batch(
+                BATCH
+                    .iter()
+                    .map(|&(offset, len)| BatchWrite {
+                        offset,
+                        data: Bytes::from(vec![WRITE_BYTE; len]),
+                        flags: WriteFlags::default(),
+                    })
+                    .collect()
+            ),
         )
     };
-    let (r0, r1, w, s0, s1, f, z, d, ch) = tokio::time::timeout(BOUND, calls)
+    let (r0, r1, w, s0, s1, f, z, d, ch, b) = tokio::time::timeout(BOUND, calls)
         .await
         .unwrap_or_else(|_| panic!("a client call hung (no result within {BOUND:?})"));
     let alive = client.is_alive();
@@ -283,13 +297,16 @@ async fn drive(c: DuplexStream) -> Option<Outcome> {
         eprintln!("zeroes {}", short(&z));
         eprintln!("discard {}", short(&d));
         eprintln!("cache {}", short(&ch));
+        b.iter().for_each(|r| eprintln!("batch write {}", short(r)));
         eprintln!("closed: {:?}", client.closed_reason());
     }
     let some_failed = r0.is_err()
         || r1.is_err()
         || s0.is_err()
         || s1.is_err()
-        || [&w, &f, &z, &d, &ch].iter().any(|r| r.is_err());
+        || [&w, &f, &z, &d, &ch].iter().any(|r| r.is_err())
+        || b.iter().any(|r| r.is_err());
+    assert_eq!(b.len(), BATCH.len(), "the batch answered {} writes", b.len());
     if tokio::time::timeout(BOUND, client.disconnect())
         .await
         .is_err()
@@ -437,7 +454,10 @@ fn check_client_output(out: &[u8], info: &ExportInfo, offer: Option<Offer>) -> H
                 let Some(payload) = o.take(len as usize) else {
                     break; // cut off mid-frame
                 };
-                if within(off, len, (WRITE.0, WRITE.1 as u64)) {
+                let caller_wrote = std::iter::once(WRITE)
+                    .chain(BATCH)
+                    .any(|(o, l)| within(off, len, (o, l as u64)));
+                if caller_wrote {
                     assert!(payload.iter().all(|&b| b == WRITE_BYTE), "{req:?}");
                 } else if within(off, len, ZERO) {
                     assert!(payload.iter().all(|&b| b == 0), "{req:?}");

@@ -47,6 +47,11 @@ pub fn expand(args: Vec<OsString>) -> anyhow::Result<Vec<OsString>> {
 fn file_args(path: &str) -> anyhow::Result<Vec<OsString>> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("cannot read config file {path}"))?;
+    toml_args(&text, path)
+}
+
+/// The options a config file's `text` stands for (`path` names the file in errors).
+pub fn toml_args(text: &str, path: &str) -> anyhow::Result<Vec<OsString>> {
     let table: toml::Table = text
         .parse()
         .with_context(|| format!("config file {path} is not valid TOML"))?;

@@ -4,17 +4,18 @@
 
 #![forbid(unsafe_code)]
 
-mod config;
 mod control;
 mod ctl;
 mod demo;
-mod disk_spec;
 mod metrics;
 mod primary;
 mod secondary;
 mod serve;
 
 use std::process::ExitCode;
+
+// Operator-input parsers live in the library target, where the fuzz targets reach them.
+use coloblk::{config, disk_spec};
 
 use clap::{Parser, Subcommand};
 
