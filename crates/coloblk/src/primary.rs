@@ -21,6 +21,9 @@ use tracing::{info, warn};
 use crate::control::{self, Control, Group};
 use crate::disk_spec::DiskSpec;
 
+/// How much later than the NBD client's request timeout the primary node's own link timer
+/// fires.
+const LINK_TIMER_GRACE: Duration = Duration::from_secs(1);
 #[derive(Args, Debug, Clone)]
 #[command(after_help = "Example (the secondary must be running first):\n  \
     coloblk primary --disk vm0=/var/lib/vm/vm0.raw,replica=nbd://secondary:10809/vm0 \\\n    \
@@ -271,7 +274,10 @@ pub async fn run(args: PrimaryArgs) -> anyhow::Result<std::process::ExitCode> {
             max_bytes: args.queue_mib.max(1) << 20,
             ..Default::default()
         },
-        link_timeout: Some(link_timeout),
+        // The NBD client's own timer (below) is the one that fires: it fails the requests and
+        // closes the connection, so nothing stays pending on a link given up on. The node's
+        // timer, a little later, only backs it up.
+        link_timeout: Some(link_timeout + LINK_TIMER_GRACE),
         ..Default::default()
     };
     let mut disks = Vec::new();

@@ -263,6 +263,49 @@ fn malformed_control_input_gets_errors_not_a_crash() {
     assert_eq!(v["return"]["role"], "primary");
 }
 
+/// A secondary that stops answering (SIGSTOP: the socket stays open) is given up on after
+/// `--link-timeout` by the NBD client's own timer, which closes the connection, so no request
+/// is left pending on it; the VM's writes go on at local speed meanwhile.
+#[test]
+fn a_silent_secondary_is_given_up_on_after_the_link_timeout() {
+    require("qemu-io");
+    let p = pair(&["--start", "--link-timeout", "1"]);
+    let write = |offset: u64| {
+        let cmd = format!("write -P 0x5a {offset} 4k");
+        run(Command::new("qemu-io")
+            .args(["-f", "raw", "-c", &cmd])
+            .arg(p.export()));
+    };
+    write(0);
+    let pid = p.secondary.child.id().to_string();
+    run(Command::new("kill").args(["-STOP", &pid]));
+    let stopped = Instant::now();
+    write(65536);
+    assert!(
+        stopped.elapsed() < Duration::from_millis(900),
+        "the VM waited for the secondary"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let d = loop {
+        let s = status(&p);
+        let d = s["disks"][0].clone();
+        if d["link-up"] == false || Instant::now() > deadline {
+            break d;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let _ = Command::new("kill").args(["-CONT", &pid]).status();
+    assert_eq!(d["link-up"], false, "{d}");
+    let took = stopped.elapsed();
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(5),
+        "{took:?}"
+    );
+    let error = d["error"].as_str().unwrap_or_default();
+    assert!(error.contains("got no reply within 1s"), "{error}");
+    assert_eq!(d["dirty-bytes"], 65536, "{d}");
+}
+
 /// kill -9 of the secondary under fio load: the VM's writes keep succeeding, the error shows
 /// in status and events, the next checkpoint is refused, and dirty bytes grow.
 #[test]
