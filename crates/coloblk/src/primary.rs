@@ -24,6 +24,7 @@ use crate::disk_spec::DiskSpec;
 /// How much later than the NBD client's request timeout the primary node's own link timer
 /// fires.
 const LINK_TIMER_GRACE: Duration = Duration::from_secs(1);
+
 #[derive(Args, Debug, Clone)]
 #[command(after_help = "Example (the secondary must be running first):\n  \
     coloblk primary --disk vm0=/var/lib/vm/vm0.raw,replica=nbd://secondary:10809/vm0 \\\n    \
