@@ -39,6 +39,9 @@ pub struct FaultyDev {
     pub fail_reads: AtomicBool,
     /// When >= 0: that many more write-class requests succeed, then they fail.
     pub fail_writes_after: AtomicI64,
+    /// Write-class requests whose range covers this byte fail with EIO (`u64::MAX`: off): one
+    /// bad spot, for tests where the requests around it must succeed.
+    pub fail_writes_at: AtomicU64,
     /// Requests never complete while set.
     pub hang: AtomicBool,
     /// Write-class requests wait while set (reads go on).
@@ -63,6 +66,7 @@ impl FaultyDev {
             fail_writes: AtomicBool::new(false),
             fail_reads: AtomicBool::new(false),
             fail_writes_after: AtomicI64::new(-1),
+            fail_writes_at: AtomicU64::new(u64::MAX),
             hang: AtomicBool::new(false),
             hold_writes: AtomicBool::new(false),
             split_writes: AtomicBool::new(false),
@@ -92,7 +96,7 @@ impl FaultyDev {
         }
     }
 
-    async fn before(&self, op: Op, offset: u64, write: bool) -> Result<()> {
+    async fn before(&self, op: Op, offset: u64, len: u64, write: bool) -> Result<()> {
         self.delay().await;
         while self.hang.load(Ordering::SeqCst) || (write && self.hold_writes.load(Ordering::SeqCst))
         {
@@ -101,7 +105,10 @@ impl FaultyDev {
         let injected =
             || Err(BlockError::new(ErrorKind::Io(None), op, offset).context("injected fault"));
         if write {
-            if self.fail_writes.load(Ordering::SeqCst) {
+            let bad = self.fail_writes_at.load(Ordering::SeqCst);
+            if self.fail_writes.load(Ordering::SeqCst)
+                || (offset..offset.saturating_add(len)).contains(&bad)
+            {
                 return injected();
             }
             let left = self.fail_writes_after.load(Ordering::SeqCst);
@@ -129,11 +136,12 @@ impl BlockDev for FaultyDev {
         info
     }
     async fn read(&self, offset: u64, len: usize) -> Result<Bytes> {
-        self.before(Op::Read, offset, false).await?;
+        self.before(Op::Read, offset, len as u64, false).await?;
         self.inner.read(offset, len).await
     }
     async fn write(&self, offset: u64, data: Bytes, flags: WriteFlags) -> Result<()> {
-        self.before(Op::Write, offset, true).await?;
+        self.before(Op::Write, offset, data.len() as u64, true)
+            .await?;
         if self.split_writes.load(Ordering::Relaxed) && data.len() > 1 {
             let half = data.len() / 2;
             self.inner.write(offset, data.slice(..half), flags).await?;
@@ -147,19 +155,19 @@ impl BlockDev for FaultyDev {
         self.inner.write(offset, data, flags).await
     }
     async fn flush(&self) -> Result<()> {
-        self.before(Op::Flush, 0, true).await?;
+        self.before(Op::Flush, 0, 0, true).await?;
         self.inner.flush().await
     }
     async fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
-        self.before(Op::WriteZeroes, offset, true).await?;
+        self.before(Op::WriteZeroes, offset, len, true).await?;
         self.inner.write_zeroes(offset, len, flags).await
     }
     async fn discard(&self, offset: u64, len: u64) -> Result<()> {
-        self.before(Op::Discard, offset, true).await?;
+        self.before(Op::Discard, offset, len, true).await?;
         self.inner.discard(offset, len).await
     }
     async fn block_status(&self, offset: u64, len: u64) -> Result<ExtentList> {
-        self.before(Op::BlockStatus, offset, false).await?;
+        self.before(Op::BlockStatus, offset, len, false).await?;
         self.inner.block_status(offset, len).await
     }
 }

@@ -9,6 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use blockdev::fault::FaultyDev;
 use blockdev::{
     BatchWrite, BlockDev, ErrorKind, Extent, ExtentList, MemoryDev, WriteFlags, ZeroFlags,
 };
@@ -893,54 +894,14 @@ async fn batch_splits_writes_above_the_servers_maximum() {
     }
 }
 
-/// A device that fails writes touching one offset with EIO: a server error for one write of
-/// a batch.
-struct FailAt {
-    inner: Arc<MemoryDev>,
-    offset: u64,
-}
-
-#[async_trait::async_trait]
-impl BlockDev for FailAt {
-    fn info(&self) -> blockdev::DevInfo {
-        self.inner.info()
-    }
-    async fn read(&self, offset: u64, len: usize) -> blockdev::Result<Bytes> {
-        self.inner.read(offset, len).await
-    }
-    async fn write(&self, offset: u64, data: Bytes, flags: WriteFlags) -> blockdev::Result<()> {
-        if (offset..offset + data.len() as u64).contains(&self.offset) {
-            return Err(blockdev::BlockError::new(
-                ErrorKind::Io(Some(5)),
-                blockdev::Op::Write,
-                offset,
-            ));
-        }
-        self.inner.write(offset, data, flags).await
-    }
-    async fn flush(&self) -> blockdev::Result<()> {
-        self.inner.flush().await
-    }
-    async fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> blockdev::Result<()> {
-        self.inner.write_zeroes(offset, len, flags).await
-    }
-    async fn discard(&self, offset: u64, len: u64) -> blockdev::Result<()> {
-        self.inner.discard(offset, len).await
-    }
-    async fn block_status(&self, offset: u64, len: u64) -> blockdev::Result<ExtentList> {
-        self.inner.block_status(offset, len).await
-    }
-}
-
 /// Our server fails one write of a batch with EIO: that write, and only it, reports the
 /// server's error; the others land and the connection stays up.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_error_fails_only_its_write_of_the_batch() {
     let mem = Arc::new(MemoryDev::new(MIB));
-    let dev = Arc::new(FailAt {
-        inner: mem.clone(),
-        offset: 5 * 8 * KIB + 100,
-    });
+    let dev = Arc::new(FaultyDev::new(mem.clone()));
+    dev.fail_writes_at
+        .store(5 * 8 * KIB + 100, std::sync::atomic::Ordering::SeqCst);
     let exports = ExportSet::new();
     exports.add(Export::new("disk", dev));
     let server = Server::new(exports, ServerConfig::default());
