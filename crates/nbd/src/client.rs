@@ -692,6 +692,23 @@ impl BatchWait {
 }
 
 impl Pending {
+    /// A request about to go out, its reply to be delivered to `tx`.
+    fn new(cmd: &Cmd, data: BytesMut, tx: Waiter, slot: Option<OwnedSemaphorePermit>) -> Self {
+        Pending {
+            kind: cmd.kind,
+            offset: cmd.offset,
+            len: cmd.len,
+            data,
+            filled: 0,
+            covered: std::collections::BTreeMap::new(),
+            extents: None,
+            error: None,
+            chunked: false,
+            tx,
+            _slot: slot,
+        }
+    }
+
     fn fail(mut self, failure: Failure) {
         self.tx.deliver(Err(failure));
     }
@@ -796,22 +813,15 @@ struct Shared {
 impl Shared {
     /// Files a request under a fresh cookie, unless the connection is closed.
     fn register(&self, p: Pending) -> std::result::Result<u64, String> {
-        let mut st = self.state.lock();
-        if let Some(reason) = &st.dead {
-            return Err(reason.clone());
-        }
-        if st.closing {
-            return Err("the client is disconnecting".into());
-        }
-        st.next_cookie += 1;
-        let cookie = st.next_cookie;
-        st.pending.insert(cookie, p);
-        Ok(cookie)
+        self.register_all(std::iter::once(p))
     }
 
     /// Files several requests under one lock; the first cookie is returned and the others
     /// follow it. Refused as a whole if the connection is closed.
-    fn register_all(&self, ps: Vec<Pending>) -> std::result::Result<u64, String> {
+    fn register_all(
+        &self,
+        ps: impl IntoIterator<Item = Pending>,
+    ) -> std::result::Result<u64, String> {
         let mut st = self.state.lock();
         if let Some(reason) = &st.dead {
             return Err(reason.clone());
@@ -1239,6 +1249,19 @@ struct Cmd {
     len: u32,
 }
 
+impl Cmd {
+    /// Its header on the wire, under `cookie`.
+    fn request(&self, cookie: u64) -> Request {
+        Request {
+            flags: self.flags,
+            kind: self.kind,
+            cookie,
+            offset: self.offset,
+            length: self.len,
+        }
+    }
+}
+
 /// An NBD connection to one export; also a [`BlockDev`].
 ///
 /// Share it as `Arc<NbdClient>` (or `Arc<dyn BlockDev>`): every method takes `&self`, and
@@ -1532,32 +1555,13 @@ impl NbdClient {
         } else {
             BytesMut::new()
         };
-        let pending = Pending {
-            kind: cmd.kind,
-            offset: cmd.offset,
-            len: cmd.len,
-            data,
-            filled: 0,
-            covered: std::collections::BTreeMap::new(),
-            extents: None,
-            error: None,
-            chunked: false,
-            tx: Waiter::One(Some(tx)),
-            _slot: Some(slot),
-        };
+        let pending = Pending::new(&cmd, data, Waiter::One(Some(tx)), Some(slot));
         let cookie = self
             .shared
             .register(pending)
             .map_err(|reason| self.shutdown_error(&cmd, &reason))?;
         let mut frame = BytesMut::with_capacity(REQUEST_LEN);
-        Request {
-            flags: cmd.flags,
-            kind: cmd.kind,
-            cookie,
-            offset: cmd.offset,
-            length: cmd.len,
-        }
-        .encode(&mut frame);
+        cmd.request(cookie).encode(&mut frame);
         if self
             .shared
             .outgoing
@@ -1675,37 +1679,17 @@ impl NbdClient {
             done: Notify::new(),
             _slots: slots,
         });
-        let pending = cmds
-            .iter()
-            .enumerate()
-            .map(|(j, c)| Pending {
-                kind: c.kind,
-                offset: c.offset,
-                len: c.len,
-                data: BytesMut::new(),
-                filled: 0,
-                covered: std::collections::BTreeMap::new(),
-                extents: None,
-                error: None,
-                chunked: false,
-                tx: Waiter::Batch(Some((wait.clone(), j))),
-                _slot: None,
-            })
-            .collect();
+        let pending = cmds.iter().enumerate().map(|(j, c)| {
+            let tx = Waiter::Batch(Some((wait.clone(), j)));
+            Pending::new(c, BytesMut::new(), tx, None)
+        });
         let first = match self.shared.register_all(pending) {
             Ok(first) => first,
             Err(reason) => return fail_all(&|c| self.shutdown_error(c, &reason)),
         };
         let mut headers = BytesMut::with_capacity(REQUEST_LEN * run.len());
         for (cookie, c) in (first..).zip(&cmds) {
-            Request {
-                flags: c.flags,
-                kind: c.kind,
-                cookie,
-                offset: c.offset,
-                length: c.len,
-            }
-            .encode(&mut headers);
+            c.request(cookie).encode(&mut headers);
         }
         let mut headers = headers.freeze();
         let frames = run
