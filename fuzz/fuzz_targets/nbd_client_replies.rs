@@ -89,36 +89,9 @@ const DISCARD: (u64, u64) = (4096, 512);
 const CACHE: (u64, u64) = (0, 512);
 const BATCH: [(u64, usize); 2] = [(8192, 512), (12288, 1024)];
 
-/// A big-endian reader over a byte slice.
-struct Cur<'a>(&'a [u8]);
-
-impl<'a> Cur<'a> {
-    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
-        if self.0.len() < n {
-            return None;
-        }
-        let (a, b) = self.0.split_at(n);
-        self.0 = b;
-        Some(a)
-    }
-    fn u16(&mut self) -> Option<u16> {
-        self.take(2)
-            .map(|s| u16::from_be_bytes(s.try_into().unwrap()))
-    }
-    fn u32(&mut self) -> Option<u32> {
-        self.take(4)
-            .map(|s| u32::from_be_bytes(s.try_into().unwrap()))
-    }
-    fn u64(&mut self) -> Option<u64> {
-        self.take(8)
-            .map(|s| u64::from_be_bytes(s.try_into().unwrap()))
-    }
-    fn peek_u64(&self) -> Option<u64> {
-        self.0
-            .get(..8)
-            .map(|s| u64::from_be_bytes(s.try_into().unwrap()))
-    }
-}
+#[path = "common/cur.rs"]
+mod cur;
+use cur::Cur;
 
 /// What the handshake prefix (modes 1-3) negotiates.
 #[derive(Clone, Copy)]

@@ -29,31 +29,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const DISK_SIZE: u64 = 1 << 20;
 
-/// A big-endian reader over a byte slice.
-struct Cur<'a>(&'a [u8]);
-
-impl<'a> Cur<'a> {
-    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
-        if self.0.len() < n {
-            return None;
-        }
-        let (a, b) = self.0.split_at(n);
-        self.0 = b;
-        Some(a)
-    }
-    fn u16(&mut self) -> Option<u16> {
-        self.take(2).map(|s| u16::from_be_bytes(s.try_into().unwrap()))
-    }
-    fn u32(&mut self) -> Option<u32> {
-        self.take(4).map(|s| u32::from_be_bytes(s.try_into().unwrap()))
-    }
-    fn u64(&mut self) -> Option<u64> {
-        self.take(8).map(|s| u64::from_be_bytes(s.try_into().unwrap()))
-    }
-    fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-}
+#[path = "common/cur.rs"]
+mod cur;
+use cur::Cur;
 
 fn assert_nothing_more(out: &Cur, why: &str) {
     assert!(
