@@ -175,12 +175,17 @@ impl Shared {
         }
     }
 
-    /// A change left the queue (answered or failed).
-    fn dequeued(&self, payload: usize) {
+    /// A change left the queue (answered or failed): counted out, its answer given to whoever
+    /// asked, its share of the queue's budget released.
+    fn answered(&self, payload: usize, ack: Option<oneshot::Sender<Ack>>, budget: Budget, r: Ack) {
         self.stats.queued_requests.fetch_sub(1, Ordering::Relaxed);
         self.stats
             .queued_bytes
             .fetch_sub(payload as u64, Ordering::Relaxed);
+        if let Some(ack) = ack {
+            let _ = ack.send(r);
+        }
+        drop(budget);
     }
 
     fn usable_link(&self) -> Option<Arc<dyn BlockDev>> {
@@ -317,7 +322,7 @@ impl Forwarder {
                     Item::Change {
                         change: Change::Write { offset, data, fua },
                         ack,
-                        _budget,
+                        _budget: budget,
                     } if !fua && !data.is_empty() && data.len() <= burst_limit => {
                         flight.admit(burst_id, Some((offset, data.len() as u64)));
                         burst.push(Queued {
@@ -327,24 +332,20 @@ impl Forwarder {
                                 flags: WriteFlags { fua },
                             },
                             ack,
-                            _budget,
+                            budget,
                         });
                     }
                     Item::Change {
                         change,
                         ack,
-                        _budget,
+                        _budget: budget,
                     } => {
                         let shared = self.shared.clone();
                         let id = flight.new_id();
                         flight.admit(id, change.range());
                         flight.launch(id, 1, async move {
                             let r = send(&shared, &change).await;
-                            shared.dequeued(change.payload_bytes());
-                            if let Some(ack) = ack {
-                                let _ = ack.send(r);
-                            }
-                            drop(_budget);
+                            shared.answered(change.payload_bytes(), ack, budget, r);
                         });
                     }
                     Item::Barrier { flush, ack } => {
@@ -366,18 +367,10 @@ impl Forwarder {
                 let shared = self.shared.clone();
                 let n = burst.len();
                 flight.launch(burst_id, n, async move {
-                    let (writes, queued): (Vec<_>, Vec<_>) = burst
-                        .into_iter()
-                        .map(|q| (q.write, (q.ack, q._budget)))
-                        .unzip();
-                    let sizes: Vec<usize> = writes.iter().map(|w| w.data.len()).collect();
+                    let writes: Vec<BatchWrite> = burst.iter().map(|q| q.write.clone()).collect();
                     let acks = send_burst(&shared, writes).await;
-                    for ((r, (ack, budget)), size) in acks.into_iter().zip(queued).zip(sizes) {
-                        shared.dequeued(size);
-                        if let Some(ack) = ack {
-                            let _ = ack.send(r);
-                        }
-                        drop(budget);
+                    for (r, q) in acks.into_iter().zip(burst) {
+                        shared.answered(q.write.data.len(), q.ack, q.budget, r);
                     }
                 });
             }
@@ -407,7 +400,7 @@ impl Forwarder {
 struct Queued {
     write: BatchWrite,
     ack: Option<oneshot::Sender<Ack>>,
-    _budget: Budget,
+    budget: Budget,
 }
 
 /// The future carrying changes over the link; resolves to (id, number of changes it carried).
@@ -507,40 +500,41 @@ async fn send(shared: &Shared, change: &Change) -> Ack {
 
 /// Sends a burst of writes over the link in one batch, with one link timeout for all.
 async fn send_burst(shared: &Shared, writes: Vec<BatchWrite>) -> Vec<Ack> {
+    let ranges: Vec<(u64, u64)> = writes
+        .iter()
+        .map(|w| (w.offset, w.data.len() as u64))
+        .collect();
     let Some(link) = shared.usable_link() else {
-        return writes
+        return ranges
             .iter()
-            .map(|w| Err(shared.not_sent(Some((w.offset, w.data.len() as u64)))))
+            .map(|r| Err(shared.not_sent(Some(*r))))
             .collect();
     };
-    let op = link.write_batch(writes.clone());
+    let op = link.write_batch(writes);
     // On the timer, every write of the burst counts as failed (and dirty), including any the
     // secondary did acknowledge: the batch gives no partial answer, and dirty is the safe side.
     let mut results = match shared.timeout {
         Some(t) => tokio::time::timeout(t, op).await.unwrap_or_else(|_| {
-            writes
+            ranges
                 .iter()
-                .map(|w| Err(no_answer(t, Some((w.offset, 0)))))
+                .map(|(o, _)| Err(no_answer(t, Some((*o, 0)))))
                 .collect()
         }),
         None => op.await,
     };
-    if results.len() != writes.len() {
+    if results.len() != ranges.len() {
         // A device that broke write_batch's contract: no write may go unaccounted for.
         let short = BlockError::new(ErrorKind::Io(None), blockdev::Op::Write, 0).context(format!(
             "the link answered {} of {} batched writes",
             results.len(),
-            writes.len()
+            ranges.len()
         ));
-        results = writes.iter().map(|_| Err(short.clone())).collect();
+        results = ranges.iter().map(|_| Err(short.clone())).collect();
     }
-    writes
+    ranges
         .iter()
         .zip(results)
-        .map(|(w, r)| {
-            let range = Some((w.offset, w.data.len() as u64));
-            shared.settle(range, Some(w.data.len()), r)
-        })
+        .map(|(&(o, l), r)| shared.settle(Some((o, l)), Some(l as usize), r))
         .collect()
 }
 
