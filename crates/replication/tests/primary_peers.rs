@@ -63,14 +63,19 @@ fn qemu_nbd(dir: &Path) -> (Peer, PathBuf, PathBuf) {
     let img = dir.join("secondary.raw");
     std::fs::File::create(&img).unwrap().set_len(DISK).unwrap();
     let sock = dir.join("qemu-nbd.sock");
-    let p = spawn(
+    let p = serve_qemu_nbd(&img, &sock);
+    (p, sock, img)
+}
+
+/// qemu-nbd serving the existing raw image `img` as export "d" on `sock`.
+fn serve_qemu_nbd(img: &Path, sock: &Path) -> Peer {
+    spawn(
         Command::new("qemu-nbd")
             .args(["-f", "raw", "-t", "-x", "d", "-k"])
-            .arg(&sock)
-            .arg(&img),
-        &sock,
-    );
-    (p, sock, img)
+            .arg(sock)
+            .arg(img),
+        sock,
+    )
 }
 
 /// nbdkit's memory plugin behind the given filters and their parameters.
@@ -295,13 +300,7 @@ async fn a_killed_secondary_leaves_the_vm_writing_and_the_dirty_bitmap_exact_acr
     // The secondary comes back (same image) and the primary reconnects: the bitmap survives,
     // so a resync can send exactly what was missed, and new writes are forwarded again.
     std::fs::remove_file(&sock).ok();
-    let _back = spawn(
-        Command::new("qemu-nbd")
-            .args(["-f", "raw", "-t", "-x", "d", "-k"])
-            .arg(&sock)
-            .arg(&img),
-        &sock,
-    );
+    let _back = serve_qemu_nbd(&img, &sock);
     node.set_link(link(&sock, "d", Duration::from_secs(2)).await)
         .unwrap();
     assert!(node.status().link_up);
