@@ -277,6 +277,9 @@ fn a_silent_secondary_is_given_up_on_after_the_link_timeout() {
             .arg(p.export()));
     };
     write(0);
+    // Acknowledged by the secondary before it stops (async mode: the VM's write returns first).
+    let drained = ctl(&p.qmp(), &["checkpoint"]);
+    assert!(drained.status.success(), "{drained:?}");
     let pid = p.secondary.child.id().to_string();
     run(Command::new("kill").args(["-STOP", &pid]));
     let stopped = Instant::now();
