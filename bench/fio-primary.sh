@@ -11,6 +11,10 @@
 # the kernel's writeback of earlier cells nor a forwarding backlog takes CPU from the cell
 # being measured.
 #
+# For 4 KiB QD16 it also prints each process's CPU time per write (fio, the VM-side server or
+# primary, the secondary), the machine's idle share, and how full an async primary's queue was
+# at 80% of the run (full: backpressure held the VM to the forwarding's pace).
+#
 # shared: every process may run on every core, so the secondary's CPU time is taken from the
 #         VM side (here, fio and the primary): the worst case, a secondary on the same host.
 # pinned: fio and the primary (or the unreplicated server) on CPU 0, the secondaries on the
@@ -38,16 +42,22 @@ trap cleanup EXIT
 
 wait_sock() { for _ in $(seq 200); do [ -S "$1" ] && return 0; sleep 0.05; done; echo "no socket $1" >&2; exit 1; }
 
-# fio_run URI RW BS QD -> "iops MiBps"
+# fio_run URI RW BS QD -> "iops MiBps fio-cpu-seconds"
 fio_run() {
     "${VM[@]}" fio --name=b --ioengine=nbd --uri="$1" --rw="$2" --bs="$3" --iodepth="$4" --size=$SIZE \
         --time_based --runtime="$SECS" --output-format=json 2>/dev/null | sed -n '/^{/,$p' |
-        python3 -c 'import json,sys; j=json.load(sys.stdin)["jobs"][0]["write"]; print(j["iops"], j["bw_bytes"]/2**20)'
+        python3 -c 'import json,sys; j=json.load(sys.stdin)["jobs"][0]; w=j["write"]
+print(w["iops"], w["bw_bytes"]/2**20, (j["usr_cpu"] + j["sys_cpu"]) / 100 * j["job_runtime"] / 1000)'
 }
+# CPU seconds a process has used so far, and the whole machine's idle seconds.
+cpu_secs() { awk -v hz="$(getconf CLK_TCK)" '{print ($14 + $15) / hz}' "/proc/$1/stat"; }
+idle_secs() { awk -v hz="$(getconf CLK_TCK)" '/^cpu /{print $5 / hz; exit}' /proc/stat; }
 
 # Unreplicated baseline.
 truncate -s $SIZE "$W/plain.raw"
 "${VM[@]}" "$BIN" serve --export d="$W/plain.raw" --listen "unix:$W/plain.sock" 2>/dev/null & PIDS+=($!)
+# The VM-side server and the secondary of each cell, for their CPU per write.
+declare -A SERVER=([plain]=$!) SECONDARY=([plain]=)
 wait_sock "$W/plain.sock"
 
 # start_pair NAME PEER(qemu|ours) MODE: a secondary and a primary forwarding to it.
@@ -59,9 +69,11 @@ start_pair() {
     else
         "${SEC[@]}" "$BIN" serve --export d="$W/$name-s.raw" --listen "unix:$W/$name-s.sock" 2>/dev/null & PIDS+=($!)
     fi
+    SECONDARY[$name]=$!
     wait_sock "$W/$name-s.sock"
     "${VM[@]}" "$BIN" primary --disk "d=$W/$name-p.raw,replica=nbd+unix:///d?socket=$W/$name-s.sock" --mode "$mode" \
         --export-listen "unix:$W/$name-p.sock" --control "unix:$W/$name-p.qmp" --start 2>/dev/null & PIDS+=($!)
+    SERVER[$name]=$!
     wait_sock "$W/$name-p.sock"
 }
 for peer in qemu ours; do for mode in async sync; do start_pair "$peer-$mode" $peer $mode; done; done
@@ -76,18 +88,34 @@ for round in $(seq "$ROUNDS"); do
         IFS='|' read -r name rw bs qd <<<"$row"
         for cell in "${CELLS[@]}"; do
             sync
-            read -r iops bw < <(fio_run "nbd+unix:///d?socket=$(sock "$cell")" "$rw" "$bs" "$qd")
-            echo "$name|$cell|$iops|$bw" >>"$RESULTS"
+            srv=${SERVER[$cell]} sec=${SECONDARY[$cell]}
+            # How full the forwarding queue is near the end of the run (full: the VM is held
+            # back to the pace of the forwarding).
+            rm -f "$W/queued"
+            sampler=
+            if [ "$cell" != plain ]; then
+                (sleep "$(awk "BEGIN{print $SECS * 0.8}")"
+                    "$BIN" ctl --control "unix:$W/$cell-p.qmp" status --json |
+                        python3 -c 'import json,sys; d=json.load(sys.stdin); print(d.get("return", d)["disks"][0]["queue-bytes"])' >"$W/queued") &
+                sampler=$!
+            fi
+            s0=$(cpu_secs "$srv") c0=$([ -n "$sec" ] && cpu_secs "$sec" || echo 0) i0=$(idle_secs)
+            read -r iops bw fio_cpu < <(fio_run "nbd+unix:///d?socket=$(sock "$cell")" "$rw" "$bs" "$qd")
+            s1=$(cpu_secs "$srv") c1=$([ -n "$sec" ] && cpu_secs "$sec" || echo 0) i1=$(idle_secs)
+            [ -z "$sampler" ] || wait "$sampler"
+            queued=$(cat "$W/queued" 2>/dev/null || echo 0)
+            echo "$name|$cell|$iops|$bw|$fio_cpu|$(awk "BEGIN{print $s1 - $s0}")|$(awk "BEGIN{print $c1 - $c0}")|$(awk "BEGIN{print $i1 - $i0}")|$queued" >>"$RESULTS"
             # An async primary may still hold a queue of forwards: drain it now.
             [ "$cell" = plain ] || "$BIN" ctl --control "unix:$W/$cell-p.qmp" checkpoint >/dev/null
         done
     done
     echo "round $round of $ROUNDS done" >&2
 done
-python3 - "$RESULTS" "${CELLS[@]}" <<'PY'
+python3 - "$RESULTS" "$SECS" "$(nproc)" "${CELLS[@]}" <<'PY'
 import statistics, sys
 lines = [l.rstrip("\n").split("|") for l in open(sys.argv[1])]
-cells = sys.argv[2:]
+secs, ncpu = float(sys.argv[2]), int(sys.argv[3])
+cells = sys.argv[4:]
 rows = list(dict.fromkeys(l[0] for l in lines))
 print("| workload | unreplicated | async -> qemu-nbd | async -> coloblk | sync -> qemu-nbd | sync -> coloblk |")
 print("|---|---|---|---|---|---|")
@@ -101,6 +129,20 @@ for row in rows:
     for c in cells[1:]:
         out.append(f"{med[c]:,.0f} {unit} ({med[c] / base:.0%})")
     print(f"| {row} | " + " | ".join(out) + " |")
+print()
+print(f"CPU per write, 4k randwrite QD16 (medians; {secs} s runs; idle is the whole machine's):")
+print()
+print("| cell | fio | VM-side server | secondary | idle | queue at 80% of the run |")
+print("|---|---|---|---|---|---|")
+for c in cells:
+    runs = [l for l in lines if l[0] == "4k randwrite QD16" and l[1] == c]
+    if not runs:
+        continue
+    us = lambda i: statistics.median(float(l[i]) / (float(l[2]) * secs) * 1e6 for l in runs)
+    idle = statistics.median(float(l[7]) / (secs * ncpu) for l in runs)
+    sec = f"{us(6):.1f} µs" if c != "plain" else "-"
+    queued = "-" if c == "plain" else " / ".join(f"{int(l[8]) / 2**20:.0f}" for l in runs) + " MiB"
+    print(f"| {c} | {us(4):.1f} µs | {us(5):.1f} µs | {sec} | {idle:.0%} | {queued} |")
 print()
 print("Each run (min-max over the rounds):")
 for row in rows:
