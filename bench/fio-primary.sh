@@ -102,8 +102,9 @@ for round in $(seq "$ROUNDS"); do
             s0=$(cpu_secs "$srv") c0=$([ -n "$sec" ] && cpu_secs "$sec" || echo 0) i0=$(idle_secs)
             read -r iops bw fio_cpu < <(fio_run "nbd+unix:///d?socket=$(sock "$cell")" "$rw" "$bs" "$qd")
             s1=$(cpu_secs "$srv") c1=$([ -n "$sec" ] && cpu_secs "$sec" || echo 0) i1=$(idle_secs)
-            [ -z "$sampler" ] || wait "$sampler"
-            queued=$(cat "$W/queued" 2>/dev/null || echo 0)
+            [ -z "$sampler" ] || wait "$sampler" || true  # a missed sample is not worth the run
+            queued=$(cat "$W/queued" 2>/dev/null || true)
+            queued=${queued:-?}
             echo "$name|$cell|$iops|$bw|$fio_cpu|$(awk "BEGIN{print $s1 - $s0}")|$(awk "BEGIN{print $c1 - $c0}")|$(awk "BEGIN{print $i1 - $i0}")|$queued" >>"$RESULTS"
             # An async primary may still hold a queue of forwards: drain it now.
             [ "$cell" = plain ] || "$BIN" ctl --control "unix:$W/$cell-p.qmp" checkpoint >/dev/null
@@ -141,7 +142,8 @@ for c in cells:
     us = lambda i: statistics.median(float(l[i]) / (float(l[2]) * secs) * 1e6 for l in runs)
     idle = statistics.median(float(l[7]) / (secs * ncpu) for l in runs)
     sec = f"{us(6):.1f} µs" if c != "plain" else "-"
-    queued = "-" if c == "plain" else " / ".join(f"{int(l[8]) / 2**20:.0f}" for l in runs) + " MiB"
+    mib = lambda q: f"{int(q) / 2**20:.0f}" if q.isdigit() else "?"
+    queued = "-" if c == "plain" else " / ".join(mib(l[8]) for l in runs) + " MiB"
     print(f"| {c} | {us(4):.1f} µs | {us(5):.1f} µs | {sec} | {idle:.0%} | {queued} |")
 print()
 print("Each run (min-max over the rounds):")
