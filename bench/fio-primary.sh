@@ -94,9 +94,10 @@ for round in $(seq "$ROUNDS"); do
             rm -f "$W/queued"
             sampler=
             if [ "$cell" != plain ]; then
+                # On the secondaries' cores when pinned: the VM's core is the one measured.
                 (sleep "$(awk "BEGIN{print $SECS * 0.8}")"
-                    "$BIN" ctl --control "unix:$W/$cell-p.qmp" status --json |
-                        python3 -c 'import json,sys; d=json.load(sys.stdin); print(d.get("return", d)["disks"][0]["queue-bytes"])' >"$W/queued") &
+                    "${SEC[@]}" "$BIN" ctl --control "unix:$W/$cell-p.qmp" status --json |
+                        "${SEC[@]}" python3 -c 'import json,sys; d=json.load(sys.stdin); print(d.get("return", d)["disks"][0]["queue-bytes"])' >"$W/queued") &
                 sampler=$!
             fi
             s0=$(cpu_secs "$srv") c0=$([ -n "$sec" ] && cpu_secs "$sec" || echo 0) i0=$(idle_secs)
