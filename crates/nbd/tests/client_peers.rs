@@ -137,6 +137,40 @@ async fn nbdkit(dir: &Path, sock: &Path, args: &[&str]) -> Peer {
     peer
 }
 
+/// An nbdkit with `args` on a socket in a directory of its own, both gone when it is dropped.
+struct Kit {
+    peer: Peer,
+    sock: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Kit {
+    async fn start(args: &[&str]) -> Kit {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("k.sock");
+        let peer = nbdkit(dir.path(), &sock, args).await;
+        Kit {
+            peer,
+            sock,
+            _dir: dir,
+        }
+    }
+
+    async fn connect(&self) -> NbdClient {
+        connect(&self.sock).await
+    }
+
+    async fn connect_with(&self, config: ClientConfig) -> NbdClient {
+        NbdClient::connect(&unix(&self.sock), "", config)
+            .await
+            .unwrap()
+    }
+
+    fn kill(&mut self) {
+        self.peer.kill();
+    }
+}
+
 fn unix(sock: &Path) -> SocketAddr {
     SocketAddr::Unix(sock.to_path_buf())
 }
@@ -507,10 +541,8 @@ async fn a_silent_peer_fails_the_handshake_with_timed_out() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nbdkit_memory_round_trips_every_command() {
     require!("nbdkit");
-    let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("k.sock");
-    let _k = nbdkit(dir.path(), &sock, &["memory", "size=64M"]).await;
-    let c = connect(&sock).await;
+    let k = Kit::start(&["memory", "size=64M"]).await;
+    let c = k.connect().await;
     let data = pattern(4, 256 * KIB as usize);
 
     assert_eq!(c.export_info().size, 64 * MIB);
@@ -590,8 +622,6 @@ async fn nbdkit_error_filter_replies_eio_and_the_connection_survives() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nbdkit_enospc_maps_to_no_space() {
     require!("nbdkit");
-    let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("k.sock");
     let args = [
         "--filter=error",
         "memory",
@@ -599,8 +629,8 @@ async fn nbdkit_enospc_maps_to_no_space() {
         "error=ENOSPC",
         "error-pwrite-rate=100%",
     ];
-    let _k = nbdkit(dir.path(), &sock, &args).await;
-    let c = connect(&sock).await;
+    let k = Kit::start(&args).await;
+    let c = k.connect().await;
 
     let err = c
         .write(0, Bytes::from_static(b"x"), WriteFlags::default())
@@ -616,11 +646,9 @@ async fn nbdkit_enospc_maps_to_no_space() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_server_fails_pending_requests_promptly() {
     require!("nbdkit");
-    let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("k.sock");
     let args = ["--filter=delay", "memory", "size=64M", "delay-read=3"];
-    let mut k = nbdkit(dir.path(), &sock, &args).await;
-    let c = Arc::new(connect(&sock).await);
+    let mut k = Kit::start(&args).await;
+    let c = Arc::new(k.connect().await);
     let reads: Vec<_> = (0..8)
         .map(|i| {
             let c = c.clone();
@@ -651,15 +679,13 @@ async fn killing_the_server_fails_pending_requests_promptly() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reply_slower_than_the_timeout_fails_with_timed_out() {
     require!("nbdkit");
-    let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("k.sock");
     let args = ["--filter=delay", "memory", "size=64M", "delay-read=5"];
-    let _k = nbdkit(dir.path(), &sock, &args).await;
+    let k = Kit::start(&args).await;
     let config = ClientConfig {
         request_timeout: Some(Duration::from_millis(500)),
         ..config()
     };
-    let c = NbdClient::connect(&unix(&sock), "", config).await.unwrap();
+    let c = k.connect_with(config).await;
 
     let started = Instant::now();
     let err = c.read(0, 4096).await.unwrap_err();
@@ -684,15 +710,8 @@ async fn a_reply_slower_than_the_timeout_fails_with_timed_out() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn write_zeroes_falls_back_to_writes_when_the_server_lacks_it() {
     require!("nbdkit");
-    let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("k.sock");
-    let _k = nbdkit(
-        dir.path(),
-        &sock,
-        &["--filter=nozero", "memory", "size=64M"],
-    )
-    .await;
-    let c = connect(&sock).await;
+    let k = Kit::start(&["--filter=nozero", "memory", "size=64M"]).await;
+    let c = k.connect().await;
     let data = pattern(5, 3 * MIB as usize);
 
     assert!(!c.export_info().can_write_zeroes());
@@ -725,8 +744,6 @@ async fn write_zeroes_falls_back_to_writes_when_the_server_lacks_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_above_the_maximum_block_size_are_split() {
     require!("nbdkit");
-    let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("k.sock");
     let args = [
         "--filter=blocksize-policy",
         "memory",
@@ -736,8 +753,8 @@ async fn requests_above_the_maximum_block_size_are_split() {
         "blocksize-maximum=64K",
         "blocksize-error-policy=error",
     ];
-    let _k = nbdkit(dir.path(), &sock, &args).await;
-    let c = connect(&sock).await;
+    let k = Kit::start(&args).await;
+    let c = k.connect().await;
     let data = pattern(6, MIB as usize + 4096);
 
     assert_eq!(
@@ -862,8 +879,6 @@ async fn qemu_nbd_batch_lands_every_write_and_fails_only_the_bad_one() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batch_splits_writes_above_the_servers_maximum() {
     require!("nbdkit");
-    let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("k.sock");
     let args = [
         "--filter=blocksize-policy",
         "memory",
@@ -871,8 +886,8 @@ async fn batch_splits_writes_above_the_servers_maximum() {
         "blocksize-maximum=64K",
         "blocksize-error-policy=error",
     ];
-    let _k = nbdkit(dir.path(), &sock, &args).await;
-    let c = connect(&sock).await;
+    let k = Kit::start(&args).await;
+    let c = k.connect().await;
     let big = pattern(7, MIB as usize + 4096);
     let small: Vec<Vec<u8>> = (0..16).map(|i| pattern(200 + i, 4096)).collect();
     let mut batch = vec![batch_write(4 * MIB, big.clone(), false)];
@@ -945,15 +960,13 @@ async fn a_server_error_fails_only_its_write_of_the_batch() {
 async fn killing_the_server_fails_a_pending_batch_promptly() {
     require!("nbdkit");
     for timeout in [Some(Duration::from_secs(10)), None] {
-        let dir = tempfile::tempdir().unwrap();
-        let sock = dir.path().join("k.sock");
         let args = ["--filter=delay", "memory", "size=64M", "delay-write=3"];
-        let mut k = nbdkit(dir.path(), &sock, &args).await;
+        let mut k = Kit::start(&args).await;
         let cfg = ClientConfig {
             request_timeout: timeout,
             ..config()
         };
-        let c = Arc::new(NbdClient::connect(&unix(&sock), "", cfg).await.unwrap());
+        let c = Arc::new(k.connect_with(cfg).await);
         let batch: Vec<_> = (0..8u64)
             .map(|i| batch_write(i * 4096, pattern(i, 4096), false))
             .collect();
@@ -983,15 +996,13 @@ async fn killing_the_server_fails_a_pending_batch_promptly() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_slower_than_the_timeout_fails_with_timed_out() {
     require!("nbdkit");
-    let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("k.sock");
     let args = ["--filter=delay", "memory", "size=64M", "delay-write=5"];
-    let _k = nbdkit(dir.path(), &sock, &args).await;
+    let k = Kit::start(&args).await;
     let cfg = ClientConfig {
         request_timeout: Some(Duration::from_millis(500)),
         ..config()
     };
-    let c = NbdClient::connect(&unix(&sock), "", cfg).await.unwrap();
+    let c = k.connect_with(cfg).await;
     let batch: Vec<_> = (0..4u64)
         .map(|i| batch_write(i * 4096, pattern(i, 4096), false))
         .collect();
