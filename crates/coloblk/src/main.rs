@@ -7,6 +7,7 @@
 mod control;
 mod ctl;
 mod demo;
+mod listen;
 mod metrics;
 mod primary;
 mod secondary;

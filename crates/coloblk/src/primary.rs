@@ -321,7 +321,7 @@ pub async fn run(args: PrimaryArgs) -> anyhow::Result<std::process::ExitCode> {
     );
     group.events.attach(qmp_server.clone());
     forward_events(&group, &qmp_server);
-    control::serve(&control_addr, qmp_server).await?;
+    crate::listen::serve(&control_addr, qmp_server).await?;
     if let (Some(addr), Some(handle)) = (&args.daemon.metrics, metrics_handle) {
         let g = group.clone();
         crate::metrics::serve(addr, handle, Arc::new(move || refresh_metrics(&g))).await?;

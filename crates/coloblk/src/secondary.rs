@@ -341,7 +341,7 @@ pub async fn run(args: SecondaryArgs) -> anyhow::Result<std::process::ExitCode> 
         crate::metrics::serve(addr, handle, Arc::new(move || refresh_metrics(&g))).await?;
     }
     // The control socket comes last: once it answers, everything else is ready.
-    control::serve(&control_addr, qmp_server).await?;
+    crate::listen::serve(&control_addr, qmp_server).await?;
     info!(replica = %replica_listen, view = %export_listen, "secondary listening");
     let serving = [
         {
