@@ -17,7 +17,7 @@ mod client;
 mod framing;
 mod server;
 
-pub use client::{QmpClient, QmpClientError};
+pub use client::{HandshakeStep, QmpClient, QmpClientError};
 pub use framing::{Frame, FrameError, Framer};
 pub use server::{Command, Event, Handler, QmpServer};
 
