@@ -267,8 +267,21 @@ async fn a_hung_secondary_is_dropped_after_the_timeout_and_writes_go_on_at_local
     assert_eq!(r.node.dirty().ranges(), vec![(0, 50 * 65536)]);
 }
 
+/// Waits until the resync has emptied the bitmap (bounded, so a broken resync fails the test).
+async fn wait_clean(node: &PrimaryNode) {
+    let t = Instant::now();
+    while node.dirty().dirty_clusters() > 0 || node.resync_status().active {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "resync did not finish: {:?}",
+            node.status()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn writes_before_start_are_recorded_dirty_exactly_and_not_forwarded() {
+async fn writes_before_start_are_dirty_and_the_resync_sends_them_after_start() {
     let r = rig(PrimaryConfig {
         dirty_granularity: 4096,
         ..Default::default()
@@ -288,15 +301,25 @@ async fn writes_before_start_are_recorded_dirty_exactly_and_not_forwarded() {
         vec![(8192, 4096), (65536, 3 * 4096), (DISK - 4096, 4096)]
     );
     assert_eq!(r.node.status().dirty_bytes, 5 * 4096);
-    // After start, new writes are forwarded and the old dirty ranges stay recorded.
+    // A checkpoint before start is refused (QEMU's primary says yes in any stage).
+    assert_eq!(
+        r.node.checkpoint(false).await.unwrap_err(),
+        PrimaryError::NotStarted(Stage::None)
+    );
+    // After start, new writes are forwarded and the resync copies the old dirty ranges.
     r.node.start(Mode::Primary).unwrap();
     r.node
         .write(0, fill(2, 4096), WriteFlags::default())
         .await
         .unwrap();
-    r.node.drain(false, false).await.unwrap();
-    assert_eq!(r.link.writes_seen.load(Ordering::Relaxed), 1);
-    assert_eq!(r.node.dirty().dirty_clusters(), 5);
+    wait_clean(&r.node).await;
+    r.node.checkpoint(false).await.unwrap();
+    assert!(r.local.snapshot() == r.remote.snapshot());
+    let resync = r.node.resync_status();
+    assert_eq!(resync.done_bytes, 5 * 4096);
+    assert_eq!(resync.total_bytes, 5 * 4096);
+    // The one data cluster is sent as payload; the zeroed ones as write-zeroes.
+    assert_eq!(resync.sent_bytes, 4096);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -356,14 +379,17 @@ async fn the_queue_bound_holds_under_a_slow_secondary() {
 }
 
 #[tokio::test]
-async fn stage_machine_matches_qemu_for_a_primary() {
+async fn stage_machine_matches_qemu_for_a_primary_but_never_checkpoints_falsely() {
     let r = rig(PrimaryConfig::default());
     assert_eq!(r.node.stage(), Stage::None);
     assert_eq!(
         r.node.get_error().unwrap_err().to_string(),
         "Block replication is not running"
     );
-    r.node.checkpoint().await.unwrap();
+    assert_eq!(
+        r.node.checkpoint(false).await.unwrap_err().to_string(),
+        "checkpoint refused: replication is not running (stage none); start it first"
+    );
     assert_eq!(
         r.node.stop(true).await.unwrap_err().to_string(),
         "Block replication is not running"
@@ -380,15 +406,21 @@ async fn stage_machine_matches_qemu_for_a_primary() {
         "Block replication is running or done"
     );
     r.node.get_error().unwrap();
-    r.node.checkpoint().await.unwrap();
+    r.node.checkpoint(false).await.unwrap();
     r.node.stop(true).await.unwrap();
     assert_eq!(r.node.stage(), Stage::Done);
-    // Continuous replication: all ignored after DONE.
-    r.node.start(Mode::Primary).unwrap();
-    r.node.checkpoint().await.unwrap();
+    // After DONE a checkpoint is refused and a start really starts (QEMU ignores both, and
+    // its checkpoint then says yes while writes are only recorded as dirty).
+    assert_eq!(
+        r.node.checkpoint(false).await.unwrap_err(),
+        PrimaryError::NotStarted(Stage::Done)
+    );
     r.node.stop(false).await.unwrap();
     r.node.get_error().unwrap();
     assert_eq!(r.node.stage(), Stage::Done);
+    r.node.start(Mode::Primary).unwrap();
+    assert_eq!(r.node.stage(), Stage::Running);
+    r.node.checkpoint(false).await.unwrap();
 }
 
 #[tokio::test]
@@ -410,8 +442,9 @@ async fn a_secondary_of_another_length_is_refused() {
 /// Sync mode writes locally and forwards side by side: a local failure still reaches the VM,
 /// and since the secondary may have taken the write, the range is recorded as dirty.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_local_error_in_sync_mode_reaches_the_vm_and_marks_the_range_dirty() {
-    let local = Arc::new(FaultyDev::new(Arc::new(MemoryDev::new(DISK))));
+async fn a_local_error_in_sync_mode_reaches_the_vm_and_the_resync_repairs_the_range() {
+    let mem = Arc::new(MemoryDev::new(DISK));
+    let local = Arc::new(FaultyDev::new(mem.clone()));
     let remote = Arc::new(MemoryDev::new(DISK));
     let node = PrimaryNode::new(
         local.clone(),
@@ -432,8 +465,13 @@ async fn a_local_error_in_sync_mode_reaches_the_vm_and_marks_the_range_dirty() {
             .await
             .is_err()
     );
-    assert_eq!(node.dirty().ranges(), vec![(3 * 65536, 65536)]);
     node.get_error().unwrap();
+    // The range was dirty, so the resync copies the primary's content over the secondary's.
+    local.fail_writes.store(false, Ordering::Relaxed);
+    wait_clean(&node).await;
+    assert_eq!(node.resync_status().done_bytes, 65536);
+    node.checkpoint(false).await.unwrap();
+    assert!(mem.snapshot() == remote.snapshot());
 }
 
 /// A link whose `write_batch` breaks its contract and answers only the first write of a batch.
@@ -502,4 +540,64 @@ async fn a_batch_answered_short_fails_every_write_of_it() {
     assert_eq!(node.dirty().ranges(), want);
     let status = node.status();
     assert_eq!((status.forward_errors, status.forwarded_writes), (8, 0));
+}
+
+/// The resync copies ranges the VM keeps overwriting, over a link that answers out of order:
+/// a copy never overtakes a newer write of its range nor is overtaken by an older one, so the
+/// disks end equal, in both modes, every round.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resync_racing_vm_overwrites_on_a_reordering_link_ends_equal() {
+    for round in 0..12u64 {
+        let mode = if round % 2 == 0 {
+            ForwardMode::Async
+        } else {
+            ForwardMode::Sync
+        };
+        let r = rig(PrimaryConfig {
+            mode,
+            dirty_granularity: 16384,
+            ..Default::default()
+        });
+        r.link.delay_us.store(200, Ordering::Relaxed);
+        r.link.jitter.store(true, Ordering::Relaxed);
+        // Content the secondary lacks: written before start, so only the resync can send it.
+        for i in 0..32u64 {
+            r.node
+                .write(
+                    i * 98304,
+                    fill(round * 1000 + i, 70000),
+                    WriteFlags::default(),
+                )
+                .await
+                .unwrap();
+        }
+        // And nothing is known of the rest: the whole disk is copied while the VM writes.
+        r.node.mark_all_dirty();
+        r.node.start(Mode::Primary).unwrap();
+        let mut tasks = Vec::new();
+        for t in 0..4u64 {
+            let node = r.node.clone();
+            tasks.push(tokio::spawn(async move {
+                for i in 0..400u64 {
+                    let off = ((t * 7919 + i * 104729 + round) % (DISK - 9000)) & !511;
+                    node.write(
+                        off,
+                        fill(round * 100 + t * 50 + i, 9000),
+                        WriteFlags::default(),
+                    )
+                    .await
+                    .unwrap();
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        wait_clean(&r.node).await;
+        r.node.checkpoint(false).await.unwrap();
+        assert!(
+            r.local.snapshot() == r.remote.snapshot(),
+            "round {round} ({mode:?}): the disks differ after the resync"
+        );
+    }
 }

@@ -188,7 +188,8 @@ impl Shared {
         drop(budget);
     }
 
-    fn usable_link(&self) -> Option<Arc<dyn BlockDev>> {
+    /// The link, unless it is down or not set.
+    pub fn usable_link(&self) -> Option<Arc<dyn BlockDev>> {
         if self.link_down.load(Ordering::SeqCst) {
             return None;
         }

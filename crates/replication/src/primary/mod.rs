@@ -15,12 +15,16 @@
 //!   with unmap on both sides, so the two disks cannot differ where QEMU's quorum drops it;
 //! - a forwarding failure is sticky, counted, raised as an event and fails the next checkpoint
 //!   (drain) unless forced — QEMU only records it where COLO never looks;
-//! - every write the secondary may have missed is recorded in a dirty bitmap for resync;
-//! - `checkpoint` is a drain barrier (QEMU relies on stopping the VM to drain).
+//! - every write the secondary may have missed is recorded in a dirty bitmap, and a resync job
+//!   copies those ranges as soon as the node runs with a usable link (module `resync`);
+//! - `checkpoint` is a drain barrier (QEMU relies on stopping the VM to drain), and it is
+//!   refused unless the two disks are known equal: running, link up, nothing dirty (QEMU's
+//!   primary answers a checkpoint in any stage with success).
 
 mod dirty;
 mod forward;
 mod range_lock;
+mod resync;
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -32,10 +36,12 @@ use bytes::Bytes;
 use parking_lot::Mutex;
 use tokio::sync::broadcast;
 
-pub use dirty::DirtyBitmap;
+pub use dirty::{CopyTicket, DirtyBitmap};
 pub use forward::ForwardStats;
 use forward::{Change, Forwarder, Shared};
 use range_lock::RangeLock;
+pub use resync::ResyncStatus;
+use resync::{Job, ResyncState};
 
 use crate::{Mode, ReplicationError, Stage};
 
@@ -116,6 +122,21 @@ pub enum PrimaryError {
         "checkpoint refused: forwarding failed earlier ({0}); the secondary may be missing writes"
     )]
     DrainFailed(String),
+    /// A checkpoint needs a running node: before start and after stop, writes are only
+    /// recorded as dirty.
+    #[error("checkpoint refused: replication is not running (stage {0}); start it first")]
+    NotStarted(Stage),
+    /// A checkpoint needs the secondary reachable.
+    #[error("checkpoint refused: the secondary link is down; the secondary may be missing writes")]
+    LinkDown,
+    /// A checkpoint needs every write on the secondary.
+    #[error(
+        "checkpoint refused: {bytes} bytes are not yet on the secondary (the resync is copying them)"
+    )]
+    Unsynced {
+        /// Bytes the resync has yet to copy.
+        bytes: u64,
+    },
 }
 
 /// Something operators should hear about.
@@ -128,6 +149,19 @@ pub enum PrimaryEvent {
     },
     LinkLost {
         reason: String,
+    },
+    /// A resync job began with this many dirty bytes.
+    ResyncStarted {
+        bytes: u64,
+    },
+    /// The resync copied everything dirty: `bytes` copied, `sent` of them as payload.
+    ResyncDone {
+        bytes: u64,
+        sent: u64,
+    },
+    /// The resync cannot go on (a local read failed); it retries.
+    ResyncFailed {
+        error: String,
     },
 }
 
@@ -145,6 +179,7 @@ pub struct PrimaryStatus {
     pub forward_errors: u64,
     pub dirty_clusters: u64,
     pub dirty_bytes: u64,
+    pub resync: ResyncStatus,
 }
 
 /// The primary node. Cloning shares it.
@@ -156,16 +191,19 @@ pub struct PrimaryNode {
 struct Inner {
     local: Arc<dyn BlockDev>,
     mode: ForwardMode,
-    stage: Mutex<Stage>,
+    stage: Arc<Mutex<Stage>>,
     shared: Arc<Shared>,
     forwarder: Arc<Forwarder>,
-    order: RangeLock,
+    order: Arc<RangeLock>,
+    resync: Arc<ResyncState>,
     task: tokio::task::JoinHandle<()>,
+    resync_task: tokio::task::JoinHandle<()>,
 }
 
 impl Drop for Inner {
     fn drop(&mut self) {
         self.task.abort();
+        self.resync_task.abort();
     }
 }
 
@@ -188,21 +226,35 @@ impl PrimaryNode {
             shared.clone(),
         );
         let task = tokio::spawn(forwarder.clone().run());
+        let stage = Arc::new(Mutex::new(Stage::None));
+        let order = Arc::new(RangeLock::default());
+        let resync = Arc::new(ResyncState::default());
+        let job = Job {
+            local: local.clone(),
+            shared: shared.clone(),
+            forwarder: forwarder.clone(),
+            order: order.clone(),
+            stage: stage.clone(),
+            state: resync.clone(),
+        };
+        let resync_task = tokio::spawn(job.run());
         PrimaryNode {
             inner: Arc::new(Inner {
                 local,
                 mode: config.mode,
-                stage: Mutex::new(Stage::None),
+                stage,
                 shared,
                 forwarder,
-                order: RangeLock::default(),
+                order,
+                resync,
                 task,
+                resync_task,
             }),
         }
     }
 
     /// Sets (or replaces, after a reconnect) the link to the secondary. The dirty bitmap is
-    /// kept; a new link is assumed healthy.
+    /// kept, and the resync copies it over the new link once the node runs.
     pub fn set_link(&self, link: Arc<dyn BlockDev>) -> Result<(), PrimaryError> {
         let (local, remote) = (self.inner.local.len(), link.len());
         if local != remote {
@@ -210,7 +262,39 @@ impl PrimaryNode {
         }
         *self.inner.shared.link.lock() = Some(link);
         self.inner.shared.link_down.store(false, Ordering::SeqCst);
+        self.inner.resync.kick();
         Ok(())
+    }
+
+    /// Records that nothing is known of the secondary's content (a new secondary, or a
+    /// primary that restarted and forgot what it had not yet sent): the resync then copies the
+    /// whole disk, holes as write-zeroes.
+    pub fn mark_all_dirty(&self) {
+        self.inner.shared.dirty.mark_all();
+        self.inner.resync.kick();
+    }
+
+    /// Progress of the current (or last) resync.
+    pub fn resync_status(&self) -> ResyncStatus {
+        self.inner
+            .resync
+            .status(self.inner.shared.dirty.dirty_bytes())
+    }
+
+    /// Whether the secondary is known to hold every write: running, link up, nothing dirty.
+    /// The sticky error is not part of this (a checkpoint may override it with `force`).
+    pub fn protected(&self) -> Result<(), PrimaryError> {
+        let stage = self.stage();
+        if stage != Stage::Running {
+            return Err(PrimaryError::NotStarted(stage));
+        }
+        if self.inner.shared.usable_link().is_none() {
+            return Err(PrimaryError::LinkDown);
+        }
+        match self.inner.shared.dirty.dirty_bytes() {
+            0 => Ok(()),
+            bytes => Err(PrimaryError::Unsynced { bytes }),
+        }
     }
 
     /// Subscribes to events.
@@ -226,14 +310,13 @@ impl PrimaryNode {
         *self.inner.stage.lock()
     }
 
-    /// `replication_start(mode)`.
+    /// `replication_start(mode)`. A stopped (DONE) primary really starts again, where QEMU's
+    /// ignores the start: the writes served meanwhile are dirty, and the resync sends them.
     pub fn start(&self, mode: Mode) -> Result<(), PrimaryError> {
         let mut stage = self.inner.stage.lock();
         match *stage {
-            // Continuous replication: a finished node ignores start (QEMU 5.0+).
-            Stage::Done | Stage::Failover => return Ok(()),
-            Stage::None => {}
-            Stage::Running | Stage::FailoverFailed => {
+            Stage::None | Stage::Done => {}
+            Stage::Running | Stage::Failover | Stage::FailoverFailed => {
                 return Err(ReplicationError::RunningOrDone.into());
             }
         }
@@ -246,6 +329,8 @@ impl PrimaryNode {
         }
         *self.inner.shared.error.lock() = None;
         *stage = Stage::Running;
+        drop(stage);
+        self.inner.resync.kick();
         Ok(())
     }
 
@@ -291,12 +376,13 @@ impl PrimaryNode {
     }
 
     /// `replication_do_checkpoint`: on the primary a drain barrier with flush (QEMU: a no-op,
-    /// relying on the VM stop to drain). Before start and after stop there is nothing to drain.
-    pub async fn checkpoint(&self) -> Result<(), PrimaryError> {
-        match self.stage() {
-            Stage::Running => self.drain(true, false).await,
-            _ => Ok(()),
-        }
+    /// relying on the VM stop to drain), accepted only when the secondary then holds every
+    /// write ([`protected`](Self::protected) before and after the drain: a forward may fail
+    /// during it). `force` overrides a sticky forwarding error, nothing else.
+    pub async fn checkpoint(&self, force: bool) -> Result<(), PrimaryError> {
+        self.protected()?;
+        self.drain(true, force).await?;
+        self.protected()
     }
 
     /// `replication_stop(failover)`: the primary goes to DONE (error cleared) either way. Changes
@@ -327,6 +413,7 @@ impl PrimaryNode {
             forward_errors: s.stats.forward_errors.load(Ordering::Relaxed),
             dirty_clusters: s.dirty.dirty_clusters(),
             dirty_bytes: s.dirty.dirty_bytes(),
+            resync: self.resync_status(),
         }
     }
 
@@ -346,16 +433,19 @@ impl PrimaryNode {
             None => None,
         };
         if !self.forwarding() {
-            local.await?;
-            if let Some((o, l)) = range {
-                self.inner.shared.dirty.mark(o, l);
-            }
-            return Ok(());
+            // Dirty whatever the outcome: a failed write may have changed part of the range.
+            let r = local.await;
+            self.mark_dirty(range);
+            return r;
         }
         match self.inner.mode {
             ForwardMode::Async => {
-                // A local failure always reaches the VM, and nothing is forwarded for it.
-                local.await?;
+                // A local failure always reaches the VM, and nothing is forwarded for it; it may
+                // have changed part of the range (ENOSPC half-way), so the range is dirty.
+                if let Err(e) = local.await {
+                    self.mark_dirty(range);
+                    return Err(e);
+                }
                 self.inner.forwarder.push(change, false).await;
                 drop(guard);
             }
@@ -373,14 +463,19 @@ impl PrimaryNode {
                 drop(guard);
                 if let Err(e) = local_result {
                     // The secondary may now hold what the primary does not.
-                    if let Some((o, l)) = range {
-                        self.inner.shared.dirty.mark(o, l);
-                    }
+                    self.mark_dirty(range);
                     return Err(e);
                 }
             }
         }
         Ok(())
+    }
+
+    fn mark_dirty(&self, range: Option<(u64, u64)>) {
+        if let Some((o, l)) = range {
+            self.inner.shared.dirty.mark(o, l);
+            self.inner.resync.kick();
+        }
     }
 }
 
