@@ -92,6 +92,18 @@ impl Args {
         }
     }
 
+    /// An optional unsigned integer member.
+    pub fn opt_u64(&self, name: &str) -> Result<Option<u64>, QmpError> {
+        match self.0.get(name) {
+            None => Ok(None),
+            Some(v) => v.as_u64().map(Some).ok_or_else(|| {
+                QmpError::generic(format!(
+                    "Invalid parameter type for '{name}', expected: integer"
+                ))
+            }),
+        }
+    }
+
     pub fn opt_str(&self, name: &str) -> Result<Option<&str>, QmpError> {
         match self.0.get(name) {
             None => Ok(None),
