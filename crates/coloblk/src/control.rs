@@ -56,6 +56,27 @@ impl Events {
     }
 }
 
+/// What a checkpoint command asked for.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CheckpointRequest {
+    /// Override a sticky error (never a down link, dirty ranges or an epoch mismatch).
+    pub force: bool,
+    /// The secondary epoch a coordinated checkpoint drained for: refused if it is not the
+    /// current one.
+    pub epoch: Option<u64>,
+    /// Asked through QEMU's command: answer as QEMU does where QEMU has an answer.
+    pub qemu: bool,
+}
+
+/// What a stop command asked for.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StopRequest {
+    /// Fail over (merge the overlays) instead of discarding them.
+    pub failover: bool,
+    /// Asked through QEMU's command: answer as QEMU does where QEMU has an answer.
+    pub qemu: bool,
+}
+
 /// What a daemon's disks do together. Errors are the texts the client sees.
 #[async_trait]
 pub trait Group: Send + Sync + 'static {
@@ -63,10 +84,11 @@ pub trait Group: Send + Sync + 'static {
     /// All disks or none.
     async fn start(&self, mode: Mode) -> Result<(), String>;
     /// All disks or none; the reply describes what was done and how long it took.
-    async fn checkpoint(&self, force: bool) -> Result<Value, String>;
+    async fn checkpoint(&self, req: CheckpointRequest) -> Result<Value, String>;
     /// The first error of any disk (QEMU's texts).
     fn get_error(&self) -> Result<(), String>;
-    async fn stop(&self, failover: bool) -> Result<(), String>;
+    /// The reply says what happened (`{}`, or a note when there was nothing to do).
+    async fn stop(&self, req: StopRequest) -> Result<Value, String>;
     /// `query-replication`.
     fn status(&self) -> Value;
 }
@@ -110,17 +132,29 @@ impl<G: Group> Handler for Control<G> {
                 g.start(own_mode(g.as_ref())).await.map(|()| json!({}))
             }
             "replication-checkpoint" => {
-                args.only(&["force"])?;
-                let force = args.opt_bool("force")?.unwrap_or(false);
-                g.checkpoint(force).await
+                args.only(&["force", "epoch"])?;
+                let req = CheckpointRequest {
+                    force: args.opt_bool("force")?.unwrap_or(false),
+                    epoch: args.opt_u64("epoch")?,
+                    qemu: false,
+                };
+                g.checkpoint(req).await
             }
             "replication-failover" | "x-colo-lost-heartbeat" => {
                 args.only(&[])?;
-                g.stop(true).await.map(|()| json!({}))
+                let req = StopRequest {
+                    failover: true,
+                    qemu: name == "x-colo-lost-heartbeat",
+                };
+                g.stop(req).await
             }
             "replication-stop" => {
                 args.only(&[])?;
-                g.stop(false).await.map(|()| json!({}))
+                let req = StopRequest {
+                    failover: false,
+                    qemu: false,
+                };
+                g.stop(req).await
             }
             "xen-set-replication" => {
                 args.only(&["enable", "primary", "failover"])?;
@@ -141,10 +175,14 @@ impl<G: Group> Handler for Control<G> {
                     g.start(mode).await.map(|()| json!({}))
                 } else {
                     let failover = failover.unwrap_or(false);
-                    match g.stop(failover).await {
+                    let req = StopRequest {
+                        failover,
+                        qemu: true,
+                    };
+                    match g.stop(req).await {
                         // QEMU discards stop errors when failing over.
                         Err(_) if failover => Ok(json!({})),
-                        r => r.map(|()| json!({})),
+                        r => r.map(|_| json!({})),
                     }
                 }
             }
@@ -157,7 +195,11 @@ impl<G: Group> Handler for Control<G> {
             }
             "xen-colo-do-checkpoint" => {
                 args.only(&[])?;
-                g.checkpoint(false).await.map(|_| json!({}))
+                let req = CheckpointRequest {
+                    qemu: true,
+                    ..Default::default()
+                };
+                g.checkpoint(req).await.map(|_| json!({}))
             }
             _ => return Err(QmpError::not_found(name)),
         };

@@ -24,6 +24,29 @@ use crate::disk_spec::DiskSpec;
 /// How much later than the NBD client's request timeout the primary node's own link timer
 /// fires.
 const LINK_TIMER_GRACE: Duration = Duration::from_secs(1);
+/// Connect, greeting and capabilities of the secondary's control socket, together.
+const PEER_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// The secondary's checkpoint (emptying its overlays) and its status query.
+const PEER_COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// What the primary assumes of a secondary disk when it starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SyncMode {
+    /// Nothing is known: the resync copies the whole disk (holes as write-zeroes) before the
+    /// first checkpoint is accepted.
+    Full,
+    /// The operator vouches that the two disks are identical.
+    None,
+}
+
+impl SyncMode {
+    fn as_str(self) -> &'static str {
+        match self {
+            SyncMode::Full => "full",
+            SyncMode::None => "none",
+        }
+    }
+}
 
 #[derive(Args, Debug, Clone)]
 #[command(after_help = "Example (the secondary must be running first):\n  \
@@ -31,11 +54,16 @@ const LINK_TIMER_GRACE: Duration = Duration::from_secs(1);
     --export-listen unix:/run/coloblk/primary.nbd --control unix:/run/coloblk/primary.qmp \\\n    \
     --peer-control tcp:secondary:4445 --start\n\n\
     The VM attaches to nbd+unix:///vm0?socket=/run/coloblk/primary.nbd. Until replication starts,\n\
-    writes are served locally and recorded as dirty. SIGTERM drains, flushes and exits 0.")]
+    writes are served locally and recorded as dirty; once it runs, a resync copies them (and, with\n\
+    sync=full, the default, the whole disk first: nothing tells a starting primary what the\n\
+    secondary holds). Checkpoints are refused until the secondary holds every write.\n\
+    SIGTERM drains, flushes and exits 0.")]
 pub struct PrimaryArgs {
-    /// A disk: NAME=PATH[,format=raw|qcow2][,direct],replica=NBD-URI. The URI names the
-    /// secondary's replica export (nbd://HOST:PORT/NAME or nbd+unix:///NAME?socket=PATH).
-    /// Repeat for several disks; they form one replication group.
+    /// A disk: NAME=PATH[,format=raw|qcow2][,direct],replica=NBD-URI[,sync=full|none]. The URI
+    /// names the secondary's replica export (nbd://HOST:PORT/NAME or
+    /// nbd+unix:///NAME?socket=PATH). sync=full (the default) copies the whole disk to the
+    /// secondary after start (holes as write-zeroes); sync=none trusts that both disks are
+    /// identical copies. Repeat for several disks; they form one replication group.
     #[arg(long = "disk", value_name = "SPEC")]
     pub disks: Vec<DiskSpec>,
 
@@ -69,6 +97,7 @@ pub struct PrimaryArgs {
 struct Disk {
     name: String,
     node: PrimaryNode,
+    sync: SyncMode,
 }
 
 /// Timing of the last checkpoint.
@@ -86,13 +115,26 @@ pub struct PrimaryGroup {
     peer_control: Option<SocketAddr>,
     last: Mutex<Option<LastCheckpoint>>,
     events: control::Events,
+    /// Control operations run one at a time (a stop must not land inside a checkpoint).
+    ops: tokio::sync::Mutex<()>,
 }
 
 impl PrimaryGroup {
+    /// Checks that every disk is protected, without changing anything.
+    fn check_protected(&self) -> Result<(), String> {
+        for d in &self.disks {
+            d.node
+                .protected()
+                .map_err(|e| format!("disk '{}': {e}", d.name))?;
+        }
+        Ok(())
+    }
+
+    /// Drains every disk and checks it is still protected afterwards.
     async fn drain_all(&self, force: bool) -> Result<(), String> {
         for d in &self.disks {
             d.node
-                .drain(true, force)
+                .checkpoint(force)
                 .await
                 .map_err(|e| format!("disk '{}': {e}", d.name))?;
         }
@@ -116,13 +158,14 @@ impl Group for PrimaryGroup {
     }
 
     async fn start(&self, mode: Mode) -> Result<(), String> {
+        let _ops = self.ops.lock().await;
         // All or nothing: start every disk, and on a failure put the started ones back.
         let mut started = Vec::new();
         for d in &self.disks {
             let before = d.node.stage();
             match d.node.start(mode) {
                 Ok(()) => {
-                    if before == Stage::None {
+                    if before != Stage::Running {
                         started.push(d);
                     }
                 }
@@ -138,17 +181,35 @@ impl Group for PrimaryGroup {
         Ok(())
     }
 
-    async fn checkpoint(&self, force: bool) -> Result<Value, String> {
+    async fn checkpoint(&self, req: control::CheckpointRequest) -> Result<Value, String> {
+        let _ops = self.ops.lock().await;
+        let force = req.force;
+        // Refuse early, before asking the secondary anything, when the disks cannot be equal.
+        self.check_protected()?;
+        // The secondary's epoch is read before the drain: a failover or a restart of the
+        // secondary after this point makes its checkpoint below fail instead of answering
+        // for a buffer that is not the one drained into.
+        let mut peer = match &self.peer_control {
+            Some(addr) => Some(
+                PeerCheckpoint::open(addr, self.disks.len())
+                    .await
+                    .map_err(|e| format!("checkpoint refused: {e}"))?,
+            ),
+            None => None,
+        };
         let t = Instant::now();
         self.drain_all(force).await?;
         let drain_ms = t.elapsed().as_secs_f64() * 1000.0;
         metrics::histogram!("coloblk_checkpoint_drain_seconds").record(drain_ms / 1000.0);
         let mut secondary_ms = None;
-        if let Some(peer) = &self.peer_control {
+        let mut epoch = None;
+        if let Some(peer) = peer.as_mut() {
             let t = Instant::now();
-            checkpoint_peer(peer)
-                .await
-                .map_err(|e| format!("primary drained; secondary checkpoint failed: {e}"))?;
+            epoch = Some(
+                peer.checkpoint()
+                    .await
+                    .map_err(|e| format!("primary drained; secondary checkpoint failed: {e}"))?,
+            );
             secondary_ms = Some(t.elapsed().as_secs_f64() * 1000.0);
         }
         let last = LastCheckpoint {
@@ -160,7 +221,13 @@ impl Group for PrimaryGroup {
             secondary_ms,
         };
         *self.last.lock() = Some(last);
-        let reply = json!({"drain-ms": drain_ms, "secondary-ms": secondary_ms});
+        let mut reply = json!({"drain-ms": drain_ms, "secondary-ms": secondary_ms});
+        if let Some(e) = epoch {
+            reply["secondary-epoch"] = json!(e);
+        }
+        if force {
+            reply["forced"] = json!(true);
+        }
         self.events.emit("REPLICATION_CHECKPOINT", reply.clone());
         Ok(reply)
     }
@@ -172,13 +239,18 @@ impl Group for PrimaryGroup {
         Ok(())
     }
 
-    async fn stop(&self, failover: bool) -> Result<(), String> {
+    async fn stop(&self, req: control::StopRequest) -> Result<Value, String> {
+        let _ops = self.ops.lock().await;
+        let already = self.disks.iter().all(|d| d.node.stage() == Stage::Done);
         for d in &self.disks {
-            d.node.stop(failover).await.map_err(|e| e.to_string())?;
+            d.node.stop(req.failover).await.map_err(|e| e.to_string())?;
+        }
+        if already && !req.qemu {
+            return Ok(json!({"note": "replication was already stopped: nothing to do"}));
         }
         self.events
-            .emit("REPLICATION_STOPPED", json!({"failover": failover}));
-        Ok(())
+            .emit("REPLICATION_STOPPED", json!({"failover": req.failover}));
+        Ok(json!({}))
     }
 
     fn status(&self) -> Value {
@@ -192,6 +264,14 @@ impl Group for PrimaryGroup {
                     "name": d.name,
                     "stage": s.stage.as_str(),
                     "error": s.error,
+                    "protected": d.node.protected().is_ok(),
+                    "sync": d.sync.as_str(),
+                    "resync": {
+                        "active": s.resync.active,
+                        "total-bytes": s.resync.total_bytes,
+                        "done-bytes": s.resync.done_bytes,
+                        "sent-bytes": s.resync.sent_bytes,
+                    },
                     "link-up": s.link_up,
                     "queue-requests": s.queued_requests,
                     "queue-bytes": s.queued_bytes,
@@ -216,33 +296,93 @@ impl Group for PrimaryGroup {
     }
 }
 
-/// Asks the secondary to checkpoint (after our drain).
-async fn checkpoint_peer(peer: &SocketAddr) -> anyhow::Result<()> {
-    let stream = peer
-        .connect()
-        .await
-        .with_context(|| format!("cannot reach {peer}"))?;
-    let mut c = qmp::QmpClient::handshake(stream).await?;
-    c.execute_timeout("replication-checkpoint", json!({}), Duration::from_secs(60))
-        .await?;
-    Ok(())
+/// The secondary's half of a coordinated checkpoint: a control session opened, and the
+/// secondary's epoch read, before the primary drains.
+struct PeerCheckpoint {
+    client: qmp::QmpClient<nbd::addr::Stream>,
+    epoch: u64,
 }
 
-/// Parses the `replica=` of each disk spec.
-fn replica_uri(spec: &DiskSpec) -> anyhow::Result<String> {
+impl PeerCheckpoint {
+    /// Connects and reads the secondary's epoch; refuses a secondary whose disks are not all
+    /// running (failed over, stopped, not started).
+    async fn open(addr: &SocketAddr, disks: usize) -> anyhow::Result<Self> {
+        let mut client = qmp::QmpClient::connect(
+            format!("the secondary's control socket {addr}"),
+            addr.connect(),
+            PEER_CONNECT_TIMEOUT,
+        )
+        .await?;
+        let status = client
+            .execute_timeout("query-replication", json!({}), PEER_COMMAND_TIMEOUT)
+            .await
+            .context("the secondary's status")?;
+        let epoch = status["epoch"].as_u64().with_context(|| {
+            format!("the peer at {addr} reports no checkpoint epoch (not a coloblk secondary?)")
+        })?;
+        let peer_disks = status["disks"].as_array().map_or(&[][..], |d| &d[..]);
+        if peer_disks.len() < disks {
+            anyhow::bail!(
+                "the secondary at {addr} has {} disk(s), this primary {disks}",
+                peer_disks.len()
+            );
+        }
+        for d in peer_disks {
+            let stage = d["stage"].as_str().unwrap_or("?");
+            if stage != "running" {
+                anyhow::bail!(
+                    "the secondary's disk '{}' is not running (stage {stage})",
+                    d["name"].as_str().unwrap_or("?")
+                );
+            }
+        }
+        Ok(PeerCheckpoint { client, epoch })
+    }
+
+    /// Checkpoints the secondary in the epoch read at open; returns its new epoch.
+    async fn checkpoint(&mut self) -> anyhow::Result<u64> {
+        let reply = self
+            .client
+            .execute_timeout(
+                "replication-checkpoint",
+                json!({"epoch": self.epoch}),
+                PEER_COMMAND_TIMEOUT,
+            )
+            .await?;
+        reply["epoch"]
+            .as_u64()
+            .filter(|e| *e != self.epoch)
+            .context("the secondary did not confirm that it emptied its buffer")
+    }
+}
+
+/// Parses the `replica=` and `sync=` of a disk spec.
+fn replica_options(spec: &DiskSpec) -> anyhow::Result<(String, SyncMode)> {
     let mut uri = None;
+    let mut sync = SyncMode::Full;
     for (k, v) in &spec.extra {
-        match k.as_str() {
-            "replica" => uri = Some(v.clone()),
-            other => anyhow::bail!("disk '{}': unknown option '{other}'", spec.name),
+        match (k.as_str(), v.as_str()) {
+            ("replica", _) => uri = Some(v.clone()),
+            ("sync", "full") => sync = SyncMode::Full,
+            ("sync", "none") => sync = SyncMode::None,
+            ("sync", other) => anyhow::bail!(
+                "disk '{}': unknown sync mode '{other}' (full or none)",
+                spec.name
+            ),
+            (other, _) => anyhow::bail!(
+                "disk '{}': unknown option '{other}' (a primary disk is \
+                 NAME=PATH[,format=raw|qcow2][,direct],replica=NBD-URI[,sync=full|none])",
+                spec.name
+            ),
         }
     }
-    uri.ok_or_else(|| {
+    let uri = uri.ok_or_else(|| {
         anyhow::anyhow!(
             "disk '{}': missing replica=NBD-URI (the secondary's replica export)",
             spec.name
         )
-    })
+    })?;
+    Ok((uri, sync))
 }
 
 pub async fn run(args: PrimaryArgs) -> anyhow::Result<std::process::ExitCode> {
@@ -286,7 +426,7 @@ pub async fn run(args: PrimaryArgs) -> anyhow::Result<std::process::ExitCode> {
         if disks.iter().any(|d: &Disk| d.name == spec.name) {
             anyhow::bail!("disk '{}' is given twice", spec.name);
         }
-        let uri = replica_uri(spec)?;
+        let (uri, sync) = replica_options(spec)?;
         let local = spec.open(&pool)?;
         let client_cfg = ClientConfig {
             request_timeout: Some(link_timeout),
@@ -300,10 +440,14 @@ pub async fn run(args: PrimaryArgs) -> anyhow::Result<std::process::ExitCode> {
         let node = PrimaryNode::new(local, config.clone());
         node.set_link(Arc::new(link))
             .map_err(|e| anyhow::anyhow!("disk '{}': {e}", spec.name))?;
-        info!(disk = %spec.name, replica = %uri, "disk ready");
+        if sync == SyncMode::Full {
+            node.mark_all_dirty();
+        }
+        info!(disk = %spec.name, replica = %uri, sync = sync.as_str(), "disk ready");
         disks.push(Disk {
             name: spec.name.clone(),
             node,
+            sync,
         });
     }
     let group = Arc::new(PrimaryGroup {
@@ -312,6 +456,7 @@ pub async fn run(args: PrimaryArgs) -> anyhow::Result<std::process::ExitCode> {
         peer_control: args.peer_control.clone(),
         last: Mutex::new(None),
         events: control::Events::default(),
+        ops: tokio::sync::Mutex::new(()),
     });
     let qmp_server = QmpServer::new(
         Arc::new(Control {
@@ -378,6 +523,21 @@ fn forward_events(group: &Arc<PrimaryGroup>, qmp: &Arc<QmpServer>) {
                             "REPLICATION_LINK_LOST",
                             json!({"disk": name, "reason": reason}),
                         );
+                    }
+                    PrimaryEvent::ResyncStarted { bytes } => {
+                        qmp.emit(
+                            "RESYNC_STARTED",
+                            json!({"disk": name, "dirty-bytes": bytes}),
+                        );
+                    }
+                    PrimaryEvent::ResyncDone { bytes, sent } => {
+                        qmp.emit(
+                            "RESYNC_DONE",
+                            json!({"disk": name, "done-bytes": bytes, "sent-bytes": sent}),
+                        );
+                    }
+                    PrimaryEvent::ResyncFailed { error } => {
+                        qmp.emit("RESYNC_FAILED", json!({"disk": name, "error": error}));
                     }
                 }
             }

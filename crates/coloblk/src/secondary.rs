@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -95,6 +96,23 @@ pub struct SecondaryGroup {
     group: ReplicationGroup,
     last: Mutex<Option<(u128, f64)>>,
     events: control::Events,
+    /// Names the buffer the primary's writes go into: changes at every start and checkpoint,
+    /// and starts at a random value, so that a coordinated checkpoint can tell that the
+    /// buffer it drained into is the one emptied (not one of a restarted daemon).
+    epoch: AtomicU64,
+    /// A failover was asked for: checkpoints are refused from now on.
+    failed_over: AtomicBool,
+    /// Control operations run one at a time (a failover must not land inside a checkpoint).
+    ops: tokio::sync::Mutex<()>,
+}
+
+/// A random first epoch, below 2^53 so that every JSON client reads it exactly.
+fn first_epoch() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let random = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish();
+    (random & ((1 << 31) - 1)) << 20
 }
 
 #[async_trait]
@@ -104,13 +122,37 @@ impl Group for SecondaryGroup {
     }
 
     async fn start(&self, mode: Mode) -> Result<(), String> {
+        let _ops = self.ops.lock().await;
         self.group.start(mode).await.map_err(|e| e.to_string())?;
+        self.epoch.fetch_add(1, Ordering::SeqCst);
         info!("replication started on {} disk(s)", self.disks.len());
         Ok(())
     }
 
-    async fn checkpoint(&self, force: bool) -> Result<Value, String> {
-        if force {
+    async fn checkpoint(&self, req: control::CheckpointRequest) -> Result<Value, String> {
+        let _ops = self.ops.lock().await;
+        let finished = self
+            .disks
+            .iter()
+            .any(|d| matches!(d.node.stage(), Stage::Failover | Stage::Done));
+        // QEMU answers a checkpoint after failover with success; our own command says so.
+        if finished && !req.qemu {
+            return Err(if self.failed_over.load(Ordering::SeqCst) {
+                "checkpoint refused: already failed over, there is no buffer to empty".into()
+            } else {
+                "checkpoint refused: replication is stopped, there is no buffer to empty".into()
+            });
+        }
+        let epoch = self.epoch.load(Ordering::SeqCst);
+        if let Some(drained) = req.epoch
+            && drained != epoch
+        {
+            return Err(format!(
+                "checkpoint refused: the primary drained into epoch {drained}, but this \
+                 secondary is in epoch {epoch} (it restarted or checkpointed meanwhile)"
+            ));
+        }
+        if req.force {
             self.disks.iter().for_each(|d| d.node.clear_error());
         }
         // Copies counted now could be missed if the checkpoint then fails; an undercount of a
@@ -124,7 +166,12 @@ impl Group for SecondaryGroup {
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default();
         *self.last.lock() = Some((now.as_millis(), ms));
-        let reply = json!({"duration-ms": ms});
+        let epoch = if finished {
+            epoch
+        } else {
+            self.epoch.fetch_add(1, Ordering::SeqCst) + 1
+        };
+        let reply = json!({"duration-ms": ms, "epoch": epoch});
         self.events.emit("REPLICATION_CHECKPOINT", reply.clone());
         Ok(reply)
     }
@@ -133,7 +180,18 @@ impl Group for SecondaryGroup {
         self.group.get_error().map_err(|e| e.to_string())
     }
 
-    async fn stop(&self, failover: bool) -> Result<(), String> {
+    async fn stop(&self, req: control::StopRequest) -> Result<Value, String> {
+        let _ops = self.ops.lock().await;
+        let failover = req.failover;
+        // A failover that failed is retried; one that runs or ran has nothing left to do.
+        let merging_or_merged = self
+            .disks
+            .iter()
+            .all(|d| matches!(d.node.stage(), Stage::Failover | Stage::Done));
+        if failover && merging_or_merged && self.failed_over.load(Ordering::SeqCst) && !req.qemu
+        {
+            return Ok(json!({"note": "already failed over: nothing to do"}));
+        }
         for d in &self.disks {
             if d.node.stage() == Stage::Running {
                 d.close_epoch();
@@ -142,6 +200,7 @@ impl Group for SecondaryGroup {
         }
         self.group.stop(failover).await.map_err(|e| e.to_string())?;
         if failover {
+            self.failed_over.store(true, Ordering::SeqCst);
             self.events.emit("FAILOVER_STARTED", json!({}));
             // The merge runs in the background: report each disk's end exactly, however fast
             // it was (a polling watcher could miss a merge shorter than its period).
@@ -164,7 +223,7 @@ impl Group for SecondaryGroup {
                 });
             }
         }
-        Ok(())
+        Ok(json!({}))
     }
 
     fn status(&self) -> Value {
@@ -188,6 +247,7 @@ impl Group for SecondaryGroup {
         let last = *self.last.lock();
         json!({
             "role": "secondary",
+            "epoch": self.epoch.load(Ordering::SeqCst),
             "disks": disks,
             "last-checkpoint": last.map(|(at, ms)| json!({"time-unix-ms": at as u64, "duration-ms": ms})),
         })
@@ -306,6 +366,9 @@ pub async fn run(args: SecondaryArgs) -> anyhow::Result<std::process::ExitCode> 
         group,
         last: Mutex::new(None),
         events: control::Events::default(),
+        epoch: AtomicU64::new(first_epoch()),
+        failed_over: AtomicBool::new(false),
+        ops: tokio::sync::Mutex::new(()),
     });
     let qmp_server = QmpServer::new(
         Arc::new(Control {
@@ -360,14 +423,17 @@ pub async fn run(args: SecondaryArgs) -> anyhow::Result<std::process::ExitCode> 
     for s in serving {
         s.await.context("listener task failed")??;
     }
-    replica_server
-        .finish()
-        .await
-        .context("final flush of the secondary disks failed")?;
-    top_server
-        .finish()
-        .await
-        .context("final flush of the overlays failed")?;
+    // Both are flushed whatever the other's outcome. After a failover the replica export is
+    // fenced (the old primary may no longer write), so its flush failing is expected there;
+    // the top export then serves the VM and its flush is the one that matters.
+    let replica = replica_server.finish().await;
+    let top = top_server.finish().await;
+    let failed_over = group.failed_over.load(Ordering::SeqCst);
+    match replica {
+        Err(e) if failed_over => info!("replica export after failover: {e}"),
+        r => r.context("final flush of the secondary disks failed")?,
+    }
+    top.context("final flush of the VM's view failed")?;
     info!("stopped cleanly");
     Ok(std::process::ExitCode::SUCCESS)
 }

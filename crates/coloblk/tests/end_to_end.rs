@@ -114,6 +114,8 @@ fn cluster_with(mode: &str, secondary_args: &[&str]) -> Cluster {
             ]),
     );
     wait_socket(&d.join("primary.qmp"), &mut p);
+    // The primary knows nothing of the secondary's disk at start: its full sync comes first.
+    wait_protected(&u("primary.qmp"));
     Cluster {
         dir,
         secondary,
@@ -392,8 +394,8 @@ fn secondary_status_and_metrics_count_copies_and_checkpoints() {
     }
 }
 
-/// A coordinated checkpoint whose second step fails (the secondary was never started) says
-/// why, changes neither side, and QEMU's x-colo-lost-heartbeat then stops the primary.
+/// A coordinated checkpoint refused because the secondary was never started says why,
+/// changes neither side, and QEMU's x-colo-lost-heartbeat then stops the primary.
 #[test]
 fn a_failed_coordinated_checkpoint_says_why_and_changes_nothing() {
     require("qemu-io");
@@ -413,7 +415,7 @@ fn a_failed_coordinated_checkpoint_says_why_and_changes_nothing() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(
         err.trim(),
-        "coloblk ctl: primary drained; secondary checkpoint failed: Backup job was cancelled unexpectedly"
+        "coloblk ctl: checkpoint refused: the secondary's disk 'vm0' is not running (stage none)"
     );
     let p = c.status("primary.qmp");
     assert_eq!(p["disks"][0]["stage"], "running");

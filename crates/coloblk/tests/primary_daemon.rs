@@ -46,7 +46,13 @@ fn qemu_nbd_secondary(dir: &Path, len: u64) -> Proc {
     p
 }
 
+/// A primary over a fresh image forwarding to qemu-nbd over another fresh image: the disks are
+/// identical, so the primary is told so (`sync=none`) unless `disk_options` say otherwise.
 fn pair(extra: &[&str]) -> Pair {
+    pair_with(",sync=none", extra)
+}
+
+fn pair_with(disk_options: &str, extra: &[&str]) -> Pair {
     let dir = tempfile::tempdir().unwrap();
     let secondary = qemu_nbd_secondary(dir.path(), 64 * MIB);
     let img = raw_image(dir.path(), "primary.raw", 64 * MIB);
@@ -55,7 +61,7 @@ fn pair(extra: &[&str]) -> Pair {
     cmd.arg("primary")
         .arg("--disk")
         .arg(format!(
-            "vm0={},replica=nbd+unix:///vm0?socket={}",
+            "vm0={},replica=nbd+unix:///vm0?socket={}{disk_options}",
             img.display(),
             d.join("secondary.sock").display()
         ))
@@ -87,8 +93,9 @@ fn status(p: &Pair) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
-/// Interop: our primary forwarding into a qemu-nbd export; after a checkpoint the two images
-/// are identical, and writes made before start are counted as dirty.
+/// Interop: our primary forwarding into a qemu-nbd export; writes made before start are dirty,
+/// the resync sends them after start, and only then is a checkpoint accepted: afterwards the
+/// two images are identical (before, the checkpoint said yes while the first MiB differed).
 #[test]
 fn primary_forwards_into_qemu_nbd_and_checkpoint_makes_the_images_equal() {
     require("qemu-io");
@@ -101,6 +108,14 @@ fn primary_forwards_into_qemu_nbd_and_checkpoint_makes_the_images_equal() {
     assert_eq!(
         st["disks"][0]["dirty-bytes"], MIB,
         "the write before start is dirty"
+    );
+    // Until start nothing may be called a checkpoint.
+    let out = ctl(&p.qmp(), &["checkpoint"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr).trim(),
+        "coloblk ctl: disk 'vm0': checkpoint refused: replication is not running (stage none); \
+         start it first"
     );
     let out = ctl(&p.qmp(), &["start"]);
     assert!(
@@ -122,6 +137,9 @@ fn primary_forwards_into_qemu_nbd_and_checkpoint_makes_the_images_equal() {
             "write -P 0x33 1000 5000",
         ])
         .arg(p.export()));
+    let st = wait_protected(&p.qmp());
+    assert_eq!(st["disks"][0]["resync"]["done-bytes"], MIB);
+    assert_eq!(st["disks"][0]["resync"]["sent-bytes"], MIB);
     let out = ctl(&p.qmp(), &["checkpoint"]);
     assert!(
         out.status.success(),
@@ -131,10 +149,9 @@ fn primary_forwards_into_qemu_nbd_and_checkpoint_makes_the_images_equal() {
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("checkpoint done: drain "));
     let a = std::fs::read(p.path("primary.raw")).unwrap();
     let b = std::fs::read(p.path("secondary.raw")).unwrap();
-    // The first MiB was written before start: only [1000, 6000) of it was forwarded.
-    let first_diff = (MIB as usize..a.len()).find(|&i| a[i] != b[i]);
-    assert_eq!(first_diff, None, "forwarded ranges differ");
-    assert!(b[..1000].iter().all(|&x| x == 0));
+    let first_diff = (0..a.len()).find(|&i| a[i] != b[i]);
+    assert_eq!(first_diff, None, "the images differ after a checkpoint");
+    assert_eq!(b[..1000], [0x11u8; 1000]);
     assert!(b[1000..6000].iter().all(|&x| x == 0x33));
     // The discard reads back as zeroes on both sides (the primary sends it as write-zeroes
     // with unmap, because a discard's content is the one thing the two sides could disagree on).
@@ -143,14 +160,70 @@ fn primary_forwards_into_qemu_nbd_and_checkpoint_makes_the_images_equal() {
             .iter()
             .all(|&x| x == 0)
     );
-    assert_eq!(a[..1000], [0x11u8; 1000]);
     let st = status(&p);
     assert_eq!(st["disks"][0]["stage"], "running");
     assert_eq!(st["disks"][0]["forward-errors"], 0);
-    assert_eq!(
-        st["disks"][0]["dirty-bytes"], MIB,
-        "only the pre-start write stays dirty"
+    assert_eq!(st["disks"][0]["dirty-bytes"], 0);
+}
+
+/// A primary that knows nothing of its secondary (the default, `sync=full`) copies the whole
+/// disk before it calls itself protected: data as writes, holes as write-zeroes (so a sparse
+/// disk costs about what it holds), and a secondary that held other bytes ends equal.
+#[test]
+fn the_default_full_sync_makes_a_different_secondary_equal_and_sends_only_data() {
+    let p = pair_with("", &["--start"]);
+    let st = wait_protected(&p.qmp());
+    let a = std::fs::read(p.path("primary.raw")).unwrap();
+    assert!(a == std::fs::read(p.path("secondary.raw")).unwrap());
+    assert_eq!(st["disks"][0]["sync"], "full");
+    assert_eq!(st["disks"][0]["resync"]["done-bytes"], 64 * MIB);
+    assert_eq!(st["disks"][0]["resync"]["sent-bytes"], 0, "an empty disk is all holes");
+    drop(p);
+
+    // Now a secondary holding garbage where the primary holds data and where it holds holes.
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let sec = raw_image(d, "other.raw", 64 * MIB);
+    let garbage = pattern(7, 3 * MIB as usize);
+    std::fs::write(&sec, [&garbage[..], &vec![0u8; 61 * MIB as usize][..]].concat()).unwrap();
+    let pri = raw_image(d, "primary.raw", 64 * MIB);
+    let data = pattern(8, MIB as usize);
+    let mut f = std::fs::OpenOptions::new().write(true).open(&pri).unwrap();
+    std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(2 * MIB)).unwrap();
+    std::io::Write::write_all(&mut f, &data).unwrap();
+    drop(f);
+    let sock = d.join("other.sock");
+    let mut peer = Proc::spawn(
+        "qemu-nbd",
+        Command::new("qemu-nbd")
+            .args(["-f", "raw", "-x", "vm0", "-k"])
+            .arg(&sock)
+            .arg(&sec),
     );
+    wait_socket(&sock, &mut peer);
+    let qmp = format!("unix:{}", d.join("p.qmp").display());
+    let mut primary = Proc::spawn(
+        "coloblk primary",
+        coloblk()
+            .args(["primary", "--disk"])
+            .arg(format!(
+                "vm0={},replica=nbd+unix:///vm0?socket={}",
+                pri.display(),
+                sock.display()
+            ))
+            .arg("--export-listen")
+            .arg(format!("unix:{}", d.join("p.nbd").display()))
+            .args(["--control", &qmp, "--start"]),
+    );
+    wait_socket(&d.join("p.qmp"), &mut primary);
+    let st = wait_protected(&qmp);
+    assert!(
+        std::fs::read(&pri).unwrap() == std::fs::read(&sec).unwrap(),
+        "the full sync left the disks different"
+    );
+    // The one MiB of data (plus at most a file-system block around it) went as payload.
+    let sent = st["disks"][0]["resync"]["sent-bytes"].as_u64().unwrap();
+    assert!((MIB..=MIB + 65536).contains(&sent), "sent {sent} bytes");
 }
 
 /// Python's qemu.qmp library works as a client: negotiation, commands with results and with

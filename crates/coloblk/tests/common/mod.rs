@@ -165,3 +165,23 @@ pub fn serve(dir: &Path, exports: &[&str]) -> Served {
 pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
     blockdev::fault::pattern(seed, len).to_vec()
 }
+
+/// Waits until every disk of the primary behind control socket `qmp` (`unix:PATH`) is
+/// protected (its first sync done); returns that status.
+#[allow(dead_code)]
+pub fn wait_protected(qmp: &str) -> serde_json::Value {
+    let start = Instant::now();
+    loop {
+        let out = run(coloblk().args(["ctl", "--json", "--control", qmp, "status"]));
+        let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let disks = status["disks"].as_array().expect("a disks array");
+        if disks.iter().all(|d| d["protected"] == true) {
+            return status;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "never protected: {status:#}"
+        );
+        std::thread::sleep(Duration::from_millis(30));
+    }
+}
