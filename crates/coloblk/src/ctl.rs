@@ -22,7 +22,8 @@ pub mod exit {
 #[derive(Args, Debug)]
 #[command(
     after_help = "Exit codes: 0 done, 1 refused or failed (the message says why), \
-    2 bad command line, 3 control socket unreachable.\n\n\
+    2 bad command line, 3 control socket unreachable (no connection, or no QMP handshake \
+    within --timeout).\n\n\
     Examples:\n  coloblk ctl --control unix:/run/coloblk/secondary.qmp status\n  \
     coloblk ctl --control tcp:10.0.0.2:4445 failover"
 )]
@@ -30,6 +31,16 @@ pub struct CtlArgs {
     /// The daemon's control socket: unix:PATH or tcp:HOST:PORT.
     #[arg(long, value_name = "ADDR")]
     control: SocketAddr,
+
+    /// How long to wait for the socket to connect and greet (exit code 3 after that), and for
+    /// each status reply.
+    #[arg(long, value_name = "SECONDS", default_value = "10", value_parser = seconds)]
+    timeout: Duration,
+
+    /// How long to wait for the reply to start, checkpoint, failover or stop (a primary's
+    /// checkpoint drains its queue and then checkpoints its secondary, which takes a while).
+    #[arg(long, value_name = "SECONDS", default_value = "120", value_parser = seconds)]
+    command_timeout: Duration,
 
     /// Print the daemon's JSON reply instead of a table.
     #[arg(long)]
@@ -59,18 +70,23 @@ enum Action {
     Stop,
 }
 
+/// A positive, finite number of seconds.
+fn seconds(s: &str) -> Result<Duration, String> {
+    let v: f64 = s
+        .parse()
+        .map_err(|_| format!("'{s}' is not a number of seconds"))?;
+    if !(v > 0.0 && v.is_finite()) {
+        return Err(format!("must be a positive number of seconds, not '{s}'"));
+    }
+    Duration::try_from_secs_f64(v).map_err(|_| format!("'{s}' seconds is too long"))
+}
+
 pub async fn run(args: CtlArgs) -> u8 {
-    let stream = match args.control.connect().await {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("coloblk ctl: cannot reach {}: {e}", args.control);
-            return exit::UNREACHABLE;
-        }
-    };
-    let mut client = match QmpClient::handshake(stream).await {
+    let addr = &args.control;
+    let mut client = match QmpClient::connect(addr, addr.connect(), args.timeout).await {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("coloblk ctl: {} does not speak QMP: {e}", args.control);
+            eprintln!("coloblk ctl: {}", unreachable(addr, e));
             return exit::UNREACHABLE;
         }
     };
@@ -83,13 +99,53 @@ pub async fn run(args: CtlArgs) -> u8 {
     }
 }
 
+/// Why the session could not be opened, in words for the operator.
+fn unreachable(addr: &SocketAddr, e: QmpClientError) -> String {
+    match e {
+        // These name the address and the step already.
+        QmpClientError::Connect { .. } => e.to_string(),
+        QmpClientError::HandshakeTimedOut { .. } => {
+            format!("{e}: the daemon is not answering (--timeout sets how long to wait)")
+        }
+        QmpClientError::Qmp(q) => format!("{addr} refused qmp_capabilities: {}", q.desc),
+        QmpClientError::Io(io) => {
+            format!("{addr} dropped the connection during the handshake: {io}")
+        }
+        other => format!("{addr} does not speak QMP: {other}"),
+    }
+}
+
+/// Runs one command, bounded by `t`; the daemon's refusal comes out as its `desc`, verbatim.
+async fn call<S>(
+    c: &mut QmpClient<S>,
+    command: &str,
+    args: Value,
+    t: Duration,
+) -> anyhow::Result<Value>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite,
+{
+    match c.execute_timeout(command, args, t).await {
+        Ok(v) => Ok(v),
+        Err(QmpClientError::Qmp(q)) => Err(anyhow::anyhow!("{}", q.desc)),
+        Err(QmpClientError::TimedOut(t)) if command == "query-replication" => {
+            Err(anyhow::anyhow!("no reply to {command} within {t:?}"))
+        }
+        Err(QmpClientError::TimedOut(t)) => Err(anyhow::anyhow!(
+            "no reply to {command} within {t:?}: the daemon may still complete it \
+             (`coloblk ctl status` shows where it is; --command-timeout sets how long to wait)"
+        )),
+        Err(e) => Err(anyhow::anyhow!("{command}: {e}")),
+    }
+}
+
 async fn act<S>(c: &mut QmpClient<S>, args: &CtlArgs) -> anyhow::Result<()>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite,
 {
     let (command, cmd_args) = match args.action {
         Action::Status => {
-            let status = c.execute("query-replication", json!({})).await?;
+            let status = call(c, "query-replication", json!({}), args.timeout).await?;
             if args.json {
                 println!("{}", serde_json::to_string_pretty(&status)?);
             } else {
@@ -102,12 +158,12 @@ where
         Action::Failover => ("replication-failover", json!({})),
         Action::Stop => ("replication-stop", json!({})),
     };
-    let reply = c.execute(command, cmd_args).await.map_err(explain)?;
+    let reply = call(c, command, cmd_args, args.command_timeout).await?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&reply)?);
     }
     match args.action {
-        Action::Failover => follow_failover(c, args.json).await,
+        Action::Failover => follow_failover(c, args.json, args.timeout).await,
         Action::Checkpoint if !args.json => {
             let drain = reply["drain-ms"].as_f64();
             let secondary = reply["secondary-ms"].as_f64();
@@ -133,15 +189,8 @@ where
     }
 }
 
-fn explain(e: QmpClientError) -> anyhow::Error {
-    match e {
-        QmpClientError::Qmp(q) => anyhow::anyhow!("{}", q.desc),
-        other => anyhow::anyhow!(other),
-    }
-}
-
 /// Polls the status and draws a progress bar until every disk has finished merging.
-async fn follow_failover<S>(c: &mut QmpClient<S>, quiet: bool) -> anyhow::Result<()>
+async fn follow_failover<S>(c: &mut QmpClient<S>, quiet: bool, t: Duration) -> anyhow::Result<()>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite,
 {
@@ -158,7 +207,7 @@ where
         b
     };
     loop {
-        let st = c.execute("query-replication", json!({})).await?;
+        let st = call(c, "query-replication", json!({}), t).await?;
         let disks = st["disks"].as_array().cloned().unwrap_or_default();
         let (mut done, mut total, mut finished, mut failed) = (0u64, 0u64, true, None);
         for d in &disks {
