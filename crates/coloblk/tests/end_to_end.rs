@@ -39,6 +39,15 @@ impl Cluster {
             .output()
             .unwrap()
     }
+    /// `coloblk ctl ACTION` running in the background, its output captured.
+    fn ctl_spawn(&self, qmp: &str, action: &str) -> std::process::Child {
+        coloblk()
+            .args(["ctl", "--control", &self.unix(qmp), action])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    }
     fn ok(&self, qmp: &str, action: &str) -> String {
         let out = self.ctl(qmp, action);
         assert!(
@@ -60,6 +69,11 @@ fn start_secondary(dir: &Path) -> Proc {
 
 fn start_secondary_with(dir: &Path, extra: &[&str]) -> Proc {
     raw_image(dir, "secondary.raw", DISK);
+    spawn_secondary(dir, extra)
+}
+
+/// A secondary over the `secondary.raw` already in `dir`.
+fn spawn_secondary(dir: &Path, extra: &[&str]) -> Proc {
     let u = |n: &str| format!("unix:{}", dir.join(n).display());
     let mut s = Proc::spawn(
         "coloblk secondary",
@@ -87,8 +101,18 @@ fn cluster(mode: &str) -> Cluster {
 fn cluster_with(mode: &str, secondary_args: &[&str]) -> Cluster {
     let dir = tempfile::tempdir().unwrap();
     let secondary = start_secondary_with(dir.path(), secondary_args);
-    let d = dir.path();
-    raw_image(d, "primary.raw", DISK);
+    raw_image(dir.path(), "primary.raw", DISK);
+    let p = spawn_primary(dir.path(), mode);
+    Cluster {
+        dir,
+        secondary,
+        primary: Some(p),
+    }
+}
+
+/// A primary (default sync, started) over the `primary.raw` already in `dir`, forwarding to
+/// the secondary there, once it is protected.
+fn spawn_primary(d: &Path, mode: &str) -> Proc {
     let u = |n: &str| format!("unix:{}", d.join(n).display());
     let mut p = Proc::spawn(
         "coloblk primary",
@@ -116,11 +140,7 @@ fn cluster_with(mode: &str, secondary_args: &[&str]) -> Cluster {
     wait_socket(&d.join("primary.qmp"), &mut p);
     // The primary knows nothing of the secondary's disk at start: its full sync comes first.
     wait_protected(&u("primary.qmp"));
-    Cluster {
-        dir,
-        secondary,
-        primary: Some(p),
-    }
+    p
 }
 
 fn fio(uri: &str, secs: u32, seed: u32) -> std::process::Child {
@@ -495,5 +515,163 @@ asyncio.run(main(sys.argv[1]))
             "FAILOVER_STARTED"
         ],
         "{text}"
+    );
+}
+
+/// `replication-stop` then `replication-start` on a primary really starts it again: writes
+/// made while stopped are only dirty, a checkpoint meanwhile is refused, and after the start
+/// the resync sends them and a checkpoint means equal disks. (Before, the start answered
+/// "done" but left the primary stopped, and every later checkpoint said yes over differing
+/// disks.)
+#[test]
+fn stop_then_start_on_a_primary_really_starts_and_checkpoints_mean_equal_disks() {
+    require("qemu-io");
+    let c = cluster("async");
+    c.ok("primary.qmp", "stop");
+    run(Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "write -P 0x51 1M 64k"])
+        .arg(c.vm()));
+    let out = c.ctl("primary.qmp", "checkpoint");
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr).trim(),
+        "coloblk ctl: disk 'vm0': checkpoint refused: replication is not running (stage done); \
+         start it first"
+    );
+    c.ok("primary.qmp", "start");
+    assert_eq!(c.status("primary.qmp")["disks"][0]["stage"], "running");
+    run(Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "write -P 0x52 2M 64k"])
+        .arg(c.vm()));
+    wait_protected(&c.unix("primary.qmp"));
+    c.ok("primary.qmp", "checkpoint");
+    let a = std::fs::read(c.p("primary.raw")).unwrap();
+    let b = std::fs::read(c.p("secondary.raw")).unwrap();
+    assert_eq!(
+        first_difference(&a, &b),
+        None,
+        "disks differ after a checkpoint"
+    );
+    assert!(b[MIB as usize..][..65536].iter().all(|&x| x == 0x51));
+    assert!(b[2 * MIB as usize..][..65536].iter().all(|&x| x == 0x52));
+}
+
+/// A coordinated checkpoint is bound to the secondary buffer it drained into: a stale epoch
+/// is refused, and once the secondary has failed over every checkpoint is refused (the
+/// primary's says why), while a second failover says there was nothing to do. Racing a
+/// checkpoint against a failover, a checkpoint that says yes always left equal disks.
+#[test]
+fn checkpoints_are_refused_for_another_epoch_and_after_a_failover() {
+    require("qemu-io");
+    let c = cluster("async");
+    let st = c.status("secondary.qmp");
+    let epoch = st["epoch"].as_u64().unwrap();
+    let stale = qmp_execute(
+        &c.p("secondary.qmp"),
+        "replication-checkpoint",
+        &format!(r#"{{"epoch": {}}}"#, epoch + 1),
+    );
+    assert_eq!(
+        stale,
+        format!(
+            "error: checkpoint refused: the primary drained into epoch {}, but this secondary \
+             is in epoch {epoch} (it restarted or checkpointed meanwhile)",
+            epoch + 1
+        )
+    );
+    c.ok("primary.qmp", "checkpoint");
+    assert_eq!(c.status("secondary.qmp")["epoch"], epoch + 1);
+    run(Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "write -P 0x61 0 64k"])
+        .arg(c.vm()));
+    c.ok("secondary.qmp", "failover");
+    // Refused for the first reason found: the forwarded write hit the fenced replica export
+    // (link down), or the secondary's stage.
+    let out = c.ctl("primary.qmp", "checkpoint");
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("checkpoint refused: the secondary link is down")
+            || err.contains("checkpoint refused: the secondary's disk 'vm0' is not running"),
+        "{err}"
+    );
+    assert_eq!(
+        qmp_execute(&c.p("secondary.qmp"), "replication-checkpoint", "{}"),
+        "error: checkpoint refused: already failed over, there is no buffer to empty"
+    );
+    // QEMU's command keeps QEMU's answer (a checkpoint after failover is ignored).
+    assert_eq!(
+        qmp_execute(&c.p("secondary.qmp"), "xen-colo-do-checkpoint", "{}"),
+        "return: {}"
+    );
+    assert_eq!(
+        qmp_execute(&c.p("secondary.qmp"), "replication-failover", "{}"),
+        r#"return: {"note":"already failed over: nothing to do"}"#
+    );
+    // The failover rolled the forwarded write back: the secondary holds the checkpoint.
+    let b = std::fs::read(c.p("secondary.raw")).unwrap();
+    assert!(b[..65536].iter().all(|&x| x == 0));
+
+    // The race itself, a few rounds: whoever wins, a checkpoint that said yes means equal.
+    for round in 0..4u64 {
+        let c = cluster("async");
+        run(Command::new("qemu-io")
+            .args(["-f", "raw", "-c", &format!("write -P {} 0 256k", round + 1)])
+            .arg(c.vm()));
+        let checkpoint = c.ctl_spawn("primary.qmp", "checkpoint");
+        std::thread::sleep(Duration::from_millis(round * 3));
+        c.ok("secondary.qmp", "failover");
+        let out = checkpoint.wait_with_output().unwrap();
+        let b = std::fs::read(c.p("secondary.raw")).unwrap();
+        if out.status.success() {
+            let a = std::fs::read(c.p("primary.raw")).unwrap();
+            assert_eq!(
+                first_difference(&a, &b),
+                None,
+                "round {round}: yes over unequal disks"
+            );
+        } else {
+            assert!(b[..65536].iter().all(|&x| x == 0), "round {round}");
+        }
+    }
+}
+
+/// A primary that restarts knows nothing of what its secondary lacks (it died with writes
+/// unsent): by default it copies the whole disk before it accepts a checkpoint, so the
+/// checkpoint after the restart means equal disks. (Before, it started clean and the next
+/// checkpoint said yes over 64 differing clusters.)
+#[test]
+fn a_restarted_primary_syncs_before_its_first_checkpoint() {
+    require("qemu-io");
+    let mut c = cluster("async");
+    let _ = c.secondary.child.kill();
+    let _ = c.secondary.child.wait();
+    // Written while the secondary is gone: only the primary has it.
+    run(Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "write -P 0x71 4M 4M"])
+        .arg(c.vm()));
+    for f in ["replica.sock", "top.sock", "secondary.qmp"] {
+        let _ = std::fs::remove_file(c.p(f));
+    }
+    c.secondary = spawn_secondary(c.dir.path(), &["--start"]);
+    let mut primary = c.primary.take().unwrap();
+    signal(&primary, "TERM");
+    assert!(primary.child.wait().unwrap().success());
+    for f in ["primary.sock", "primary.qmp"] {
+        let _ = std::fs::remove_file(c.p(f));
+    }
+    c.primary = Some(spawn_primary(c.dir.path(), "async"));
+    c.ok("primary.qmp", "checkpoint");
+    let a = std::fs::read(c.p("primary.raw")).unwrap();
+    let b = std::fs::read(c.p("secondary.raw")).unwrap();
+    assert_eq!(
+        first_difference(&a, &b),
+        None,
+        "disks differ after a checkpoint"
+    );
+    assert!(
+        b[4 * MIB as usize..][..4 * MIB as usize]
+            .iter()
+            .all(|&x| x == 0x71)
     );
 }

@@ -177,7 +177,10 @@ fn the_default_full_sync_makes_a_different_secondary_equal_and_sends_only_data()
     assert!(a == std::fs::read(p.path("secondary.raw")).unwrap());
     assert_eq!(st["disks"][0]["sync"], "full");
     assert_eq!(st["disks"][0]["resync"]["done-bytes"], 64 * MIB);
-    assert_eq!(st["disks"][0]["resync"]["sent-bytes"], 0, "an empty disk is all holes");
+    assert_eq!(
+        st["disks"][0]["resync"]["sent-bytes"], 0,
+        "an empty disk is all holes"
+    );
     drop(p);
 
     // Now a secondary holding garbage where the primary holds data and where it holds holes.
@@ -185,7 +188,11 @@ fn the_default_full_sync_makes_a_different_secondary_equal_and_sends_only_data()
     let d = dir.path();
     let sec = raw_image(d, "other.raw", 64 * MIB);
     let garbage = pattern(7, 3 * MIB as usize);
-    std::fs::write(&sec, [&garbage[..], &vec![0u8; 61 * MIB as usize][..]].concat()).unwrap();
+    std::fs::write(
+        &sec,
+        [&garbage[..], &vec![0u8; 61 * MIB as usize][..]].concat(),
+    )
+    .unwrap();
     let pri = raw_image(d, "primary.raw", 64 * MIB);
     let data = pattern(8, MIB as usize);
     let mut f = std::fs::OpenOptions::new().write(true).open(&pri).unwrap();

@@ -185,3 +185,41 @@ pub fn wait_protected(qmp: &str) -> serde_json::Value {
         std::thread::sleep(Duration::from_millis(30));
     }
 }
+
+/// Runs one QMP command on the unix socket at `path` (`args`: a JSON object) and returns
+/// `return: JSON` or `error: DESC`, skipping events.
+#[allow(dead_code)]
+pub fn qmp_execute(path: &Path, command: &str, args: &str) -> String {
+    use std::io::{BufRead, BufReader, Write};
+    let stream = std::os::unix::net::UnixStream::connect(path).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut writer = stream;
+    let mut next = || loop {
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        if v.get("event").is_none() {
+            return v;
+        }
+    };
+    next(); // the greeting
+    writer
+        .write_all(b"{\"execute\": \"qmp_capabilities\"}\n")
+        .unwrap();
+    next();
+    writeln!(writer, r#"{{"execute": "{command}", "arguments": {args}}}"#).unwrap();
+    let v = next();
+    match v.get("return") {
+        Some(r) => format!("return: {r}"),
+        None => format!("error: {}", v["error"]["desc"].as_str().unwrap_or("?")),
+    }
+}
+
+/// Sends signal `sig` (a name, e.g. TERM) to a process.
+#[allow(dead_code)]
+pub fn signal(p: &Proc, sig: &str) {
+    run(Command::new("kill").args([&format!("-{sig}"), &p.child.id().to_string()]));
+}

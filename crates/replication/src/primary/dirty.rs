@@ -97,7 +97,7 @@ impl DirtyBitmap {
         let mut c = from.div_ceil(self.granularity);
         // Whole clean words are skipped at once.
         while c < clusters && !is_set(c) {
-            if c % 64 == 0 && b.words[(c / 64) as usize] == 0 {
+            if c.is_multiple_of(64) && b.words[(c / 64) as usize] == 0 {
                 c += 64;
             } else {
                 c += 1;
