@@ -99,10 +99,28 @@ async fn wait_for(sock: &Path, d: &mut Daemon, log: &Path) -> anyhow::Result<()>
 }
 
 async fn qmp(sock: &Path, cmd: &str, args: Value) -> anyhow::Result<Value> {
-    let s = SocketAddr::Unix(sock.to_path_buf()).connect().await?;
-    let mut c = QmpClient::handshake(s).await?;
+    let addr = SocketAddr::Unix(sock.to_path_buf());
+    let mut c = QmpClient::connect(&addr, addr.connect(), Duration::from_secs(10)).await?;
     Ok(c.execute_timeout(cmd, args, Duration::from_secs(120))
         .await?)
+}
+
+/// Waits until the primary's every disk is protected (its initial sync done); returns the
+/// first disk's status.
+async fn wait_protected(sock: &Path) -> anyhow::Result<Value> {
+    let start = Instant::now();
+    loop {
+        let st = qmp(sock, "query-replication", json!({})).await?;
+        let disks = st["disks"].as_array().cloned().unwrap_or_default();
+        if !disks.is_empty() && disks.iter().all(|d| d["protected"] == true) {
+            return Ok(disks[0].clone());
+        }
+        anyhow::ensure!(
+            start.elapsed() < Duration::from_secs(120),
+            "the primary was not protected within 120 s: {st}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// Deterministic data for write `i` of a phase.
@@ -259,6 +277,16 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<std::process::ExitCode> {
     r.step(
         t,
         "started a secondary and a primary (two processes, unix sockets), replication running",
+    );
+    let t = Instant::now();
+    let d = wait_protected(&p("primary.qmp")).await?;
+    r.step(
+        t,
+        &format!(
+            "initial full sync: {} MiB covered, {} bytes sent as data (the disk is all holes)",
+            d["resync"]["done-bytes"].as_u64().unwrap_or(0) >> 20,
+            d["resync"]["sent-bytes"].as_u64().unwrap_or(0)
+        ),
     );
 
     let vm = connect(&p("primary.sock"), "vm0").await?;
