@@ -24,8 +24,6 @@ use crate::disk_spec::DiskSpec;
 /// How much later than the NBD client's request timeout the primary node's own link timer
 /// fires.
 const LINK_TIMER_GRACE: Duration = Duration::from_secs(1);
-/// Connect, greeting and capabilities of the secondary's control socket, together.
-const PEER_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// The secondary's checkpoint (emptying its overlays) and its status query.
 const PEER_COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -81,6 +79,11 @@ pub struct PrimaryArgs {
     #[arg(long, value_name = "ADDR")]
     pub peer_control: Option<SocketAddr>,
 
+    /// Seconds the secondary's control socket (--peer-control) may take to connect, greet and
+    /// negotiate, together; a checkpoint fails after that.
+    #[arg(long, value_name = "SECONDS", default_value_t = 10.0)]
+    pub peer_timeout: f64,
+
     /// Forwarding queue bound in MiB (backpressure beyond it).
     #[arg(long, value_name = "MIB", default_value_t = 64)]
     pub queue_mib: usize,
@@ -113,6 +116,7 @@ pub struct PrimaryGroup {
     disks: Vec<Disk>,
     mode: ForwardMode,
     peer_control: Option<SocketAddr>,
+    peer_timeout: Duration,
     last: Mutex<Option<LastCheckpoint>>,
     events: control::Events,
     /// Control operations run one at a time (a stop must not land inside a checkpoint).
@@ -191,7 +195,7 @@ impl Group for PrimaryGroup {
         // for a buffer that is not the one drained into.
         let mut peer = match &self.peer_control {
             Some(addr) => Some(
-                PeerCheckpoint::open(addr, self.disks.len())
+                PeerCheckpoint::open(addr, self.disks.len(), self.peer_timeout)
                     .await
                     .map_err(|e| format!("checkpoint refused: {e}"))?,
             ),
@@ -306,11 +310,11 @@ struct PeerCheckpoint {
 impl PeerCheckpoint {
     /// Connects and reads the secondary's epoch; refuses a secondary whose disks are not all
     /// running (failed over, stopped, not started).
-    async fn open(addr: &SocketAddr, disks: usize) -> anyhow::Result<Self> {
+    async fn open(addr: &SocketAddr, disks: usize, timeout: Duration) -> anyhow::Result<Self> {
         let mut client = qmp::QmpClient::connect(
             format!("the secondary's control socket {addr}"),
             addr.connect(),
-            PEER_CONNECT_TIMEOUT,
+            timeout,
         )
         .await?;
         let status = client
@@ -401,6 +405,9 @@ pub async fn run(args: PrimaryArgs) -> anyhow::Result<std::process::ExitCode> {
     if !(args.link_timeout > 0.0 && args.link_timeout.is_finite()) {
         anyhow::bail!("--link-timeout must be a positive number of seconds");
     }
+    if !(args.peer_timeout > 0.0 && args.peer_timeout.is_finite()) {
+        anyhow::bail!("--peer-timeout must be a positive number of seconds");
+    }
     let link_timeout = Duration::from_secs_f64(args.link_timeout);
     let metrics_handle = args
         .daemon
@@ -454,6 +461,7 @@ pub async fn run(args: PrimaryArgs) -> anyhow::Result<std::process::ExitCode> {
         disks,
         mode: args.mode,
         peer_control: args.peer_control.clone(),
+        peer_timeout: Duration::from_secs_f64(args.peer_timeout),
         last: Mutex::new(None),
         events: control::Events::default(),
         ops: tokio::sync::Mutex::new(()),

@@ -579,3 +579,36 @@ fn bad_startups_are_refused_with_one_clear_line() {
         .unwrap();
     assert_eq!(out.status.code(), Some(3));
 }
+
+/// A secondary control socket that accepts and never greets fails the checkpoint after
+/// `--peer-timeout`, naming the step, instead of hanging it (before: over 90 s).
+#[test]
+fn a_silent_peer_control_socket_fails_the_checkpoint_in_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let silent = dir.path().join("silent.qmp");
+    let listener = std::os::unix::net::UnixListener::bind(&silent).unwrap();
+    // Accepts and holds every connection, never writing a byte.
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for s in listener.incoming() {
+            held.push(s);
+        }
+    });
+    let peer = format!("unix:{}", silent.display());
+    let p = pair(&["--start", "--peer-control", &peer, "--peer-timeout", "1"]);
+    let t = std::time::Instant::now();
+    let out = ctl(&p.qmp(), &["checkpoint"]);
+    assert!(
+        t.elapsed() < Duration::from_secs(8),
+        "took {:?}",
+        t.elapsed()
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr).trim(),
+        format!(
+            "coloblk ctl: checkpoint refused: no QMP greeting from the secondary's control \
+             socket {peer} within 1s"
+        )
+    );
+}
