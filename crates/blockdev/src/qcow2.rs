@@ -39,10 +39,15 @@
 //!   ([`Qcow2Backing::File`]), or none.
 //! - No image locking (QEMU takes OFD locks; imago does not), so nothing stops another process
 //!   from writing the same image.
+//! - Few checks of the header: a refcount table past the end of the file aborts the process on
+//!   the first allocating write. [`Qcow2::open`] checks the header and the refcount structures
+//!   first (`qcow2/header.rs`); backing images, which imago opens itself and never writes, are
+//!   not checked.
+
+mod header;
 
 use std::fs::File as StdFile;
 use std::io;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -61,9 +66,6 @@ use crate::{
     BlockDev, BlockError, DevInfo, ErrorKind, Extent, ExtentList, IoPool, MAX_REQUEST, Op, Result,
     WriteFlags, ZeroFlags, check_range, check_status_range, check_write,
 };
-
-/// qcow2 magic, "QFI\xfb".
-const QCOW2_MAGIC: [u8; 4] = *b"QFI\xfb";
 
 /// Default cluster size of new images (QEMU's default too).
 pub const DEFAULT_CLUSTER_SIZE: u32 = 64 * 1024;
@@ -162,9 +164,8 @@ impl Image {
 
 /// Maps an imago or OS error onto the block layer's kinds, naming the image.
 fn io_error(err: io::Error, op: Op, offset: u64, path: &Path) -> BlockError {
-    let context = format!("{}: {err}", path.display());
     if err.raw_os_error().is_some() {
-        return BlockError::from_io(err, op, offset).context(context);
+        return BlockError::from_io(err, op, offset).path(path);
     }
     let kind = match err.kind() {
         io::ErrorKind::Unsupported => ErrorKind::NotSupported,
@@ -173,45 +174,12 @@ fn io_error(err: io::Error, op: Op, offset: u64, path: &Path) -> BlockError {
         io::ErrorKind::StorageFull => ErrorKind::NoSpace,
         _ => ErrorKind::Io(None),
     };
-    BlockError::new(kind, op, offset).context(context)
+    BlockError::new(kind, op, offset).path(path).with_io(err)
 }
 
 /// Whether `x` is a multiple of `pow2`, a power of two.
 fn aligned(x: u64, pow2: u64) -> bool {
     x & (pow2 - 1) == 0
-}
-
-/// The fields of the qcow2 header imago does not expose.
-struct HeaderFacts {
-    version: u32,
-    cluster_size: u64,
-}
-
-/// Reads the fixed part of the header: the magic (for a clear error on non-qcow2 files), the
-/// version (v2 has no zero clusters) and the cluster size (imago keeps it private).
-fn read_header(path: &Path) -> Result<HeaderFacts> {
-    let open_err = |e: io::Error| io_error(e, Op::Open, 0, path);
-    let file = StdFile::open(path).map_err(open_err)?;
-    let mut head = [0u8; 24];
-    file.read_exact_at(&mut head, 0).map_err(open_err)?;
-    if head[..4] != QCOW2_MAGIC {
-        return Err(BlockError::new(ErrorKind::InvalidArgument, Op::Open, 0)
-            .context(format!("{}: not a qcow2 image", path.display())));
-    }
-    let version = u32::from_be_bytes([head[4], head[5], head[6], head[7]]);
-    let cluster_bits = u32::from_be_bytes([head[20], head[21], head[22], head[23]]);
-    if !(9..=21).contains(&cluster_bits) {
-        return Err(
-            BlockError::new(ErrorKind::InvalidArgument, Op::Open, 0).context(format!(
-                "{}: bad cluster_bits {cluster_bits}",
-                path.display()
-            )),
-        );
-    }
-    Ok(HeaderFacts {
-        version,
-        cluster_size: 1 << cluster_bits,
-    })
 }
 
 /// Allocation state of a run of the image's own clusters.
@@ -413,7 +381,8 @@ impl Qcow2 {
     /// a blocking context; [`Qcow2::open_async`] runs it on the pool.
     pub fn open(path: impl AsRef<Path>, opts: Qcow2Options, pool: IoPool) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
-        let header = read_header(&path)?;
+        // imago trusts the header; a bad one could abort the process on the first write.
+        let header = header::check_image(&path)?;
         let open_err = |e: io::Error| io_error(e, Op::Open, 0, &path);
 
         let mut builder = ImagoQcow2::<File>::builder_path(&path)
@@ -483,12 +452,9 @@ impl Qcow2 {
         let path = path.as_ref();
         let create_err = |e: io::Error| io_error(e, Op::Create, 0, path);
         if !aligned(len, 512) {
-            return Err(
-                BlockError::new(ErrorKind::InvalidArgument, Op::Create, 0).context(format!(
-                    "{}: size {len} is not a multiple of 512",
-                    path.display()
-                )),
-            );
+            return Err(BlockError::new(ErrorKind::InvalidArgument, Op::Create, 0)
+                .path(path)
+                .context(format!("size {len} is not a multiple of 512")));
         }
         let backing = match &opts.backing {
             None => None,
@@ -506,12 +472,9 @@ impl Qcow2 {
                     _ => backing.clone(),
                 };
                 std::fs::metadata(&resolved).map_err(|e| {
-                    let context = format!(
-                        "{}: backing file {}: {e}",
-                        path.display(),
-                        resolved.display()
-                    );
-                    BlockError::from_io(e, Op::Create, 0).context(context)
+                    BlockError::from_io(e, Op::Create, 0)
+                        .path(&resolved)
+                        .context(format!("backing file of {}", path.display()))
                 })?;
                 Some((name.to_string(), format.name().to_string()))
             }
@@ -704,7 +667,8 @@ impl BlockDev for Qcow2 {
             };
             return Err(
                 BlockError::new(ErrorKind::NotSupported, Op::WriteZeroes, offset)
-                    .context(format!("{}: {why}", self.path.display())),
+                    .path(&self.path)
+                    .context(why),
             );
         }
         let image = self.image();

@@ -54,13 +54,9 @@ impl RawFile {
         if opts.direct {
             oo.custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32);
         }
-        let file = oo.open(&path).map_err(|e| {
-            BlockError::from_io(e, Op::Open, 0).context(format!("cannot open {}", path.display()))
-        })?;
-        let len = file
-            .metadata()
-            .map_err(|e| BlockError::from_io(e, Op::Open, 0))?
-            .len();
+        let open_err = |e| BlockError::from_io(e, Op::Open, 0).path(&path);
+        let file = oo.open(&path).map_err(open_err)?;
+        let len = file.metadata().map_err(open_err)?.len();
         let min_block = if opts.direct { DIRECT_ALIGN as u32 } else { 1 };
         Ok(RawFile {
             file: Arc::new(file),
@@ -84,17 +80,19 @@ impl RawFile {
     /// Creates (or truncates) a sparse file of `len` bytes.
     pub fn create(path: impl AsRef<Path>, len: u64) -> Result<()> {
         let path = path.as_ref();
-        let f = File::create(path).map_err(|e| {
-            BlockError::from_io(e, Op::Create, 0)
-                .context(format!("cannot create {}", path.display()))
-        })?;
-        f.set_len(len)
-            .map_err(|e| BlockError::from_io(e, Op::Create, 0))
+        let create_err = |e| BlockError::from_io(e, Op::Create, 0).path(path);
+        let f = File::create(path).map_err(create_err)?;
+        f.set_len(len).map_err(create_err)
     }
 
     /// The file this device reads and writes.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Names this file in an error from one of its requests.
+    fn named(&self, e: BlockError) -> BlockError {
+        e.path(&self.path)
     }
 
     fn check_direct(&self, op: Op, offset: u64, len: u64) -> Result<()> {
@@ -216,8 +214,9 @@ impl BlockDev for RawFile {
     }
 
     async fn read(&self, offset: u64, len: usize) -> Result<Bytes> {
-        check_range(Op::Read, offset, len as u64, self.info.len)?;
-        self.check_direct(Op::Read, offset, len as u64)?;
+        check_range(Op::Read, offset, len as u64, self.info.len).map_err(|e| self.named(e))?;
+        self.check_direct(Op::Read, offset, len as u64)
+            .map_err(|e| self.named(e))?;
         if !self.direct && len <= INLINE_READ_MAX && self.nowait_reads.load(Ordering::Relaxed) {
             // Served from the page cache without blocking, or not at all (RWF_NOWAIT): a hit
             // costs one call here instead of two task switches through the pool.
@@ -239,11 +238,13 @@ impl BlockDev for RawFile {
                 Ok(buf.freeze())
             })
             .await
+            .map_err(|e| self.named(e))
     }
 
     async fn write(&self, offset: u64, data: Bytes, flags: WriteFlags) -> Result<()> {
-        check_write(&self.info, Op::Write, offset, data.len() as u64)?;
-        self.check_direct(Op::Write, offset, data.len() as u64)?;
+        check_write(&self.info, Op::Write, offset, data.len() as u64)
+            .and_then(|()| self.check_direct(Op::Write, offset, data.len() as u64))
+            .map_err(|e| self.named(e))?;
         let file = self.file.clone();
         let direct = self.direct;
         let write = move || {
@@ -266,11 +267,12 @@ impl BlockDev for RawFile {
         };
         // A buffered write that needs no sync normally only copies into the page cache: run it
         // here while such writes stay fast. Direct and FUA writes wait for the device.
-        if direct || flags.fua {
+        let done = if direct || flags.fua {
             self.pool.run(Op::Write, offset, write).await
         } else {
             self.fast.run(&self.pool, Op::Write, offset, write).await
-        }
+        };
+        done.map_err(|e| self.named(e))
     }
 
     async fn flush(&self) -> Result<()> {
@@ -284,11 +286,13 @@ impl BlockDev for RawFile {
                     .map_err(|e| BlockError::from_io(e, Op::Flush, 0))
             })
             .await
+            .map_err(|e| self.named(e))
     }
 
     async fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
-        check_write(&self.info, Op::WriteZeroes, offset, len)?;
-        self.check_direct(Op::WriteZeroes, offset, len)?;
+        check_write(&self.info, Op::WriteZeroes, offset, len)
+            .and_then(|()| self.check_direct(Op::WriteZeroes, offset, len))
+            .map_err(|e| self.named(e))?;
         if len == 0 {
             return Ok(());
         }
@@ -325,11 +329,12 @@ impl BlockDev for RawFile {
                 Ok(())
             })
             .await
+            .map_err(|e| self.named(e))
     }
 
     /// Punches a hole: the range reads as zeroes afterwards.
     async fn discard(&self, offset: u64, len: u64) -> Result<()> {
-        check_write(&self.info, Op::Discard, offset, len)?;
+        check_write(&self.info, Op::Discard, offset, len).map_err(|e| self.named(e))?;
         if len == 0 {
             return Ok(());
         }
@@ -344,16 +349,18 @@ impl BlockDev for RawFile {
                 }
             })
             .await
+            .map_err(|e| self.named(e))
     }
 
     async fn block_status(&self, offset: u64, len: u64) -> Result<ExtentList> {
-        check_status_range(offset, len, self.info.len)?;
+        check_status_range(offset, len, self.info.len).map_err(|e| self.named(e))?;
         let file = self.file.clone();
         self.pool
             .run(Op::BlockStatus, offset, move || {
                 seek_extents(&file, offset, offset + len)
             })
             .await
+            .map_err(|e| self.named(e))
     }
 }
 
