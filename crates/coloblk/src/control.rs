@@ -22,7 +22,7 @@ use serde_json::{Value, json};
 #[derive(clap::Args, Debug, Clone)]
 pub struct DaemonArgs {
     /// The QMP-compatible control socket: unix:PATH or tcp:HOST:PORT.
-    #[arg(long, value_name = "ADDR")]
+    #[arg(long, value_name = "ADDR", required = true)]
     pub control: Option<SocketAddr>,
 
     /// Start replication at once (otherwise send replication-start).

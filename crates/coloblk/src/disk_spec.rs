@@ -14,6 +14,95 @@ pub enum Format {
     Qcow2,
 }
 
+/// Who reads a specification: each role has its own options, and its errors show its syntax.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Any keys, kept in `extra` for the caller.
+    Any,
+    /// `coloblk serve --export`.
+    Serve,
+    /// `coloblk primary --disk`.
+    Primary,
+    /// `coloblk secondary --disk`.
+    Secondary,
+}
+
+impl Role {
+    /// The syntax shown in errors.
+    pub fn syntax(self) -> &'static str {
+        match self {
+            Role::Any => "NAME=PATH[,OPTION...]",
+            Role::Serve => "NAME=PATH[,format=raw|qcow2][,readonly][,direct]",
+            Role::Primary => {
+                "NAME=PATH[,format=raw|qcow2][,direct],replica=NBD-URI[,sync=full|none]"
+            }
+            Role::Secondary => "NAME=PATH[,format=raw|qcow2][,direct][,active=PATH,hidden=PATH]",
+        }
+    }
+
+    /// The `key=value` options of the role beyond format.
+    fn keys(self) -> &'static [&'static str] {
+        match self {
+            Role::Any | Role::Serve => &[],
+            Role::Primary => &["replica", "sync"],
+            Role::Secondary => &["active", "hidden"],
+        }
+    }
+}
+
+/// Refuses two disks of one name (before anything is opened).
+pub fn unique_names(specs: &[DiskSpec]) -> Result<(), crate::UsageError> {
+    for (i, spec) in specs.iter().enumerate() {
+        if specs[..i].iter().any(|s| s.name == spec.name) {
+            return Err(crate::UsageError(format!(
+                "disk '{}' is given twice",
+                spec.name
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Parses a number of seconds that must be positive and finite (a timeout).
+pub fn positive_seconds(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v > 0.0 && v.is_finite() => Ok(v),
+        _ => Err(format!("'{s}' is not a positive number of seconds")),
+    }
+}
+
+/// Parses a `coloblk serve --export` specification.
+pub fn export(s: &str) -> Result<DiskSpec, String> {
+    DiskSpec::parse_as(s, Role::Serve)
+}
+
+/// Parses a `coloblk primary --disk` specification (`replica=` required).
+pub fn primary_disk(s: &str) -> Result<DiskSpec, String> {
+    let spec = DiskSpec::parse_as(s, Role::Primary)?;
+    if spec.option("replica").is_none() {
+        return Err(format!(
+            "'{s}': missing replica=NBD-URI (the secondary's replica export); a primary disk is {}",
+            Role::Primary.syntax()
+        ));
+    }
+    match spec.option("sync") {
+        None | Some("full") | Some("none") => {}
+        Some(other) => {
+            return Err(format!("'{s}': unknown sync mode '{other}' (full or none)"));
+        }
+    }
+    Ok(spec)
+}
+
+/// Parses a `coloblk secondary --disk` specification.
+pub fn secondary_disk(s: &str) -> Result<DiskSpec, String> {
+    let spec = DiskSpec::parse_as(s, Role::Secondary)?;
+    if spec.option("active").is_some() != spec.option("hidden").is_some() {
+        return Err(format!("'{s}': give both active= and hidden=, or neither"));
+    }
+    Ok(spec)
+}
+
 /// One `NAME=PATH,...` item.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DiskSpec {
@@ -29,10 +118,19 @@ pub struct DiskSpec {
 impl FromStr for DiskSpec {
     type Err = String;
 
+    /// Any keys accepted (kept in `extra`); the daemons use the role parsers instead.
     fn from_str(s: &str) -> Result<Self, String> {
+        DiskSpec::parse_as(s, Role::Any)
+    }
+}
+
+impl DiskSpec {
+    /// Parses `s` as `role` reads it: its options only, its syntax in every error.
+    pub fn parse_as(s: &str, role: Role) -> Result<Self, String> {
+        let syntax = role.syntax();
         let (name, rest) = s
             .split_once('=')
-            .ok_or_else(|| format!("'{s}' is not NAME=PATH[,format=raw|qcow2][,readonly]"))?;
+            .ok_or_else(|| format!("'{s}' is not {syntax}"))?;
         if name.is_empty() || name.len() > 4096 {
             return Err(format!("'{s}': the name must be 1 to 4096 bytes"));
         }
@@ -49,6 +147,7 @@ impl FromStr for DiskSpec {
             direct: false,
             extra: Vec::new(),
         };
+        let known = |k: &str| role == Role::Any || k == "format" || role.keys().contains(&k);
         for part in parts {
             match part.split_once('=') {
                 Some(("format", "raw")) => spec.format = Format::Raw,
@@ -56,17 +155,39 @@ impl FromStr for DiskSpec {
                 Some(("format", f)) => {
                     return Err(format!("'{s}': unknown format '{f}' (raw or qcow2)"));
                 }
-                None if part == "readonly" => spec.read_only = true,
+                None if part == "readonly" && matches!(role, Role::Any | Role::Serve) => {
+                    spec.read_only = true
+                }
                 None if part == "direct" => spec.direct = true,
-                Some((k, v)) if !k.is_empty() => spec.extra.push((k.to_string(), v.to_string())),
-                _ => return Err(format!("'{s}': unknown option '{part}'")),
+                None if known(part) && !part.is_empty() => {
+                    return Err(format!(
+                        "'{s}': option '{part}' needs a value ({part}=...); the syntax is {syntax}"
+                    ));
+                }
+                Some((k, v)) if !k.is_empty() && known(k) => {
+                    if v.is_empty() && role != Role::Any {
+                        return Err(format!("'{s}': option '{k}' needs a value after '='"));
+                    }
+                    spec.extra.push((k.to_string(), v.to_string()))
+                }
+                _ => {
+                    return Err(format!(
+                        "'{s}': unknown option '{part}'; the syntax is {syntax}"
+                    ));
+                }
             }
         }
         Ok(spec)
     }
-}
 
-impl DiskSpec {
+    /// The value of a role option (`replica`, `sync`, `active`, `hidden`).
+    pub fn option(&self, key: &str) -> Option<&str> {
+        self.extra
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+
     /// Refuses keys no caller consumed.
     pub fn no_extra(&self) -> anyhow::Result<()> {
         if let Some((k, _)) = self.extra.first() {
@@ -115,6 +236,45 @@ mod tests {
             s.extra,
             vec![("replica".to_string(), "nbd://h/x".to_string())]
         );
+    }
+
+    #[test]
+    fn each_role_shows_its_own_syntax_and_options() {
+        let e = primary_disk("vm0").unwrap_err();
+        assert_eq!(
+            e,
+            "'vm0' is not NAME=PATH[,format=raw|qcow2][,direct],replica=NBD-URI[,sync=full|none]"
+        );
+        assert_eq!(
+            primary_disk("vm0=/a,replica").unwrap_err(),
+            "'vm0=/a,replica': option 'replica' needs a value (replica=...); the syntax is \
+             NAME=PATH[,format=raw|qcow2][,direct],replica=NBD-URI[,sync=full|none]"
+        );
+        assert_eq!(
+            primary_disk("vm0=/a").unwrap_err(),
+            "'vm0=/a': missing replica=NBD-URI (the secondary's replica export); a primary disk \
+             is NAME=PATH[,format=raw|qcow2][,direct],replica=NBD-URI[,sync=full|none]"
+        );
+        assert_eq!(
+            primary_disk("vm0=/a,replica=nbd://h/x,sync=fast").unwrap_err(),
+            "'vm0=/a,replica=nbd://h/x,sync=fast': unknown sync mode 'fast' (full or none)"
+        );
+        assert!(primary_disk("vm0=/a,replica=nbd://h/x,sync=none").is_ok());
+        assert_eq!(
+            secondary_disk("vm0=/a,replica=x").unwrap_err(),
+            "'vm0=/a,replica=x': unknown option 'replica=x'; the syntax is \
+             NAME=PATH[,format=raw|qcow2][,direct][,active=PATH,hidden=PATH]"
+        );
+        assert_eq!(
+            secondary_disk("vm0=/a,active=/b").unwrap_err(),
+            "'vm0=/a,active=/b': give both active= and hidden=, or neither"
+        );
+        assert_eq!(
+            export("d=/a,sync=none").unwrap_err(),
+            "'d=/a,sync=none': unknown option 'sync=none'; the syntax is \
+             NAME=PATH[,format=raw|qcow2][,readonly][,direct]"
+        );
+        assert!(export("d=/a,readonly,direct").unwrap().read_only);
     }
 
     #[test]

@@ -95,7 +95,10 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("coloblk: {e:#}");
-            ExitCode::FAILURE
+            match e.downcast_ref::<coloblk::UsageError>() {
+                Some(_) => ExitCode::from(2),
+                None => ExitCode::FAILURE,
+            }
         }
     }
 }

@@ -62,11 +62,12 @@ pub struct PrimaryArgs {
     /// nbd+unix:///NAME?socket=PATH). sync=full (the default) copies the whole disk to the
     /// secondary after start (holes as write-zeroes); sync=none trusts that both disks are
     /// identical copies. Repeat for several disks; they form one replication group.
-    #[arg(long = "disk", value_name = "SPEC")]
+    #[arg(long = "disk", value_name = "SPEC", required = true,
+          value_parser = crate::disk_spec::primary_disk)]
     pub disks: Vec<DiskSpec>,
 
     /// Where the VM reaches its disks over NBD: unix:PATH or tcp:HOST:PORT.
-    #[arg(long, value_name = "ADDR")]
+    #[arg(long, value_name = "ADDR", required = true)]
     pub export_listen: Option<SocketAddr>,
 
     /// async: a write completes when the local write is done and the forward follows
@@ -81,7 +82,8 @@ pub struct PrimaryArgs {
 
     /// Seconds the secondary's control socket (--peer-control) may take to connect, greet and
     /// negotiate, together; a checkpoint fails after that.
-    #[arg(long, value_name = "SECONDS", default_value_t = 10.0)]
+    #[arg(long, value_name = "SECONDS", default_value_t = 10.0,
+          value_parser = crate::disk_spec::positive_seconds)]
     pub peer_timeout: f64,
 
     /// Forwarding queue bound in MiB (backpressure beyond it).
@@ -89,7 +91,8 @@ pub struct PrimaryArgs {
     pub queue_mib: usize,
 
     /// Seconds without an answer after which the secondary counts as lost.
-    #[arg(long, value_name = "SECONDS", default_value_t = 10.0)]
+    #[arg(long, value_name = "SECONDS", default_value_t = 10.0,
+          value_parser = crate::disk_spec::positive_seconds)]
     pub link_timeout: f64,
 
     #[command(flatten)]
@@ -360,39 +363,17 @@ impl PeerCheckpoint {
     }
 }
 
-/// Parses the `replica=` and `sync=` of a disk spec.
-fn replica_options(spec: &DiskSpec) -> anyhow::Result<(String, SyncMode)> {
-    let mut uri = None;
-    let mut sync = SyncMode::Full;
-    for (k, v) in &spec.extra {
-        match (k.as_str(), v.as_str()) {
-            ("replica", _) => uri = Some(v.clone()),
-            ("sync", "full") => sync = SyncMode::Full,
-            ("sync", "none") => sync = SyncMode::None,
-            ("sync", other) => anyhow::bail!(
-                "disk '{}': unknown sync mode '{other}' (full or none)",
-                spec.name
-            ),
-            (other, _) => anyhow::bail!(
-                "disk '{}': unknown option '{other}' (a primary disk is \
-                 NAME=PATH[,format=raw|qcow2][,direct],replica=NBD-URI[,sync=full|none])",
-                spec.name
-            ),
-        }
-    }
-    let uri = uri.ok_or_else(|| {
-        anyhow::anyhow!(
-            "disk '{}': missing replica=NBD-URI (the secondary's replica export)",
-            spec.name
-        )
-    })?;
-    Ok((uri, sync))
+/// The `replica=` and `sync=` of a disk spec (checked when the command line was parsed).
+fn replica_options(spec: &DiskSpec) -> (String, SyncMode) {
+    let uri = spec.option("replica").unwrap_or_default().to_string();
+    let sync = match spec.option("sync") {
+        Some("none") => SyncMode::None,
+        _ => SyncMode::Full,
+    };
+    (uri, sync)
 }
 
 pub async fn run(args: PrimaryArgs) -> anyhow::Result<std::process::ExitCode> {
-    if args.disks.is_empty() {
-        anyhow::bail!("no --disk given: a primary needs at least one disk");
-    }
     let export_listen = args
         .export_listen
         .clone()
@@ -402,12 +383,6 @@ pub async fn run(args: PrimaryArgs) -> anyhow::Result<std::process::ExitCode> {
         .control
         .clone()
         .context("--control is required")?;
-    if !(args.link_timeout > 0.0 && args.link_timeout.is_finite()) {
-        anyhow::bail!("--link-timeout must be a positive number of seconds");
-    }
-    if !(args.peer_timeout > 0.0 && args.peer_timeout.is_finite()) {
-        anyhow::bail!("--peer-timeout must be a positive number of seconds");
-    }
     let link_timeout = Duration::from_secs_f64(args.link_timeout);
     let metrics_handle = args
         .daemon
@@ -415,6 +390,7 @@ pub async fn run(args: PrimaryArgs) -> anyhow::Result<std::process::ExitCode> {
         .as_ref()
         .map(|_| crate::metrics::install())
         .transpose()?;
+    crate::disk_spec::unique_names(&args.disks)?;
     let pool = IoPool::default();
     let config = PrimaryConfig {
         mode: args.mode,
@@ -430,10 +406,7 @@ pub async fn run(args: PrimaryArgs) -> anyhow::Result<std::process::ExitCode> {
     };
     let mut disks = Vec::new();
     for spec in &args.disks {
-        if disks.iter().any(|d: &Disk| d.name == spec.name) {
-            anyhow::bail!("disk '{}' is given twice", spec.name);
-        }
-        let (uri, sync) = replica_options(spec)?;
+        let (uri, sync) = replica_options(spec);
         let local = spec.open(&pool)?;
         let client_cfg = ClientConfig {
             request_timeout: Some(link_timeout),

@@ -34,15 +34,16 @@ pub struct SecondaryArgs {
     /// equal to the primary's disk of the same NAME. With active= and hidden= (qcow2 images of
     /// the same size, QEMU-style), those hold the overlays instead of the buffer directory.
     /// Repeat for several disks; they form one replication group.
-    #[arg(long = "disk", value_name = "SPEC")]
+    #[arg(long = "disk", value_name = "SPEC", required = true,
+          value_parser = crate::disk_spec::secondary_disk)]
     pub disks: Vec<DiskSpec>,
 
     /// Where the primary forwards its writes (one NBD export per disk NAME).
-    #[arg(long, value_name = "ADDR")]
+    #[arg(long, value_name = "ADDR", required = true)]
     pub replica_listen: Option<SocketAddr>,
 
     /// Where the speculative VM reaches its view of each disk (NBD export NAME).
-    #[arg(long, value_name = "ADDR")]
+    #[arg(long, value_name = "ADDR", required = true)]
     pub export_listen: Option<SocketAddr>,
 
     /// Directory for the overlay buffers (sparse, unlinked files; tmpfs is best, as QEMU
@@ -188,8 +189,7 @@ impl Group for SecondaryGroup {
             .disks
             .iter()
             .all(|d| matches!(d.node.stage(), Stage::Failover | Stage::Done));
-        if failover && merging_or_merged && self.failed_over.load(Ordering::SeqCst) && !req.qemu
-        {
+        if failover && merging_or_merged && self.failed_over.load(Ordering::SeqCst) && !req.qemu {
             return Ok(json!({"note": "already failed over: nothing to do"}));
         }
         for d in &self.disks {
@@ -280,20 +280,13 @@ fn build_node(
     args: &SecondaryArgs,
     pool: &IoPool,
 ) -> anyhow::Result<SecondaryNode> {
-    let (mut active, mut hidden) = (None, None);
-    for (k, v) in &spec.extra {
-        match k.as_str() {
-            "active" => active = Some(v.clone()),
-            "hidden" => hidden = Some(v.clone()),
-            other => anyhow::bail!("disk '{}': unknown option '{other}'", spec.name),
-        }
-    }
+    let (active, hidden) = (spec.option("active"), spec.option("hidden"));
     let disk = spec.open(pool)?;
     let fail = |e: replication::ReplicationError| anyhow::anyhow!("disk '{}': {e}", spec.name);
     match (active, hidden) {
         (Some(a), Some(h)) => {
-            let a = qcow2_overlay(spec, "active", &a, pool)?;
-            let h = qcow2_overlay(spec, "hidden", &h, pool)?;
+            let a = qcow2_overlay(spec, "active", a, pool)?;
+            let h = qcow2_overlay(spec, "hidden", h, pool)?;
             SecondaryNode::with_overlays(disk, args.cluster_size, Arc::new(a), Arc::new(h))
                 .map_err(fail)
         }
@@ -322,9 +315,6 @@ fn build_node(
 }
 
 pub async fn run(args: SecondaryArgs) -> anyhow::Result<std::process::ExitCode> {
-    if args.disks.is_empty() {
-        anyhow::bail!("no --disk given: a secondary needs at least one disk");
-    }
     let replica_listen = args
         .replica_listen
         .clone()
@@ -344,13 +334,11 @@ pub async fn run(args: SecondaryArgs) -> anyhow::Result<std::process::ExitCode> 
         .as_ref()
         .map(|_| crate::metrics::install())
         .transpose()?;
+    crate::disk_spec::unique_names(&args.disks)?;
     let pool = IoPool::default();
     let mut disks: Vec<Disk> = Vec::new();
     let mut group = ReplicationGroup::new();
     for spec in &args.disks {
-        if disks.iter().any(|d| d.name == spec.name) {
-            anyhow::bail!("disk '{}' is given twice", spec.name);
-        }
         let node = build_node(spec, &args, &pool)?;
         group.add(spec.name.clone(), Arc::new(node.clone()));
         info!(disk = %spec.name, path = %spec.path.display(), len = node.disk().len(), "disk ready");

@@ -564,9 +564,19 @@ fn bad_startups_are_refused_with_one_clear_line() {
     ));
     assert_eq!(code, Some(1));
     assert!(err.contains("disk 'vm0': cannot open"), "{err}");
+    // Mistakes in the command line exit 2 and show the primary's own syntax.
     let (code, err) = run_primary(format!("vm0={}", img.display()));
-    assert_eq!(code, Some(1));
-    assert!(err.contains("missing replica=NBD-URI"), "{err}");
+    assert_eq!(code, Some(2));
+    assert!(
+        err.contains(
+            "missing replica=NBD-URI (the secondary's replica export); a primary disk is \
+             NAME=PATH[,format=raw|qcow2][,direct],replica=NBD-URI[,sync=full|none]"
+        ),
+        "{err}"
+    );
+    let (code, err) = run_primary(format!("vm0={},replica", img.display()));
+    assert_eq!(code, Some(2));
+    assert!(err.contains("option 'replica' needs a value"), "{err}");
 
     let out = coloblk()
         .args([
