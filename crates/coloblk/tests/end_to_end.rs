@@ -675,3 +675,20 @@ fn a_restarted_primary_syncs_before_its_first_checkpoint() {
             .all(|&x| x == 0x71)
     );
 }
+
+/// SIGTERM on a secondary that failed over flushes the export that now serves the VM and exits
+/// 0 (before: it tried the fenced replica export first, exited 1 and skipped that flush).
+#[test]
+fn sigterm_after_failover_flushes_the_live_export_and_exits_0() {
+    require("qemu-io");
+    let mut c = cluster("async");
+    c.ok("secondary.qmp", "failover");
+    run(Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "write -P 0x3c 128k 64k"])
+        .arg(c.view()));
+    signal(&c.secondary, "TERM");
+    let st = c.secondary.child.wait().unwrap();
+    assert!(st.success(), "secondary exited with {st}");
+    let disk = std::fs::read(c.p("secondary.raw")).unwrap();
+    assert!(disk[131072..][..65536].iter().all(|&b| b == 0x3c));
+}
