@@ -46,8 +46,8 @@ pub struct CtlArgs {
     #[arg(long)]
     json: bool,
 
-    /// With `checkpoint`: go on even though forwarding failed earlier (the secondary may then
-    /// be missing writes; use only after a resync).
+    /// With `checkpoint`: go on although forwarding failed earlier (a sticky error). Never
+    /// overrides a down link, ranges not yet on the secondary, or an epoch mismatch.
     #[arg(long)]
     force: bool,
 
