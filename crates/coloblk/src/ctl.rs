@@ -261,6 +261,24 @@ fn text(v: &Value) -> String {
     }
 }
 
+/// Where a primary disk stands with its secondary: protected, syncing (how far), or not.
+fn sync_state(d: &Value) -> String {
+    let r = &d["resync"];
+    if d["protected"] == json!(true) {
+        "protected".into()
+    } else if r["active"] == json!(true) {
+        let (done, total) = (
+            r["done-bytes"].as_u64().unwrap_or(0),
+            r["total-bytes"].as_u64().unwrap_or(0),
+        );
+        format!("syncing {}%", done * 100 / total.max(1))
+    } else if d["dirty-bytes"].as_u64().unwrap_or(0) > 0 {
+        "unsynced".into()
+    } else {
+        "-".into()
+    }
+}
+
 /// A readable table of `query-replication`.
 pub fn render_status(st: &Value) -> String {
     let role = st["role"].as_str().unwrap_or("?");
@@ -275,6 +293,7 @@ pub fn render_status(st: &Value) -> String {
             "DISK",
             "STAGE",
             "LINK",
+            "SYNC",
             "QUEUE",
             "FORWARDED",
             "DIRTY",
@@ -302,6 +321,7 @@ pub fn render_status(st: &Value) -> String {
                 } else {
                     "down".into()
                 },
+                sync_state(d),
                 format!(
                     "{} req / {}",
                     text(&d["queue-requests"]),
@@ -372,14 +392,18 @@ mod tests {
     fn renders_a_primary_status_table() {
         let st = json!({"role": "primary", "mode": "async", "disks": [
             {"name": "vm0", "stage": "running", "link-up": true, "queue-requests": 3, "queue-bytes": 12288,
-             "forwarded-bytes": 3221225472u64, "dirty-bytes": 0, "error": null}
+             "forwarded-bytes": 3221225472u64, "dirty-bytes": 0, "error": null, "protected": true},
+            {"name": "vm1", "stage": "running", "link-up": true, "queue-requests": 0, "queue-bytes": 0,
+             "forwarded-bytes": 0, "dirty-bytes": 3145728, "error": null, "protected": false,
+             "resync": {"active": true, "done-bytes": 1048576, "total-bytes": 4194304}}
         ], "last-checkpoint": null});
         let text = render_status(&st);
         assert_eq!(
             text,
             "role: primary   mode: async\n\
-             DISK  STAGE    LINK  QUEUE             FORWARDED  DIRTY  ERROR\n\
-             vm0   running  up    3 req / 12.0 KiB  3.0 GiB    0 B    -\n"
+             DISK  STAGE    LINK  SYNC         QUEUE             FORWARDED  DIRTY    ERROR\n\
+             vm0   running  up    protected    3 req / 12.0 KiB  3.0 GiB    0 B      -\n\
+             vm1   running  up    syncing 25%  0 req / 0 B       0 B        3.0 MiB  -\n"
         );
     }
 }
