@@ -520,6 +520,7 @@ fn forward_events(group: &Arc<PrimaryGroup>, qmp: &Arc<QmpServer>) {
                     PrimaryEvent::ResyncFailed { error } => {
                         qmp.emit("RESYNC_FAILED", json!({"disk": name, "error": error}));
                     }
+                    _ => {}
                 }
             }
         });

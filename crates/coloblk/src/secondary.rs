@@ -160,7 +160,10 @@ impl Group for SecondaryGroup {
         // counter is better than a double count, and a failed checkpoint is an error anyway.
         self.disks.iter().for_each(Disk::close_epoch);
         let t = Instant::now();
-        self.group.checkpoint().await.map_err(|e| e.to_string())?;
+        self.group
+            .checkpoint(false)
+            .await
+            .map_err(|e| e.to_string())?;
         let ms = t.elapsed().as_secs_f64() * 1000.0;
         metrics::histogram!("coloblk_checkpoint_seconds").record(ms / 1000.0);
         let now = std::time::SystemTime::now()

@@ -1,10 +1,13 @@
-//! Errors of the replication control operations (start, checkpoint, get_error, stop).
+//! Errors of the replication control operations (start, checkpoint, get_error, stop), for
+//! both roles.
 //!
 //! Where QEMU has an error for the same situation, the message is QEMU's, verbatim: management
 //! software (COLO scripts, libvirt-like tools) matches on these strings, and the QMP layer
 //! passes them on as `desc`. I/O errors of the data paths are [`BlockError`]s instead.
 
 use blockdev::BlockError;
+
+use crate::Stage;
 
 /// Why a replication control operation failed.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -47,6 +50,37 @@ pub enum ReplicationError {
     /// The internal overlay store could not be created.
     #[error("cannot create the overlay store")]
     Store(#[source] BlockError),
+    /// Primary: `start` before a link to the secondary was set.
+    #[error("no secondary link is set: connect to the secondary first")]
+    NoLink,
+    /// Primary: the secondary's disk has another length.
+    #[error("disk lengths differ: the primary disk has {local} bytes, the secondary {remote}")]
+    DiskLengthMismatch {
+        /// The primary disk's length.
+        local: u64,
+        /// The secondary disk's length.
+        remote: u64,
+    },
+    /// Primary: a forward failed since start (the sticky error); `force` overrides it.
+    #[error(
+        "checkpoint refused: forwarding failed earlier ({0}); the secondary may be missing writes"
+    )]
+    DrainFailed(String),
+    /// Primary: a checkpoint needs a running node (before start and after stop, writes are
+    /// only recorded as dirty).
+    #[error("checkpoint refused: replication is not running (stage {0}); start it first")]
+    NotStarted(Stage),
+    /// Primary: a checkpoint needs the secondary reachable.
+    #[error("checkpoint refused: the secondary link is down; the secondary may be missing writes")]
+    LinkDown,
+    /// Primary: a checkpoint needs every write on the secondary.
+    #[error(
+        "checkpoint refused: {bytes} bytes are not yet on the secondary (the resync is copying them)"
+    )]
+    Unsynced {
+        /// Bytes the resync has yet to copy.
+        bytes: u64,
+    },
 }
 
 impl PartialEq for ReplicationError {

@@ -7,10 +7,12 @@
 //! - `start`: every member is validated first (stage, mode, lengths, emptiable overlays);
 //!   nothing is changed unless all pass. If a member then fails to start, the members this
 //!   call started are returned to NONE (overlays discarded) before the error is returned.
-//! - `checkpoint`: every member is validated first (stage, sticky error); nothing is emptied
-//!   unless all pass. After that a member's checkpoint can only fail to give space back, and
-//!   by then its view has been reset, so every member is still checkpointed and the first
-//!   such error is returned.
+//! - `checkpoint`: every member is validated first (secondary: stage, sticky error; primary:
+//!   running, link up, nothing dirty); nothing is emptied or drained unless all pass. After
+//!   that a secondary member's checkpoint can only fail to give space back (its view has been
+//!   reset by then) and a primary's drain can fail (a forward failing meanwhile), so every
+//!   member is still checkpointed and the first error is returned: the group's checkpoint then
+//!   failed, and says which member.
 //! - `get_error`: every member is asked; the first error is returned.
 //! - `stop`: every member is stopped even if one fails (a failover must reach every disk);
 //!   the first error is returned.
@@ -20,26 +22,34 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use tokio::sync::broadcast;
 
-use crate::error::ReplicationError;
+use crate::primary::PrimaryNode;
 use crate::secondary::SecondaryNode;
-use crate::stage::{Mode, Stage};
+use crate::{Mode, ReplicationError, ReplicationEvent, Stage};
 
-/// The control surface of one replication node (QEMU's `ReplicationOps`), plus the
-/// validation steps a group needs for all-or-nothing operations.
+/// The control surface of one replication node of either role (QEMU's `ReplicationOps`), plus
+/// the validation steps a group needs for all-or-nothing operations.
 #[async_trait]
 pub trait Replication: Send + Sync {
+    /// Where the node is in the stage machine.
     fn stage(&self) -> Stage;
     /// Checks that `start(mode)` would pass its checks, changing nothing.
     fn validate_start(&self, mode: Mode) -> Result<(), ReplicationError>;
+    /// QEMU's `replication_start`.
     async fn start(&self, mode: Mode) -> Result<(), ReplicationError>;
     /// Returns a node this group just started to NONE.
     async fn undo_start(&self) -> Result<(), ReplicationError>;
-    /// Checks that `checkpoint()` would pass its checks, changing nothing.
-    fn validate_checkpoint(&self) -> Result<(), ReplicationError>;
-    async fn checkpoint(&self) -> Result<(), ReplicationError>;
+    /// Checks that `checkpoint(force)` would pass its checks, changing nothing.
+    fn validate_checkpoint(&self, force: bool) -> Result<(), ReplicationError>;
+    /// QEMU's `replication_do_checkpoint`; `force` overrides a sticky error, nothing else.
+    async fn checkpoint(&self, force: bool) -> Result<(), ReplicationError>;
+    /// QEMU's `replication_get_error`.
     fn get_error(&self) -> Result<(), ReplicationError>;
+    /// QEMU's `replication_stop`.
     async fn stop(&self, failover: bool) -> Result<(), ReplicationError>;
+    /// The node's events.
+    fn events(&self) -> broadcast::Receiver<ReplicationEvent>;
 }
 
 #[async_trait]
@@ -56,10 +66,17 @@ impl Replication for SecondaryNode {
     async fn undo_start(&self) -> Result<(), ReplicationError> {
         SecondaryNode::undo_start(self).await
     }
-    fn validate_checkpoint(&self) -> Result<(), ReplicationError> {
-        SecondaryNode::validate_checkpoint(self)
+    fn validate_checkpoint(&self, force: bool) -> Result<(), ReplicationError> {
+        match SecondaryNode::validate_checkpoint(self) {
+            // Only the sticky error gives way to force.
+            Err(ReplicationError::IoError) if force && self.stage() == Stage::Running => Ok(()),
+            r => r,
+        }
     }
-    async fn checkpoint(&self) -> Result<(), ReplicationError> {
+    async fn checkpoint(&self, force: bool) -> Result<(), ReplicationError> {
+        if force {
+            self.clear_error();
+        }
         SecondaryNode::checkpoint(self).await
     }
     fn get_error(&self) -> Result<(), ReplicationError> {
@@ -67,6 +84,41 @@ impl Replication for SecondaryNode {
     }
     async fn stop(&self, failover: bool) -> Result<(), ReplicationError> {
         SecondaryNode::stop(self, failover).await
+    }
+    fn events(&self) -> broadcast::Receiver<ReplicationEvent> {
+        SecondaryNode::events(self)
+    }
+}
+
+#[async_trait]
+impl Replication for PrimaryNode {
+    fn stage(&self) -> Stage {
+        PrimaryNode::stage(self)
+    }
+    fn validate_start(&self, mode: Mode) -> Result<(), ReplicationError> {
+        PrimaryNode::validate_start(self, mode)
+    }
+    async fn start(&self, mode: Mode) -> Result<(), ReplicationError> {
+        PrimaryNode::start(self, mode)
+    }
+    async fn undo_start(&self) -> Result<(), ReplicationError> {
+        self.reset_to_none();
+        Ok(())
+    }
+    fn validate_checkpoint(&self, _force: bool) -> Result<(), ReplicationError> {
+        self.protected()
+    }
+    async fn checkpoint(&self, force: bool) -> Result<(), ReplicationError> {
+        PrimaryNode::checkpoint(self, force).await
+    }
+    fn get_error(&self) -> Result<(), ReplicationError> {
+        PrimaryNode::get_error(self)
+    }
+    async fn stop(&self, failover: bool) -> Result<(), ReplicationError> {
+        PrimaryNode::stop(self, failover).await
+    }
+    fn events(&self) -> broadcast::Receiver<ReplicationEvent> {
+        PrimaryNode::events(self)
     }
 }
 
@@ -153,17 +205,29 @@ impl ReplicationGroup {
     }
 
     /// Checkpoints every member, or none (see the module docs).
-    pub async fn checkpoint(&self) -> Result<(), GroupError> {
-        for (name, m) in &self.members {
-            m.validate_checkpoint().map_err(|e| Self::fail(name, e))?;
-        }
+    pub async fn checkpoint(&self, force: bool) -> Result<(), GroupError> {
+        self.validate_checkpoint(force)?;
         let mut first = None;
         for (name, m) in &self.members {
-            if let Err(e) = m.checkpoint().await {
+            if let Err(e) = m.checkpoint(force).await {
                 first.get_or_insert_with(|| Self::fail(name, e));
             }
         }
         first.map_or(Ok(()), Err)
+    }
+
+    /// Checks that [`checkpoint`](Self::checkpoint) would pass every member's checks.
+    pub fn validate_checkpoint(&self, force: bool) -> Result<(), GroupError> {
+        for (name, m) in &self.members {
+            m.validate_checkpoint(force)
+                .map_err(|e| Self::fail(name, e))?;
+        }
+        Ok(())
+    }
+
+    /// Every member's stage, in visiting order.
+    pub fn stages(&self) -> impl Iterator<Item = (&str, Stage)> {
+        self.members.iter().map(|(n, m)| (n.as_str(), m.stage()))
     }
 
     /// The first member error, if any.

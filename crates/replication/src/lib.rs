@@ -2,13 +2,15 @@
 
 #![forbid(unsafe_code)]
 
-pub mod error;
+mod error;
+mod events;
 pub mod group;
 pub mod primary;
 pub mod secondary;
-pub mod stage;
+mod stage;
 
 pub use error::ReplicationError;
+pub use events::ReplicationEvent;
 pub use group::{GroupError, Replication, ReplicationGroup};
 pub use secondary::{SecondaryConfig, SecondaryNode};
 pub use stage::{Mode, Stage};

@@ -90,7 +90,7 @@ async fn group_checkpoint_validates_every_member_before_emptying_any() {
     Faulty::set(&disk.fail_reads, false);
 
     assert_eq!(g.get_error().unwrap_err().member, "disk1");
-    let e = g.checkpoint().await.unwrap_err();
+    let e = g.checkpoint(false).await.unwrap_err();
     assert_eq!(
         (e.member.as_str(), e.to_string().as_str()),
         ("disk1", "I/O error occurred")
@@ -109,7 +109,7 @@ async fn group_checkpoint_and_get_error_when_healthy() {
         "Block replication is not running"
     );
     assert_eq!(
-        g.checkpoint().await.unwrap_err().to_string(),
+        g.checkpoint(false).await.unwrap_err().to_string(),
         "Backup job was cancelled unexpectedly"
     );
     g.start(Mode::Secondary).await.unwrap();
@@ -117,7 +117,7 @@ async fn group_checkpoint_and_get_error_when_healthy() {
         fill(&n.replica(), 0, K, 0x01).await;
     }
     g.get_error().unwrap();
-    g.checkpoint().await.unwrap();
+    g.checkpoint(false).await.unwrap();
     for n in &nodes {
         expect(&n.top(), 0, K, 0x01).await;
     }
@@ -141,7 +141,7 @@ async fn group_failover_reaches_every_member_and_then_ignores_control() {
     }
     // Continuous replication: everything is a no-op now.
     g.start(Mode::Primary).await.unwrap();
-    g.checkpoint().await.unwrap();
+    g.checkpoint(false).await.unwrap();
     g.stop(true).await.unwrap();
 }
 

@@ -43,7 +43,7 @@ use range_lock::RangeLock;
 pub use resync::ResyncStatus;
 use resync::{Job, ResyncState};
 
-use crate::{Mode, ReplicationError, Stage};
+use crate::{Mode, ReplicationError, ReplicationEvent, Stage};
 
 /// When a VM write completes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -109,61 +109,11 @@ impl Default for PrimaryConfig {
     }
 }
 
-/// Errors of the control operations: QEMU's (with QEMU's texts) and the primary's own.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
-pub enum PrimaryError {
-    #[error(transparent)]
-    Replication(#[from] ReplicationError),
-    #[error("no secondary link is set: connect to the secondary first")]
-    NoLink,
-    #[error("disk lengths differ: the primary disk has {local} bytes, the secondary {remote}")]
-    LengthMismatch { local: u64, remote: u64 },
-    #[error(
-        "checkpoint refused: forwarding failed earlier ({0}); the secondary may be missing writes"
-    )]
-    DrainFailed(String),
-    /// A checkpoint needs a running node: before start and after stop, writes are only
-    /// recorded as dirty.
-    #[error("checkpoint refused: replication is not running (stage {0}); start it first")]
-    NotStarted(Stage),
-    /// A checkpoint needs the secondary reachable.
-    #[error("checkpoint refused: the secondary link is down; the secondary may be missing writes")]
-    LinkDown,
-    /// A checkpoint needs every write on the secondary.
-    #[error(
-        "checkpoint refused: {bytes} bytes are not yet on the secondary (the resync is copying them)"
-    )]
-    Unsynced {
-        /// Bytes the resync has yet to copy.
-        bytes: u64,
-    },
-}
+/// The primary's control errors: [`ReplicationError`], whose variants cover both roles.
+pub type PrimaryError = ReplicationError;
 
-/// Something operators should hear about.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum PrimaryEvent {
-    ForwardFailed {
-        offset: u64,
-        len: u64,
-        error: String,
-    },
-    LinkLost {
-        reason: String,
-    },
-    /// A resync job began with this many dirty bytes.
-    ResyncStarted {
-        bytes: u64,
-    },
-    /// The resync copied everything dirty: `bytes` copied, `sent` of them as payload.
-    ResyncDone {
-        bytes: u64,
-        sent: u64,
-    },
-    /// The resync cannot go on (a local read failed); it retries.
-    ResyncFailed {
-        error: String,
-    },
-}
+/// The primary's events: [`ReplicationEvent`], whose variants cover both roles.
+pub type PrimaryEvent = ReplicationEvent;
 
 /// A snapshot for status displays and metrics.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -258,7 +208,7 @@ impl PrimaryNode {
     pub fn set_link(&self, link: Arc<dyn BlockDev>) -> Result<(), PrimaryError> {
         let (local, remote) = (self.inner.local.len(), link.len());
         if local != remote {
-            return Err(PrimaryError::LengthMismatch { local, remote });
+            return Err(PrimaryError::DiskLengthMismatch { local, remote });
         }
         *self.inner.shared.link.lock() = Some(link);
         self.inner.shared.link_down.store(false, Ordering::SeqCst);
@@ -317,20 +267,33 @@ impl PrimaryNode {
         match *stage {
             Stage::None | Stage::Done => {}
             Stage::Running | Stage::Failover | Stage::FailoverFailed => {
-                return Err(ReplicationError::RunningOrDone.into());
+                return Err(ReplicationError::RunningOrDone);
             }
         }
-        if mode != Mode::Primary {
-            let (needs, got) = (Mode::Primary.number(), mode.number());
-            return Err(ReplicationError::InvalidMode { needs, got }.into());
-        }
-        if self.inner.shared.link.lock().is_none() {
-            return Err(PrimaryError::NoLink);
-        }
+        self.check_start_mode(mode)?;
         *self.inner.shared.error.lock() = None;
         *stage = Stage::Running;
         drop(stage);
         self.inner.resync.kick();
+        Ok(())
+    }
+
+    /// Checks what [`start`](Self::start) checks, changing nothing.
+    pub fn validate_start(&self, mode: Mode) -> Result<(), PrimaryError> {
+        match self.stage() {
+            Stage::None | Stage::Done => self.check_start_mode(mode),
+            _ => Err(ReplicationError::RunningOrDone),
+        }
+    }
+
+    fn check_start_mode(&self, mode: Mode) -> Result<(), PrimaryError> {
+        if mode != Mode::Primary {
+            let (needs, got) = (Mode::Primary.number(), mode.number());
+            return Err(ReplicationError::InvalidMode { needs, got });
+        }
+        if self.inner.shared.link.lock().is_none() {
+            return Err(PrimaryError::NoLink);
+        }
         Ok(())
     }
 
@@ -347,10 +310,10 @@ impl PrimaryNode {
     /// `replication_get_error`.
     pub fn get_error(&self) -> Result<(), PrimaryError> {
         if self.stage() == Stage::None {
-            return Err(ReplicationError::NotRunning.into());
+            return Err(ReplicationError::NotRunning);
         }
         match self.inner.shared.error.lock().is_some() {
-            true => Err(ReplicationError::IoError.into()),
+            true => Err(ReplicationError::IoError),
             false => Ok(()),
         }
     }
@@ -389,7 +352,7 @@ impl PrimaryNode {
     /// still queued are drained first, best effort, so a clean stop loses nothing in flight.
     pub async fn stop(&self, _failover: bool) -> Result<(), PrimaryError> {
         match self.stage() {
-            Stage::None | Stage::FailoverFailed => return Err(ReplicationError::NotRunning.into()),
+            Stage::None | Stage::FailoverFailed => return Err(ReplicationError::NotRunning),
             Stage::Done | Stage::Failover => return Ok(()),
             Stage::Running => {}
         }

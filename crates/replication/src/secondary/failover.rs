@@ -27,7 +27,7 @@ use bytes::BytesMut;
 
 use super::hidden::Preserved;
 use super::piece::{Piece, coalesce, read_pieces, runs};
-use super::{Node, Stage};
+use super::{Node, ReplicationEvent, Stage};
 
 /// Bytes merged per batch (one disk write when the batch is fully held by the overlays).
 const MERGE_CHUNK: u64 = 4 << 20;
@@ -113,11 +113,16 @@ async fn run(node: Arc<Node>, todo: Vec<u64>) {
             node.status.lock().error = None;
             node.set_stage(Stage::Done);
             tracing::info!("failover done: serving the secondary disk");
+            node.emit(ReplicationEvent::FailoverDone {
+                merged: node.progress.get().total,
+            });
         }
         Err(e) => {
             tracing::error!(error = %e, "failover merge failed");
+            let error = e.to_string();
             node.status.lock().error = Some(e);
             node.set_stage(Stage::FailoverFailed);
+            node.emit(ReplicationEvent::FailoverFailed { error });
         }
     }
 }
@@ -255,6 +260,11 @@ impl Node {
             self.hidden.remove(c);
             self.progress.add(g.cluster_len(c));
         }
+        let p = self.progress.get();
+        self.emit(ReplicationEvent::FailoverProgress {
+            done: p.done,
+            total: p.total,
+        });
         Ok(())
     }
 }

@@ -44,10 +44,9 @@ use std::sync::Arc;
 
 use blockdev::{BlockDev, BlockError, ErrorKind, IoPool, Op};
 use parking_lot::Mutex;
-use tokio::sync::{RwLock, watch};
+use tokio::sync::{RwLock, broadcast, watch};
 
-pub use crate::error::ReplicationError;
-pub use crate::stage::{Mode, Stage};
+use crate::{Mode, ReplicationError, ReplicationEvent, Stage};
 pub use failover::FailoverProgress;
 pub use geometry::{DEFAULT_CLUSTER_SIZE, MAX_CLUSTER_SIZE, MIN_CLUSTER_SIZE};
 pub use overlay::{DevOverlay, Overlay};
@@ -134,9 +133,14 @@ pub(crate) struct Node {
     status: Mutex<Status>,
     stage_tx: watch::Sender<Stage>,
     progress: Progress,
+    events: broadcast::Sender<ReplicationEvent>,
 }
 
 impl Node {
+    fn emit(&self, event: ReplicationEvent) {
+        let _ = self.events.send(event);
+    }
+
     fn stage(&self) -> Stage {
         self.status.lock().stage
     }
@@ -153,9 +157,18 @@ impl Node {
     /// Makes `e` the sticky error (the first one is kept: it is the cause).
     fn set_error(&self, e: &BlockError) {
         tracing::warn!(error = %e, "secondary replication error");
-        let mut st = self.status.lock();
-        if st.error.is_none() {
-            st.error = Some(e.clone());
+        let first = {
+            let mut st = self.status.lock();
+            let first = st.error.is_none();
+            if first {
+                st.error = Some(e.clone());
+            }
+            first
+        };
+        if first {
+            self.emit(ReplicationEvent::Error {
+                error: e.to_string(),
+            });
         }
     }
 
@@ -206,6 +219,7 @@ impl SecondaryNode {
     ) -> Result<Self, ReplicationError> {
         let geo = Geometry::new(disk.len(), cluster_size)?;
         let (stage_tx, _) = watch::channel(Stage::None);
+        let (events, _) = broadcast::channel(256);
         Ok(SecondaryNode {
             node: Arc::new(Node {
                 geo,
@@ -221,6 +235,7 @@ impl SecondaryNode {
                 }),
                 stage_tx,
                 progress: Progress::default(),
+                events,
             }),
         })
     }
@@ -263,6 +278,11 @@ impl SecondaryNode {
         if st.stage != Stage::FailoverFailed {
             st.error = None;
         }
+    }
+
+    /// Subscribes to the node's events (errors, failover progress and end).
+    pub fn events(&self) -> broadcast::Receiver<ReplicationEvent> {
+        self.node.events.subscribe()
     }
 
     /// Merge progress of the current (or last) failover.
