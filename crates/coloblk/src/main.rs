@@ -4,14 +4,11 @@
 
 #![forbid(unsafe_code)]
 
+mod cli;
 mod control;
-mod ctl;
-mod demo;
+mod daemon;
 mod listen;
 mod metrics;
-mod primary;
-mod secondary;
-mod serve;
 
 use std::process::ExitCode;
 
@@ -42,17 +39,17 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Serve images over NBD (like qemu-nbd, several exports at once).
-    Serve(serve::ServeArgs),
+    Serve(daemon::serve::ServeArgs),
     /// Run the primary: serve the VM's disks and forward every write to the secondary.
-    Primary(primary::PrimaryArgs),
+    Primary(daemon::primary::PrimaryArgs),
     /// Run the secondary: apply the primary's writes (copy-before-write) and serve the
     /// speculative VM its overlay view; checkpoint and fail over on command.
-    Secondary(secondary::SecondaryArgs),
+    Secondary(daemon::secondary::SecondaryArgs),
     /// Talk to a running primary or secondary: status, start, checkpoint, failover, stop.
-    Ctl(ctl::CtlArgs),
+    Ctl(cli::ctl::CtlArgs),
     /// Run the whole story on this machine: a secondary and a primary as real processes, a
     /// workload, a checkpoint, a killed primary, a failover, with checks and timings.
-    Demo(demo::DemoArgs),
+    Demo(cli::demo::DemoArgs),
 }
 
 fn main() -> ExitCode {
@@ -84,11 +81,11 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Serve(args) => serve::run(args).await,
-            Command::Primary(args) => primary::run(args).await,
-            Command::Secondary(args) => secondary::run(args).await,
-            Command::Ctl(args) => Ok(ExitCode::from(ctl::run(args).await)),
-            Command::Demo(args) => demo::run(args).await,
+            Command::Serve(args) => daemon::serve::run(args).await,
+            Command::Primary(args) => daemon::primary::run(args).await,
+            Command::Secondary(args) => daemon::secondary::run(args).await,
+            Command::Ctl(args) => Ok(ExitCode::from(cli::ctl::run(args).await)),
+            Command::Demo(args) => cli::demo::run(args).await,
         }
     });
     match result {

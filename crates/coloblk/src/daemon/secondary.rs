@@ -4,22 +4,30 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::Context;
 use async_trait::async_trait;
 use blockdev::{IoPool, Qcow2, Qcow2Backing, Qcow2Options};
 use clap::Args;
 use nbd::addr::SocketAddr;
-use nbd::server::{Export, ExportSet, Listener, Server, ServerConfig};
+use nbd::server::{Export, ExportSet, Server, ServerConfig};
 use parking_lot::Mutex;
 use qmp::QmpServer;
 use replication::secondary::{DevOverlay, OverlayStore};
-use replication::{Mode, ReplicationGroup, SecondaryConfig, SecondaryNode, Stage};
-use serde_json::{Value, json};
+use replication::{
+    Mode, ReplicationEvent, ReplicationGroup, SecondaryConfig, SecondaryNode, Stage,
+};
+use serde_json::json;
+use tokio::sync::broadcast;
 use tracing::info;
 
-use crate::control::{self, Control, Group};
+use super::{DaemonArgs, Endpoint, Plan};
+use crate::control::status::{
+    CheckpointReply, Failover, SecondaryCheckpoint, SecondaryDisk, SecondaryStatus, Status,
+    StopReply,
+};
+use crate::control::{CheckpointRequest, ControlError, Events, Group, Role, StopRequest};
 use crate::disk_spec::DiskSpec;
 
 #[derive(Args, Debug, Clone)]
@@ -56,7 +64,7 @@ pub struct SecondaryArgs {
     pub cluster_size: u64,
 
     #[command(flatten)]
-    pub daemon: crate::control::DaemonArgs,
+    pub daemon: DaemonArgs,
 }
 
 struct Disk {
@@ -95,14 +103,14 @@ impl Disk {
 pub struct SecondaryGroup {
     disks: Vec<Disk>,
     group: ReplicationGroup,
-    last: Mutex<Option<(u128, f64)>>,
-    events: control::Events,
+    last: Mutex<Option<SecondaryCheckpoint>>,
+    events: Events,
     /// Names the buffer the primary's writes go into: changes at every start and checkpoint,
     /// and starts at a random value, so that a coordinated checkpoint can tell that the
     /// buffer it drained into is the one emptied (not one of a restarted daemon).
     epoch: AtomicU64,
     /// A failover was asked for: checkpoints are refused from now on.
-    failed_over: AtomicBool,
+    failed_over: Arc<AtomicBool>,
     /// Control operations run one at a time (a failover must not land inside a checkpoint).
     ops: tokio::sync::Mutex<()>,
 }
@@ -118,19 +126,19 @@ fn first_epoch() -> u64 {
 
 #[async_trait]
 impl Group for SecondaryGroup {
-    fn role(&self) -> &'static str {
-        "secondary"
+    fn role(&self) -> Role {
+        Role::Secondary
     }
 
-    async fn start(&self, mode: Mode) -> Result<(), String> {
+    async fn start(&self, mode: Mode) -> Result<(), ControlError> {
         let _ops = self.ops.lock().await;
-        self.group.start(mode).await.map_err(|e| e.to_string())?;
+        self.group.start(mode).await?;
         self.epoch.fetch_add(1, Ordering::SeqCst);
         info!("replication started on {} disk(s)", self.disks.len());
         Ok(())
     }
 
-    async fn checkpoint(&self, req: control::CheckpointRequest) -> Result<Value, String> {
+    async fn checkpoint(&self, req: CheckpointRequest) -> Result<CheckpointReply, ControlError> {
         let _ops = self.ops.lock().await;
         let finished = self
             .disks
@@ -138,53 +146,59 @@ impl Group for SecondaryGroup {
             .any(|d| matches!(d.node.stage(), Stage::Failover | Stage::Done));
         // QEMU answers a checkpoint after failover with success; our own command says so.
         if finished && !req.qemu {
-            return Err(if self.failed_over.load(Ordering::SeqCst) {
-                "checkpoint refused: already failed over, there is no buffer to empty".into()
-            } else {
-                "checkpoint refused: replication is stopped, there is no buffer to empty".into()
-            });
+            return Err(ControlError::Refused(
+                if self.failed_over.load(Ordering::SeqCst) {
+                    "checkpoint refused: already failed over, there is no buffer to empty"
+                } else {
+                    "checkpoint refused: replication is stopped, there is no buffer to empty"
+                }
+                .into(),
+            ));
         }
         let epoch = self.epoch.load(Ordering::SeqCst);
         if let Some(drained) = req.epoch
             && drained != epoch
         {
-            return Err(format!(
+            return Err(ControlError::Refused(format!(
                 "checkpoint refused: the primary drained into epoch {drained}, but this \
                  secondary is in epoch {epoch} (it restarted or checkpointed meanwhile)"
-            ));
-        }
-        if req.force {
-            self.disks.iter().for_each(|d| d.node.clear_error());
+            )));
         }
         // Copies counted now could be missed if the checkpoint then fails; an undercount of a
         // counter is better than a double count, and a failed checkpoint is an error anyway.
+        self.group.validate_checkpoint(req.force)?;
         self.disks.iter().for_each(Disk::close_epoch);
         let t = Instant::now();
-        self.group
-            .checkpoint(false)
-            .await
-            .map_err(|e| e.to_string())?;
+        self.group.checkpoint(req.force).await?;
         let ms = t.elapsed().as_secs_f64() * 1000.0;
         metrics::histogram!("coloblk_checkpoint_seconds").record(ms / 1000.0);
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default();
-        *self.last.lock() = Some((now.as_millis(), ms));
+        *self.last.lock() = Some(SecondaryCheckpoint {
+            time_unix_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_millis() as u64,
+            duration_ms: ms,
+        });
         let epoch = if finished {
             epoch
         } else {
             self.epoch.fetch_add(1, Ordering::SeqCst) + 1
         };
-        let reply = json!({"duration-ms": ms, "epoch": epoch});
-        self.events.emit("REPLICATION_CHECKPOINT", reply.clone());
+        let reply = CheckpointReply {
+            duration_ms: Some(ms),
+            epoch: Some(epoch),
+            ..Default::default()
+        };
+        let data = serde_json::to_value(reply).expect("replies always serialise");
+        self.events.emit("REPLICATION_CHECKPOINT", data);
         Ok(reply)
     }
 
-    fn get_error(&self) -> Result<(), String> {
-        self.group.get_error().map_err(|e| e.to_string())
+    fn get_error(&self) -> Result<(), ControlError> {
+        Ok(self.group.get_error()?)
     }
 
-    async fn stop(&self, req: control::StopRequest) -> Result<Value, String> {
+    async fn stop(&self, req: StopRequest) -> Result<StopReply, ControlError> {
         let _ops = self.ops.lock().await;
         let failover = req.failover;
         // A failover that failed is retried; one that runs or ran has nothing left to do.
@@ -193,67 +207,91 @@ impl Group for SecondaryGroup {
             .iter()
             .all(|d| matches!(d.node.stage(), Stage::Failover | Stage::Done));
         if failover && merging_or_merged && self.failed_over.load(Ordering::SeqCst) && !req.qemu {
-            return Ok(json!({"note": "already failed over: nothing to do"}));
+            return Ok(StopReply {
+                note: Some("already failed over: nothing to do".into()),
+            });
         }
         for d in &self.disks {
             if d.node.stage() == Stage::Running {
                 d.close_epoch();
-                d.stopped.store(true, std::sync::atomic::Ordering::Relaxed);
+                d.stopped.store(true, Ordering::Relaxed);
             }
         }
-        self.group.stop(failover).await.map_err(|e| e.to_string())?;
+        let will_merge = failover
+            && self
+                .disks
+                .iter()
+                .all(|d| matches!(d.node.stage(), Stage::Running | Stage::FailoverFailed));
+        if will_merge {
+            // Raised before the merge starts, so it comes before the merge's own events.
+            self.events.emit("FAILOVER_STARTED", json!({}));
+        }
+        self.group.stop(failover).await?;
         if failover {
             self.failed_over.store(true, Ordering::SeqCst);
-            self.events.emit("FAILOVER_STARTED", json!({}));
-            // The merge runs in the background: report each disk's end exactly, however fast
-            // it was (a polling watcher could miss a merge shorter than its period).
-            let qmp = self.events.server();
-            for d in &self.disks {
-                let (node, name, qmp) = (d.node.clone(), d.name.clone(), qmp.clone());
-                tokio::spawn(async move {
-                    let result = node.wait_failover().await;
-                    let Some(qmp) = qmp else { return };
-                    match result {
-                        Ok(()) => qmp.emit(
-                            "FAILOVER_DONE",
-                            json!({"disk": name, "merged-bytes": node.failover_progress().total}),
-                        ),
-                        Err(_) => qmp.emit(
-                            "FAILOVER_FAILED",
-                            json!({"disk": name, "error": node.status().error}),
-                        ),
-                    }
-                });
-            }
         }
-        Ok(json!({}))
+        Ok(StopReply::default())
     }
 
-    fn status(&self) -> Value {
-        let disks: Vec<Value> = self
+    fn status(&self) -> Status {
+        let disks = self
             .disks
             .iter()
             .map(|d| {
                 let s = d.node.status();
-                json!({
-                    "name": d.name,
-                    "stage": s.stage.as_str(),
-                    "error": s.error,
-                    "cluster-size": s.cluster_size,
-                    "active-bytes": s.active_clusters as u64 * s.cluster_size,
-                    "hidden-bytes": s.hidden_clusters as u64 * s.cluster_size,
-                    "cbw-copies": d.cbw_copies(),
-                    "failover": {"done-bytes": s.failover.done, "total-bytes": s.failover.total},
-                })
+                SecondaryDisk {
+                    name: d.name.clone(),
+                    stage: s.stage.as_str().into(),
+                    error: s.error,
+                    cluster_size: s.cluster_size,
+                    active_bytes: s.active_clusters as u64 * s.cluster_size,
+                    hidden_bytes: s.hidden_clusters as u64 * s.cluster_size,
+                    cbw_copies: d.cbw_copies(),
+                    failover: Failover {
+                        done_bytes: s.failover.done,
+                        total_bytes: s.failover.total,
+                    },
+                }
             })
             .collect();
-        let last = *self.last.lock();
-        json!({
-            "role": "secondary",
-            "epoch": self.epoch.load(Ordering::SeqCst),
-            "disks": disks,
-            "last-checkpoint": last.map(|(at, ms)| json!({"time-unix-ms": at as u64, "duration-ms": ms})),
+        Status::Secondary(SecondaryStatus {
+            epoch: self.epoch.load(Ordering::SeqCst),
+            disks,
+            last_checkpoint: *self.last.lock(),
         })
+    }
+
+    fn events(&self) -> Vec<(String, broadcast::Receiver<ReplicationEvent>)> {
+        self.disks
+            .iter()
+            .map(|d| (d.name.clone(), d.node.events()))
+            .collect()
+    }
+
+    fn attach(&self, server: Arc<QmpServer>) {
+        self.events.attach(server);
+    }
+
+    fn refresh_metrics(&self) {
+        for d in &self.disks {
+            let s = d.node.status();
+            let n = d.name.clone();
+            metrics::gauge!("coloblk_active_bytes", "disk" => n.clone())
+                .set((s.active_clusters as u64 * s.cluster_size) as f64);
+            metrics::gauge!("coloblk_hidden_bytes", "disk" => n.clone())
+                .set((s.hidden_clusters as u64 * s.cluster_size) as f64);
+            metrics::counter!("coloblk_cbw_copies_total", "disk" => n.clone())
+                .absolute(d.cbw_copies());
+            metrics::gauge!("coloblk_failover_done_bytes", "disk" => n.clone())
+                .set(s.failover.done as f64);
+            metrics::gauge!("coloblk_failover_total_bytes", "disk" => n.clone())
+                .set(s.failover.total as f64);
+            metrics::gauge!("coloblk_replication_error", "disk" => n).set(if s.error.is_some() {
+                1.0
+            } else {
+                0.0
+            });
+        }
     }
 }
 
@@ -317,7 +355,18 @@ fn build_node(
     }
 }
 
+/// Runs `coloblk secondary` until SIGTERM.
 pub async fn run(args: SecondaryArgs) -> anyhow::Result<std::process::ExitCode> {
+    crate::disk_spec::unique_names(&args.disks)?;
+    super::run(args.daemon.metrics.as_ref(), async |pool: &IoPool| {
+        open(&args, pool).await
+    })
+    .await
+}
+
+/// Opens the disks and builds the replica exports (for the primary) and the top exports (for
+/// the speculative VM).
+async fn open(args: &SecondaryArgs, pool: &IoPool) -> anyhow::Result<Plan> {
     let replica_listen = args
         .replica_listen
         .clone()
@@ -326,23 +375,10 @@ pub async fn run(args: SecondaryArgs) -> anyhow::Result<std::process::ExitCode> 
         .export_listen
         .clone()
         .context("--export-listen is required")?;
-    let control_addr = args
-        .daemon
-        .control
-        .clone()
-        .context("--control is required")?;
-    let metrics_handle = args
-        .daemon
-        .metrics
-        .as_ref()
-        .map(|_| crate::metrics::install())
-        .transpose()?;
-    crate::disk_spec::unique_names(&args.disks)?;
-    let pool = IoPool::default();
     let mut disks: Vec<Disk> = Vec::new();
     let mut group = ReplicationGroup::new();
     for spec in &args.disks {
-        let node = build_node(spec, &args, &pool)?;
+        let node = build_node(spec, args, pool)?;
         group.add(spec.name.clone(), Arc::new(node.clone()));
         info!(disk = %spec.name, path = %spec.path.display(), len = node.disk().len(), "disk ready");
         disks.push(Disk {
@@ -352,132 +388,39 @@ pub async fn run(args: SecondaryArgs) -> anyhow::Result<std::process::ExitCode> 
             stopped: false.into(),
         });
     }
+    let replica_exports = ExportSet::new();
+    let top_exports = ExportSet::new();
+    for d in &disks {
+        replica_exports.add(Export::new(d.name.clone(), Arc::new(d.node.replica())));
+        top_exports.add(Export::new(d.name.clone(), Arc::new(d.node.top())));
+    }
+    let failed_over = Arc::new(AtomicBool::new(false));
     let group = Arc::new(SecondaryGroup {
         disks,
         group,
         last: Mutex::new(None),
-        events: control::Events::default(),
+        events: Events::default(),
         epoch: AtomicU64::new(first_epoch()),
-        failed_over: AtomicBool::new(false),
+        failed_over: failed_over.clone(),
         ops: tokio::sync::Mutex::new(()),
     });
-    let qmp_server = QmpServer::new(
-        Arc::new(Control {
-            group: group.clone(),
-        }),
-        "coloblk secondary",
+    let mut replica = Endpoint::new(
+        "the primary",
+        replica_listen,
+        Server::new(replica_exports, ServerConfig::default()),
     );
-    group.events.attach(qmp_server.clone());
-    watch_nodes(&group, &qmp_server);
-
-    let replica_exports = ExportSet::new();
-    let top_exports = ExportSet::new();
-    for d in &group.disks {
-        replica_exports.add(Export::new(d.name.clone(), Arc::new(d.node.replica())));
-        top_exports.add(Export::new(d.name.clone(), Arc::new(d.node.top())));
-    }
-    let replica_server = Server::new(replica_exports, ServerConfig::default());
-    let top_server = Server::new(top_exports, ServerConfig::default());
-    let replica_l = Listener::bind(&replica_listen)
-        .await
-        .with_context(|| format!("cannot listen on {replica_listen} for the primary"))?;
-    let top_l = Listener::bind(&export_listen)
-        .await
-        .with_context(|| format!("cannot listen on {export_listen} for the speculative VM"))?;
-    if args.daemon.start {
-        group
-            .start(Mode::Secondary)
-            .await
-            .map_err(|e| anyhow::anyhow!("cannot start replication: {e}"))?;
-    }
-    if let (Some(addr), Some(handle)) = (&args.daemon.metrics, metrics_handle) {
-        let g = group.clone();
-        crate::metrics::serve(addr, handle, Arc::new(move || refresh_metrics(&g))).await?;
-    }
-    // The control socket comes last: once it answers, everything else is ready.
-    crate::listen::serve(&control_addr, qmp_server).await?;
-    info!(replica = %replica_listen, view = %export_listen, "secondary listening");
-    let serving = [
-        {
-            let s = replica_server.clone();
-            tokio::spawn(async move { s.serve(replica_l).await })
-        },
-        {
-            let s = top_server.clone();
-            tokio::spawn(async move { s.serve(top_l).await })
-        },
-    ];
-    crate::serve::wait_for_signal().await?;
-    info!("shutting down: finishing requests, flushing");
-    replica_server.shutdown();
-    top_server.shutdown();
-    for s in serving {
-        s.await.context("listener task failed")??;
-    }
-    // Both are flushed whatever the other's outcome. After a failover the replica export is
-    // fenced (the old primary may no longer write), so its flush failing is expected there;
-    // the top export then serves the VM and its flush is the one that matters.
-    let replica = replica_server.finish().await;
-    let top = top_server.finish().await;
-    let failed_over = group.failed_over.load(Ordering::SeqCst);
-    match replica {
-        Err(e) if failed_over => info!("replica export after failover: {e}"),
-        r => r.context("final flush of the secondary disks failed")?,
-    }
-    top.context("final flush of the VM's view failed")?;
-    info!("stopped cleanly");
-    Ok(std::process::ExitCode::SUCCESS)
-}
-
-/// Watches every node for errors and failover progress and raises QMP events (the end of a
-/// failover is reported by `stop` itself).
-fn watch_nodes(group: &Arc<SecondaryGroup>, qmp: &Arc<QmpServer>) {
-    for d in &group.disks {
-        let node = d.node.clone();
-        let name = d.name.clone();
-        let qmp = qmp.clone();
-        tokio::spawn(async move {
-            let (mut last_error, mut last_done) = (None, u64::MAX);
-            loop {
-                let s = node.status();
-                if s.error != last_error {
-                    if let Some(e) = &s.error {
-                        metrics::counter!("coloblk_replication_errors_total", "disk" => name.clone()).increment(1);
-                        qmp.emit("REPLICATION_ERROR", json!({"disk": name, "error": e}));
-                    }
-                    last_error = s.error.clone();
-                }
-                if s.stage == Stage::Failover && s.failover.done != last_done {
-                    last_done = s.failover.done;
-                    qmp.emit(
-                        "FAILOVER_PROGRESS",
-                        json!({"disk": name, "done-bytes": s.failover.done, "total-bytes": s.failover.total}),
-                    );
-                }
-                let pause = if s.stage == Stage::Failover { 100 } else { 250 };
-                tokio::time::sleep(Duration::from_millis(pause)).await;
-            }
-        });
-    }
-}
-
-fn refresh_metrics(group: &SecondaryGroup) {
-    for d in &group.disks {
-        let s = d.node.status();
-        let n = d.name.clone();
-        metrics::gauge!("coloblk_active_bytes", "disk" => n.clone())
-            .set((s.active_clusters as u64 * s.cluster_size) as f64);
-        metrics::gauge!("coloblk_hidden_bytes", "disk" => n.clone())
-            .set((s.hidden_clusters as u64 * s.cluster_size) as f64);
-        metrics::counter!("coloblk_cbw_copies_total", "disk" => n.clone()).absolute(d.cbw_copies());
-        metrics::gauge!("coloblk_failover_done_bytes", "disk" => n.clone())
-            .set(s.failover.done as f64);
-        metrics::gauge!("coloblk_failover_total_bytes", "disk" => n.clone())
-            .set(s.failover.total as f64);
-        metrics::gauge!("coloblk_replication_error", "disk" => n).set(if s.error.is_some() {
-            1.0
-        } else {
-            0.0
-        });
-    }
+    // After a failover the replica export is fenced (the old primary may no longer write), so
+    // its final flush failing is expected; the top export serves the VM then, and its flush
+    // is the one that matters.
+    replica.flush_matters = Box::new(move || !failed_over.load(Ordering::SeqCst));
+    let top = Endpoint::new(
+        "the speculative VM",
+        export_listen,
+        Server::new(top_exports, ServerConfig::default()),
+    );
+    Ok(Plan {
+        name: "coloblk secondary",
+        endpoints: vec![replica, top],
+        group: Some((group, args.daemon.clone())),
+    })
 }

@@ -1,0 +1,284 @@
+//! The control socket: QMP commands (ours and QEMU's COLO ones) mapped onto a daemon's
+//! replication group, whichever role the daemon plays, with typed replies (module `status`)
+//! and typed errors.
+//!
+//! | command | effect |
+//! |---|---|
+//! | `query-replication` | status of every disk |
+//! | `replication-start` / `-checkpoint` / `-failover` / `-stop` | our clear names |
+//! | `xen-set-replication {enable, primary, failover?}` | QEMU: start or stop all |
+//! | `query-xen-replication-status` | QEMU: `{error, desc?}` |
+//! | `xen-colo-do-checkpoint` | QEMU: checkpoint all |
+//! | `x-colo-lost-heartbeat` | QEMU: fail over |
+//!
+//! A new command is a line in [`COMMANDS`] and an arm in [`Control::execute`], plus the
+//! [`Group`] method it calls if it needs a new one.
+
+mod events;
+pub mod status;
+
+use std::fmt;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use qmp::{Args, Handler, QmpError, QmpServer};
+use replication::{GroupError, Mode, ReplicationError, ReplicationEvent};
+use serde_json::{Value, json};
+use tokio::sync::broadcast;
+
+pub use events::forward_events;
+use status::{CheckpointReply, Status, StopReply};
+
+/// Which side a daemon plays.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Serves the VM and forwards its writes.
+    Primary,
+    /// Keeps the primary's disk and runs the speculative VM's view.
+    Secondary,
+}
+
+impl Role {
+    /// The replication mode of this role's nodes.
+    pub fn mode(self) -> Mode {
+        match self {
+            Role::Primary => Mode::Primary,
+            Role::Secondary => Mode::Secondary,
+        }
+    }
+}
+
+/// What a checkpoint command asked for.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CheckpointRequest {
+    /// Override a sticky error (never a down link, dirty ranges or an epoch mismatch).
+    pub force: bool,
+    /// The secondary epoch a coordinated checkpoint drained for: refused if it is not the
+    /// current one.
+    pub epoch: Option<u64>,
+    /// Asked through QEMU's command: answer as QEMU does where QEMU has an answer.
+    pub qemu: bool,
+}
+
+/// What a stop command asked for.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StopRequest {
+    /// Fail over (merge the overlays) instead of discarding them.
+    pub failover: bool,
+    /// Asked through QEMU's command: answer as QEMU does where QEMU has an answer.
+    pub qemu: bool,
+}
+
+/// Why a control command failed. The text is what the client sees as `desc`: QEMU's own words
+/// where a QEMU situation is met, plain words otherwise.
+#[derive(Debug)]
+pub enum ControlError {
+    /// A member of the replication group refused (its error alone, as QEMU prints it).
+    Group(GroupError),
+    /// One disk refused, named.
+    Disk {
+        /// The disk.
+        disk: String,
+        /// Its error.
+        error: ReplicationError,
+    },
+    /// The operation cannot be done now; the text says why.
+    Refused(String),
+    /// The primary drained, and the secondary's checkpoint then failed.
+    Peer(String),
+}
+
+impl fmt::Display for ControlError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ControlError::Group(e) => write!(f, "{e}"),
+            ControlError::Disk { disk, error } => write!(f, "disk '{disk}': {error}"),
+            ControlError::Refused(why) => f.write_str(why),
+            ControlError::Peer(why) => {
+                write!(f, "primary drained; secondary checkpoint failed: {why}")
+            }
+        }
+    }
+}
+
+impl std::error::Error for ControlError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            ControlError::Group(e) => Some(e),
+            ControlError::Disk { error, .. } => Some(error),
+            _ => None,
+        }
+    }
+}
+
+impl From<GroupError> for ControlError {
+    fn from(e: GroupError) -> Self {
+        ControlError::Group(e)
+    }
+}
+
+/// Where a group raises QMP events: the control server, once it exists (the group is built
+/// first, because the server dispatches to it).
+#[derive(Default)]
+pub struct Events(parking_lot::Mutex<Option<Arc<QmpServer>>>);
+
+impl Events {
+    /// Sends events to `server` from now on.
+    pub fn attach(&self, server: Arc<QmpServer>) {
+        *self.0.lock() = Some(server);
+    }
+
+    /// Raises an event (dropped before a server is attached).
+    pub fn emit(&self, name: &str, data: Value) {
+        if let Some(s) = self.0.lock().as_ref() {
+            s.emit(name, data);
+        }
+    }
+}
+
+/// What a daemon's disks do together.
+#[async_trait]
+pub trait Group: Send + Sync + 'static {
+    /// The daemon's role.
+    fn role(&self) -> Role;
+    /// All disks or none.
+    async fn start(&self, mode: Mode) -> Result<(), ControlError>;
+    /// All disks or none; the reply says what was done and how long it took.
+    async fn checkpoint(&self, req: CheckpointRequest) -> Result<CheckpointReply, ControlError>;
+    /// The first error of any disk (QEMU's texts).
+    fn get_error(&self) -> Result<(), ControlError>;
+    /// Stops (or fails over) every disk.
+    async fn stop(&self, req: StopRequest) -> Result<StopReply, ControlError>;
+    /// `query-replication`.
+    fn status(&self) -> Status;
+    /// Every disk's event stream, with the disk's name.
+    fn events(&self) -> Vec<(String, broadcast::Receiver<ReplicationEvent>)>;
+    /// Sends the group's own events (a checkpoint, a failover starting) to `server`.
+    fn attach(&self, server: Arc<QmpServer>);
+    /// Brings the gauges up to date before a metrics scrape.
+    fn refresh_metrics(&self);
+    /// Last words at shutdown, once the NBD servers have flushed.
+    async fn shutdown(&self) {}
+}
+
+/// Dispatches QMP commands to a [`Group`].
+pub struct Control<G: Group + ?Sized> {
+    /// The daemon's disks.
+    pub group: Arc<G>,
+}
+
+/// Every command the control socket answers (`query-commands` lists them).
+pub const COMMANDS: &[&str] = &[
+    "query-replication",
+    "replication-start",
+    "replication-checkpoint",
+    "replication-failover",
+    "replication-stop",
+    "xen-set-replication",
+    "query-xen-replication-status",
+    "xen-colo-do-checkpoint",
+    "x-colo-lost-heartbeat",
+];
+
+fn reply<T: serde::Serialize>(r: Result<T, ControlError>) -> Result<Value, QmpError> {
+    match r {
+        Ok(v) => Ok(serde_json::to_value(v).expect("replies always serialise")),
+        Err(e) => Err(QmpError::generic(e.to_string())),
+    }
+}
+
+fn empty(r: Result<(), ControlError>) -> Result<Value, QmpError> {
+    reply(r.map(|()| json!({})))
+}
+
+#[async_trait]
+impl<G: Group + ?Sized> Handler for Control<G> {
+    async fn execute(&self, name: &str, args: Args) -> Result<Value, QmpError> {
+        let g = &self.group;
+        match name {
+            "query-replication" => {
+                args.only(&[])?;
+                reply(Ok(g.status()))
+            }
+            "replication-start" => {
+                args.only(&[])?;
+                empty(g.start(g.role().mode()).await)
+            }
+            "replication-checkpoint" => {
+                args.only(&["force", "epoch"])?;
+                let req = CheckpointRequest {
+                    force: args.opt_bool("force")?.unwrap_or(false),
+                    epoch: args.opt_u64("epoch")?,
+                    qemu: false,
+                };
+                reply(g.checkpoint(req).await)
+            }
+            "replication-failover" | "x-colo-lost-heartbeat" => {
+                args.only(&[])?;
+                let req = StopRequest {
+                    failover: true,
+                    qemu: name == "x-colo-lost-heartbeat",
+                };
+                reply(g.stop(req).await)
+            }
+            "replication-stop" => {
+                args.only(&[])?;
+                let req = StopRequest {
+                    failover: false,
+                    qemu: false,
+                };
+                reply(g.stop(req).await)
+            }
+            "xen-set-replication" => {
+                args.only(&["enable", "primary", "failover"])?;
+                let enable = args.bool("enable")?;
+                let primary = args.bool("primary")?;
+                let failover = args.opt_bool("failover")?;
+                if enable {
+                    if failover.is_some() {
+                        return Err(QmpError::generic(
+                            "Parameter 'failover' is only for stopping replication",
+                        ));
+                    }
+                    let mode = if primary {
+                        Mode::Primary
+                    } else {
+                        Mode::Secondary
+                    };
+                    empty(g.start(mode).await)
+                } else {
+                    let failover = failover.unwrap_or(false);
+                    let req = StopRequest {
+                        failover,
+                        qemu: true,
+                    };
+                    match g.stop(req).await {
+                        // QEMU discards stop errors when failing over.
+                        Err(_) if failover => Ok(json!({})),
+                        r => empty(r.map(|_| ())),
+                    }
+                }
+            }
+            "query-xen-replication-status" => {
+                args.only(&[])?;
+                Ok(match g.get_error() {
+                    Ok(()) => json!({"error": false}),
+                    Err(desc) => json!({"error": true, "desc": desc.to_string()}),
+                })
+            }
+            "xen-colo-do-checkpoint" => {
+                args.only(&[])?;
+                let req = CheckpointRequest {
+                    qemu: true,
+                    ..Default::default()
+                };
+                empty(g.checkpoint(req).await.map(|_| ()))
+            }
+            _ => Err(QmpError::not_found(name)),
+        }
+    }
+
+    fn commands(&self) -> Vec<&'static str> {
+        COMMANDS.to_vec()
+    }
+}

@@ -1,0 +1,173 @@
+//! The daemons (`serve`, `primary`, `secondary`) and the one start-up sequence they share.
+//!
+//! ```text
+//!   options checked (clap, then unique names) -> metrics recorder -> disks opened (the role)
+//!     -> NBD listeners bound -> --start -> control socket + events -> metrics endpoint
+//!     -> SIGTERM/SIGINT -> servers stop, finish their requests, flush -> the role's last words
+//! ```
+//!
+//! The control socket comes after the listeners and `--start`: once it answers, the daemon is
+//! ready (scripts and tests wait for it), and a primary connecting to a secondary whose
+//! control socket answers finds the replica export listening.
+
+pub mod primary;
+pub mod secondary;
+pub mod serve;
+
+use crate::{listen, metrics};
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use blockdev::IoPool;
+use nbd::addr::SocketAddr;
+use nbd::server::{Listener, Server};
+use qmp::QmpServer;
+use tracing::info;
+
+use crate::control::{Control, Group};
+
+/// Options every replicating daemon has.
+#[derive(clap::Args, Debug, Clone)]
+pub struct DaemonArgs {
+    /// The QMP-compatible control socket: unix:PATH or tcp:HOST:PORT.
+    #[arg(long, value_name = "ADDR", required = true)]
+    pub control: Option<SocketAddr>,
+
+    /// Start replication at once (otherwise send replication-start).
+    #[arg(long)]
+    pub start: bool,
+
+    /// Prometheus metrics endpoint: tcp:HOST:PORT (or unix:PATH).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<SocketAddr>,
+}
+
+/// One NBD server of a daemon and where it listens.
+pub struct Endpoint {
+    /// Who connects, for messages ("the VM", "the primary").
+    pub who: &'static str,
+    /// Where.
+    pub addr: SocketAddr,
+    /// The server.
+    pub server: Arc<Server>,
+    /// Whether a failed final flush fails the shutdown (not for an export fenced on purpose).
+    pub flush_matters: Box<dyn Fn() -> bool + Send + Sync>,
+}
+
+impl Endpoint {
+    /// An endpoint whose final flush always matters.
+    pub fn new(who: &'static str, addr: SocketAddr, server: Arc<Server>) -> Self {
+        Endpoint {
+            who,
+            addr,
+            server,
+            flush_matters: Box::new(|| true),
+        }
+    }
+}
+
+/// What a daemon opened: its NBD endpoints and, for a replicating daemon, its group.
+pub struct Plan {
+    /// The process's name in the QMP greeting ("coloblk primary").
+    pub name: &'static str,
+    /// The NBD servers.
+    pub endpoints: Vec<Endpoint>,
+    /// The replication group and the daemon options (none for `serve`).
+    pub group: Option<(Arc<dyn Group>, DaemonArgs)>,
+}
+
+/// Runs a daemon: `open` opens its disks and builds its servers; everything around it is the
+/// same for every daemon, in the order of the module docs.
+pub async fn run<F>(metrics_addr: Option<&SocketAddr>, open: F) -> anyhow::Result<ExitCode>
+where
+    F: AsyncFnOnce(&IoPool) -> anyhow::Result<Plan>,
+{
+    if let Err(e) = net::raise_fd_limit() {
+        tracing::warn!("cannot raise the descriptor limit: {e}");
+    }
+    let metrics_handle = metrics_addr.map(|_| metrics::install()).transpose()?;
+    let pool = IoPool::default();
+    let plan = open(&pool).await?;
+    let mut bound = Vec::new();
+    for e in &plan.endpoints {
+        let l = Listener::bind(&e.addr)
+            .await
+            .with_context(|| format!("cannot listen on {} for {}", e.addr, e.who))?;
+        info!(addr = %e.addr, "listening for {}", e.who);
+        bound.push(l);
+    }
+    if let Some((group, args)) = &plan.group {
+        if args.start {
+            group
+                .start(group.role().mode())
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot start replication: {e}"))?;
+        }
+        let qmp = QmpServer::new(
+            Arc::new(Control {
+                group: group.clone(),
+            }),
+            plan.name,
+        );
+        group.attach(qmp.clone());
+        for (disk, rx) in group.events() {
+            crate::control::forward_events(disk, rx, qmp.clone());
+        }
+        let control = args.control.as_ref().context("--control is required")?;
+        listen::serve(control, qmp).await?;
+        if let (Some(addr), Some(handle)) = (metrics_addr, metrics_handle) {
+            let g = group.clone();
+            metrics::serve(addr, handle, Arc::new(move || g.refresh_metrics())).await?;
+        }
+    }
+    let mut serving = tokio::task::JoinSet::new();
+    for (e, l) in plan.endpoints.iter().zip(bound) {
+        let server = e.server.clone();
+        serving.spawn(async move { server.serve(l).await });
+    }
+    wait_for_signal().await?;
+    info!("shutting down: finishing requests, flushing");
+    for e in &plan.endpoints {
+        e.server.shutdown();
+    }
+    while let Some(r) = serving.join_next().await {
+        r.context("listener task failed")?
+            .context("listener failed")?;
+    }
+    // Every server is flushed whatever another's outcome.
+    let mut failed = None;
+    for e in &plan.endpoints {
+        if let Err(err) = e.server.finish().await {
+            if (e.flush_matters)() {
+                failed.get_or_insert(anyhow::anyhow!(
+                    "final flush of the disks {} uses failed: {err}",
+                    e.who
+                ));
+            } else {
+                info!("export for {} after it was fenced: {err}", e.who);
+            }
+        }
+    }
+    if let Some(e) = failed {
+        return Err(e);
+    }
+    if let Some((group, _)) = &plan.group {
+        group.shutdown().await;
+    }
+    info!("stopped cleanly");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Waits for SIGTERM or SIGINT.
+pub async fn wait_for_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    Ok(())
+}

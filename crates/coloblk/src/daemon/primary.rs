@@ -1,0 +1,463 @@
+//! `coloblk primary`: serves the VM's disks from the local images and forwards every change to
+//! the secondary's replica exports; a checkpoint drains and, with `--peer-control`,
+//! checkpoints the secondary in the epoch it drained into.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use async_trait::async_trait;
+use blockdev::IoPool;
+use clap::Args;
+use nbd::addr::SocketAddr;
+use nbd::client::{ClientConfig, NbdClient};
+use nbd::server::{Export, ExportSet, Server, ServerConfig};
+use parking_lot::Mutex;
+use qmp::QmpServer;
+use replication::primary::{ForwardMode, PrimaryConfig, PrimaryNode, QueueLimits};
+use replication::{Mode, ReplicationEvent, ReplicationGroup, Stage};
+use serde_json::json;
+use tokio::sync::broadcast;
+use tracing::{info, warn};
+
+use super::{DaemonArgs, Endpoint, Plan};
+use crate::control::status::{
+    CheckpointReply, PrimaryCheckpoint, PrimaryDisk, PrimaryStatus, Resync, Status, StopReply,
+};
+use crate::control::{CheckpointRequest, ControlError, Events, Group, Role, StopRequest};
+use crate::disk_spec::DiskSpec;
+
+/// How much later than the NBD client's request timeout the primary node's own link timer
+/// fires.
+const LINK_TIMER_GRACE: Duration = Duration::from_secs(1);
+/// The secondary's checkpoint (emptying its overlays) and its status query.
+const PEER_COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// What the primary assumes of a secondary disk when it starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SyncMode {
+    /// Nothing is known: the resync copies the whole disk (holes as write-zeroes) before the
+    /// first checkpoint is accepted.
+    Full,
+    /// The operator vouches that the two disks are identical.
+    None,
+}
+
+impl SyncMode {
+    fn as_str(self) -> &'static str {
+        match self {
+            SyncMode::Full => "full",
+            SyncMode::None => "none",
+        }
+    }
+}
+
+#[derive(Args, Debug, Clone)]
+#[command(after_help = "Example (the secondary must be running first):\n  \
+    coloblk primary --disk vm0=/var/lib/vm/vm0.raw,replica=nbd://secondary:10809/vm0 \\\n    \
+    --export-listen unix:/run/coloblk/primary.nbd --control unix:/run/coloblk/primary.qmp \\\n    \
+    --peer-control tcp:secondary:4445 --start\n\n\
+    The VM attaches to nbd+unix:///vm0?socket=/run/coloblk/primary.nbd. Until replication starts,\n\
+    writes are served locally and recorded as dirty; once it runs, a resync copies them (and, with\n\
+    sync=full, the default, the whole disk first: nothing tells a starting primary what the\n\
+    secondary holds). Checkpoints are refused until the secondary holds every write.\n\
+    SIGTERM drains, flushes and exits 0.")]
+pub struct PrimaryArgs {
+    /// A disk: NAME=PATH[,format=raw|qcow2][,direct],replica=NBD-URI[,sync=full|none]. The URI
+    /// names the secondary's replica export (nbd://HOST:PORT/NAME or
+    /// nbd+unix:///NAME?socket=PATH). sync=full (the default) copies the whole disk to the
+    /// secondary after start (holes as write-zeroes); sync=none trusts that both disks are
+    /// identical copies. Repeat for several disks; they form one replication group.
+    #[arg(long = "disk", value_name = "SPEC", required = true,
+          value_parser = crate::disk_spec::primary_disk)]
+    pub disks: Vec<DiskSpec>,
+
+    /// Where the VM reaches its disks over NBD: unix:PATH or tcp:HOST:PORT.
+    #[arg(long, value_name = "ADDR", required = true)]
+    pub export_listen: Option<SocketAddr>,
+
+    /// async: a write completes when the local write is done and the forward follows
+    /// (checkpoints drain); sync: it also waits for the secondary, as QEMU does.
+    #[arg(long, value_name = "MODE", default_value = "async")]
+    pub mode: ForwardMode,
+
+    /// The secondary's control socket: replication-checkpoint then drains here and checkpoints
+    /// the secondary (a coordinated checkpoint).
+    #[arg(long, value_name = "ADDR")]
+    pub peer_control: Option<SocketAddr>,
+
+    /// Seconds the secondary's control socket (--peer-control) may take to connect, greet and
+    /// negotiate, together; a checkpoint fails after that.
+    #[arg(long, value_name = "SECONDS", default_value_t = 10.0,
+          value_parser = crate::disk_spec::positive_seconds)]
+    pub peer_timeout: f64,
+
+    /// Forwarding queue bound in MiB (backpressure beyond it).
+    #[arg(long, value_name = "MIB", default_value_t = 64)]
+    pub queue_mib: usize,
+
+    /// Seconds without an answer after which the secondary counts as lost.
+    #[arg(long, value_name = "SECONDS", default_value_t = 10.0,
+          value_parser = crate::disk_spec::positive_seconds)]
+    pub link_timeout: f64,
+
+    #[command(flatten)]
+    pub daemon: DaemonArgs,
+}
+
+/// One disk of the primary.
+struct Disk {
+    name: String,
+    node: PrimaryNode,
+    sync: SyncMode,
+}
+
+/// The primary's disks as one replication group.
+pub struct PrimaryGroup {
+    disks: Vec<Disk>,
+    /// The same nodes, operated all-or-nothing.
+    group: ReplicationGroup,
+    mode: ForwardMode,
+    peer_control: Option<SocketAddr>,
+    peer_timeout: Duration,
+    last: Mutex<Option<PrimaryCheckpoint>>,
+    events: Events,
+    /// Control operations run one at a time (a stop must not land inside a checkpoint).
+    ops: tokio::sync::Mutex<()>,
+}
+
+/// A group error, with the disk it came from named.
+fn disk_error(e: replication::GroupError) -> ControlError {
+    ControlError::Disk {
+        disk: e.member,
+        error: e.error,
+    }
+}
+
+fn now_unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis() as u64
+}
+
+#[async_trait]
+impl Group for PrimaryGroup {
+    fn role(&self) -> Role {
+        Role::Primary
+    }
+
+    async fn start(&self, mode: Mode) -> Result<(), ControlError> {
+        let _ops = self.ops.lock().await;
+        self.group.start(mode).await?;
+        info!("replication started on {} disk(s)", self.disks.len());
+        Ok(())
+    }
+
+    async fn checkpoint(&self, req: CheckpointRequest) -> Result<CheckpointReply, ControlError> {
+        let _ops = self.ops.lock().await;
+        let force = req.force;
+        // Refuse early, before asking the secondary anything, when the disks cannot be equal.
+        self.group.validate_checkpoint(force).map_err(disk_error)?;
+        // The secondary's epoch is read before the drain: a failover or a restart of the
+        // secondary after this point makes its checkpoint below fail instead of answering
+        // for a buffer that is not the one drained into.
+        let mut peer = match &self.peer_control {
+            Some(addr) => Some(
+                PeerCheckpoint::open(addr, self.disks.len(), self.peer_timeout)
+                    .await
+                    .map_err(|e| ControlError::Refused(format!("checkpoint refused: {e:#}")))?,
+            ),
+            None => None,
+        };
+        let t = Instant::now();
+        // Each disk drains and is checked again afterwards (a forward may fail meanwhile).
+        self.group.checkpoint(force).await.map_err(disk_error)?;
+        let drain_ms = t.elapsed().as_secs_f64() * 1000.0;
+        metrics::histogram!("coloblk_checkpoint_drain_seconds").record(drain_ms / 1000.0);
+        let (mut secondary_ms, mut secondary_epoch) = (None, None);
+        if let Some(peer) = peer.as_mut() {
+            let t = Instant::now();
+            let epoch = peer
+                .checkpoint()
+                .await
+                .map_err(|e| ControlError::Peer(format!("{e:#}")))?;
+            secondary_ms = Some(t.elapsed().as_secs_f64() * 1000.0);
+            secondary_epoch = Some(epoch);
+        }
+        *self.last.lock() = Some(PrimaryCheckpoint {
+            time_unix_ms: now_unix_ms(),
+            drain_ms,
+            secondary_ms,
+        });
+        let reply = CheckpointReply {
+            drain_ms: Some(drain_ms),
+            secondary_ms: Some(secondary_ms),
+            secondary_epoch,
+            forced: force,
+            ..Default::default()
+        };
+        let data = serde_json::to_value(reply).expect("replies always serialise");
+        self.events.emit("REPLICATION_CHECKPOINT", data);
+        Ok(reply)
+    }
+
+    fn get_error(&self) -> Result<(), ControlError> {
+        Ok(self.group.get_error()?)
+    }
+
+    async fn stop(&self, req: StopRequest) -> Result<StopReply, ControlError> {
+        let _ops = self.ops.lock().await;
+        let already = self.disks.iter().all(|d| d.node.stage() == Stage::Done);
+        self.group.stop(req.failover).await?;
+        if already && !req.qemu {
+            return Ok(StopReply {
+                note: Some("replication was already stopped: nothing to do".into()),
+            });
+        }
+        self.events
+            .emit("REPLICATION_STOPPED", json!({"failover": req.failover}));
+        Ok(StopReply::default())
+    }
+
+    fn status(&self) -> Status {
+        let disks = self
+            .disks
+            .iter()
+            .map(|d| {
+                let s = d.node.status();
+                PrimaryDisk {
+                    name: d.name.clone(),
+                    stage: s.stage.as_str().into(),
+                    error: s.error,
+                    protected: d.node.protected().is_ok(),
+                    sync: d.sync.as_str().into(),
+                    resync: Resync {
+                        active: s.resync.active,
+                        total_bytes: s.resync.total_bytes,
+                        done_bytes: s.resync.done_bytes,
+                        sent_bytes: s.resync.sent_bytes,
+                    },
+                    link_up: s.link_up,
+                    queue_requests: s.queued_requests,
+                    queue_bytes: s.queued_bytes,
+                    forwarded_writes: s.forwarded_writes,
+                    forwarded_bytes: s.forwarded_bytes,
+                    forward_errors: s.forward_errors,
+                    dirty_clusters: s.dirty_clusters,
+                    dirty_bytes: s.dirty_bytes,
+                }
+            })
+            .collect();
+        Status::Primary(PrimaryStatus {
+            mode: match self.mode {
+                ForwardMode::Async => "async",
+                ForwardMode::Sync => "sync",
+            }
+            .into(),
+            disks,
+            last_checkpoint: *self.last.lock(),
+        })
+    }
+
+    fn events(&self) -> Vec<(String, broadcast::Receiver<ReplicationEvent>)> {
+        self.disks
+            .iter()
+            .map(|d| (d.name.clone(), d.node.events()))
+            .collect()
+    }
+
+    fn attach(&self, server: Arc<QmpServer>) {
+        self.events.attach(server);
+    }
+
+    fn refresh_metrics(&self) {
+        for d in &self.disks {
+            let s = d.node.status();
+            let n = d.name.clone();
+            metrics::counter!("coloblk_forwarded_writes_total", "disk" => n.clone())
+                .absolute(s.forwarded_writes);
+            metrics::counter!("coloblk_forwarded_bytes_total", "disk" => n.clone())
+                .absolute(s.forwarded_bytes);
+            metrics::gauge!("coloblk_forward_queue_requests", "disk" => n.clone())
+                .set(s.queued_requests as f64);
+            metrics::gauge!("coloblk_forward_queue_bytes", "disk" => n.clone())
+                .set(s.queued_bytes as f64);
+            metrics::gauge!("coloblk_dirty_bytes", "disk" => n.clone()).set(s.dirty_bytes as f64);
+            metrics::gauge!("coloblk_resync_done_bytes", "disk" => n.clone())
+                .set(s.resync.done_bytes as f64);
+            metrics::gauge!("coloblk_protected", "disk" => n.clone())
+                .set(if d.node.protected().is_ok() { 1.0 } else { 0.0 });
+            metrics::gauge!("coloblk_replication_error", "disk" => n).set(if s.error.is_some() {
+                1.0
+            } else {
+                0.0
+            });
+        }
+    }
+
+    /// Drains and flushes everything, best effort: a clean stop loses nothing in flight.
+    async fn shutdown(&self) {
+        for d in &self.disks {
+            if let Err(e) = d.node.drain(true, false).await {
+                warn!(disk = %d.name, "at shutdown the secondary may be missing writes: {e}");
+            }
+        }
+    }
+}
+
+/// The secondary's half of a coordinated checkpoint: a control session opened, and the
+/// secondary's epoch read, before the primary drains.
+struct PeerCheckpoint {
+    client: qmp::QmpClient<nbd::addr::Stream>,
+    epoch: u64,
+}
+
+impl PeerCheckpoint {
+    /// Connects and reads the secondary's epoch; refuses a secondary whose disks are not all
+    /// running (failed over, stopped, not started).
+    async fn open(addr: &SocketAddr, disks: usize, timeout: Duration) -> anyhow::Result<Self> {
+        let mut client = qmp::QmpClient::connect(
+            format!("the secondary's control socket {addr}"),
+            addr.connect(),
+            timeout,
+        )
+        .await?;
+        let status = client
+            .execute_timeout("query-replication", json!({}), PEER_COMMAND_TIMEOUT)
+            .await
+            .context("the secondary's status")?;
+        let status: Status = serde_json::from_value(status)
+            .with_context(|| format!("the peer at {addr} is not a coloblk secondary"))?;
+        let Status::Secondary(status) = status else {
+            anyhow::bail!("the peer at {addr} is a primary, not a secondary");
+        };
+        if status.disks.len() < disks {
+            anyhow::bail!(
+                "the secondary at {addr} has {} disk(s), this primary {disks}",
+                status.disks.len()
+            );
+        }
+        for d in &status.disks {
+            if d.stage != "running" {
+                anyhow::bail!(
+                    "the secondary's disk '{}' is not running (stage {})",
+                    d.name,
+                    d.stage
+                );
+            }
+        }
+        Ok(PeerCheckpoint {
+            client,
+            epoch: status.epoch,
+        })
+    }
+
+    /// Checkpoints the secondary in the epoch read at open; returns its new epoch.
+    async fn checkpoint(&mut self) -> anyhow::Result<u64> {
+        let reply = self
+            .client
+            .execute_timeout(
+                "replication-checkpoint",
+                json!({"epoch": self.epoch}),
+                PEER_COMMAND_TIMEOUT,
+            )
+            .await?;
+        let reply: CheckpointReply = serde_json::from_value(reply).unwrap_or_default();
+        reply
+            .epoch
+            .filter(|e| *e != self.epoch)
+            .context("the secondary did not confirm that it emptied its buffer")
+    }
+}
+
+/// The `replica=` and `sync=` of a disk spec (checked when the command line was parsed).
+fn replica_options(spec: &DiskSpec) -> (String, SyncMode) {
+    let uri = spec.option("replica").unwrap_or_default().to_string();
+    let sync = match spec.option("sync") {
+        Some("none") => SyncMode::None,
+        _ => SyncMode::Full,
+    };
+    (uri, sync)
+}
+
+/// Runs `coloblk primary` until SIGTERM.
+pub async fn run(args: PrimaryArgs) -> anyhow::Result<std::process::ExitCode> {
+    crate::disk_spec::unique_names(&args.disks)?;
+    super::run(args.daemon.metrics.as_ref(), async |pool: &IoPool| {
+        open(&args, pool).await
+    })
+    .await
+}
+
+/// Opens the disks, connects each to its replica export and builds the VM's export.
+async fn open(args: &PrimaryArgs, pool: &IoPool) -> anyhow::Result<Plan> {
+    let export_listen = args
+        .export_listen
+        .clone()
+        .context("--export-listen is required")?;
+    let link_timeout = Duration::from_secs_f64(args.link_timeout);
+    let config = PrimaryConfig {
+        mode: args.mode,
+        queue: QueueLimits {
+            max_bytes: args.queue_mib.max(1) << 20,
+            ..Default::default()
+        },
+        // The NBD client's own timer (below) is the one that fires: it fails the requests and
+        // closes the connection, so nothing stays pending on a link given up on. The node's
+        // timer, a little later, only backs it up.
+        link_timeout: Some(link_timeout + LINK_TIMER_GRACE),
+        ..Default::default()
+    };
+    let mut disks = Vec::new();
+    let mut group = ReplicationGroup::new();
+    for spec in &args.disks {
+        let (uri, sync) = replica_options(spec);
+        let local = spec.open(pool)?;
+        let client_cfg = ClientConfig {
+            request_timeout: Some(link_timeout),
+            ..Default::default()
+        };
+        let link = NbdClient::connect_uri(&uri, client_cfg)
+            .await
+            .with_context(|| {
+                format!("disk '{}': cannot reach the secondary at {uri}", spec.name)
+            })?;
+        let node = PrimaryNode::new(local, config.clone());
+        node.set_link(Arc::new(link))
+            .map_err(|e| anyhow::anyhow!("disk '{}': {e}", spec.name))?;
+        if sync == SyncMode::Full {
+            node.mark_all_dirty();
+        }
+        info!(disk = %spec.name, replica = %uri, sync = sync.as_str(), "disk ready");
+        group.add(spec.name.clone(), Arc::new(node.clone()));
+        disks.push(Disk {
+            name: spec.name.clone(),
+            node,
+            sync,
+        });
+    }
+    let exports = ExportSet::new();
+    for d in &disks {
+        exports.add(Export::new(d.name.clone(), Arc::new(d.node.clone())));
+    }
+    let group = Arc::new(PrimaryGroup {
+        disks,
+        group,
+        mode: args.mode,
+        peer_control: args.peer_control.clone(),
+        peer_timeout: Duration::from_secs_f64(args.peer_timeout),
+        last: Mutex::new(None),
+        events: Events::default(),
+        ops: tokio::sync::Mutex::new(()),
+    });
+    Ok(Plan {
+        name: "coloblk primary",
+        endpoints: vec![Endpoint::new(
+            "the VM",
+            export_listen,
+            Server::new(exports, ServerConfig::default()),
+        )],
+        group: Some((group, args.daemon.clone())),
+    })
+}
