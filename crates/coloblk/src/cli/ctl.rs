@@ -8,6 +8,8 @@ use nbd::addr::SocketAddr;
 use qmp::{QmpClient, QmpClientError};
 use serde_json::{Value, json};
 
+use crate::control::status::{CheckpointReply, PrimaryDisk, Status, StopReply};
+
 /// Exit codes scripts can rely on.
 pub mod exit {
     /// The command did what was asked.
@@ -149,6 +151,8 @@ where
             if args.json {
                 println!("{}", serde_json::to_string_pretty(&status)?);
             } else {
+                let status: Status = serde_json::from_value(status)
+                    .context("the daemon's status is not one this ctl knows")?;
                 print!("{}", render_status(&status));
             }
             return Ok(());
@@ -162,20 +166,31 @@ where
     if args.json {
         println!("{}", serde_json::to_string_pretty(&reply)?);
     }
+    if matches!(args.action, Action::Failover | Action::Stop) {
+        let stop: StopReply = serde_json::from_value(reply.clone()).unwrap_or_default();
+        if let Some(note) = stop.note {
+            if !args.json {
+                println!("{note}");
+            }
+            return Ok(());
+        }
+    }
     match args.action {
         Action::Failover => follow_failover(c, args.json, args.timeout).await,
         Action::Checkpoint if !args.json => {
-            let drain = reply["drain-ms"].as_f64();
-            let secondary = reply["secondary-ms"].as_f64();
+            let reply: CheckpointReply = serde_json::from_value(reply).unwrap_or_default();
             let mut line = "checkpoint done".to_string();
-            if let Some(d) = drain {
+            if let Some(d) = reply.drain_ms {
                 line += &format!(": drain {d:.2} ms");
             }
-            if let Some(s) = secondary {
+            if let Some(Some(s)) = reply.secondary_ms {
                 line += &format!(", secondary {s:.2} ms");
             }
-            if let Some(t) = reply["duration-ms"].as_f64() {
+            if let Some(t) = reply.duration_ms {
                 line += &format!(": {t:.2} ms");
+            }
+            if reply.forced {
+                line += " (forced past an earlier forwarding error)";
             }
             println!("{line}");
             Ok(())
@@ -243,116 +258,40 @@ where
     }
 }
 
-fn bytes(v: &Value) -> String {
-    match v.as_u64() {
-        None => "-".into(),
-        Some(b) if b >= 1 << 30 => format!("{:.1} GiB", b as f64 / (1u64 << 30) as f64),
-        Some(b) if b >= 1 << 20 => format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64),
-        Some(b) if b >= 1 << 10 => format!("{:.1} KiB", b as f64 / 1024.0),
-        Some(b) => format!("{b} B"),
+fn bytes(b: u64) -> String {
+    match b {
+        b if b >= 1 << 30 => format!("{:.1} GiB", b as f64 / (1u64 << 30) as f64),
+        b if b >= 1 << 20 => format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64),
+        b if b >= 1 << 10 => format!("{:.1} KiB", b as f64 / 1024.0),
+        b => format!("{b} B"),
     }
 }
 
-fn text(v: &Value) -> String {
-    match v {
-        Value::Null => "-".into(),
-        Value::String(s) => s.clone(),
-        other => other.to_string(),
-    }
+fn or_dash(s: &Option<String>) -> String {
+    s.clone().unwrap_or_else(|| "-".into())
 }
 
 /// Where a primary disk stands with its secondary: protected, syncing (how far), or not.
-fn sync_state(d: &Value) -> String {
-    let r = &d["resync"];
-    if d["protected"] == json!(true) {
+fn sync_state(d: &PrimaryDisk) -> String {
+    let r = &d.resync;
+    if d.protected {
         "protected".into()
-    } else if r["active"] == json!(true) {
-        let (done, total) = (
-            r["done-bytes"].as_u64().unwrap_or(0),
-            r["total-bytes"].as_u64().unwrap_or(0),
-        );
-        format!("syncing {}%", done * 100 / total.max(1))
-    } else if d["dirty-bytes"].as_u64().unwrap_or(0) > 0 {
+    } else if r.active {
+        format!("syncing {}%", r.done_bytes * 100 / r.total_bytes.max(1))
+    } else if d.dirty_bytes > 0 {
         "unsynced".into()
     } else {
         "-".into()
     }
 }
 
-/// A readable table of `query-replication`.
-pub fn render_status(st: &Value) -> String {
-    let role = st["role"].as_str().unwrap_or("?");
-    let mut out = format!("role: {role}");
-    if let Some(m) = st["mode"].as_str() {
-        out += &format!("   mode: {m}");
-    }
-    out.push('\n');
-    let primary = role == "primary";
-    let header: Vec<&str> = if primary {
-        vec![
-            "DISK",
-            "STAGE",
-            "LINK",
-            "SYNC",
-            "QUEUE",
-            "FORWARDED",
-            "DIRTY",
-            "ERROR",
-        ]
-    } else {
-        vec![
-            "DISK",
-            "STAGE",
-            "ACTIVE",
-            "HIDDEN",
-            "CBW COPIES",
-            "FAILOVER",
-            "ERROR",
-        ]
-    };
-    let mut rows = vec![header.iter().map(|s| s.to_string()).collect::<Vec<_>>()];
-    for d in st["disks"].as_array().into_iter().flatten() {
-        let row = if primary {
-            vec![
-                text(&d["name"]),
-                text(&d["stage"]),
-                if d["link-up"] == json!(true) {
-                    "up".into()
-                } else {
-                    "down".into()
-                },
-                sync_state(d),
-                format!(
-                    "{} req / {}",
-                    text(&d["queue-requests"]),
-                    bytes(&d["queue-bytes"])
-                ),
-                bytes(&d["forwarded-bytes"]),
-                bytes(&d["dirty-bytes"]),
-                text(&d["error"]),
-            ]
-        } else {
-            let f = &d["failover"];
-            let progress = match (f["done-bytes"].as_u64(), f["total-bytes"].as_u64()) {
-                (Some(a), Some(b)) if b > 0 => format!("{}%", a * 100 / b),
-                _ => "-".into(),
-            };
-            vec![
-                text(&d["name"]),
-                text(&d["stage"]),
-                bytes(&d["active-bytes"]),
-                bytes(&d["hidden-bytes"]),
-                text(&d["cbw-copies"]),
-                progress,
-                text(&d["error"]),
-            ]
-        };
-        rows.push(row);
-    }
+/// Lines of a table, columns padded to their widest cell.
+fn table(rows: &[Vec<String>]) -> String {
     let widths: Vec<usize> = (0..rows[0].len())
         .map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0))
         .collect();
-    for r in &rows {
+    let mut out = String::new();
+    for r in rows {
         let line: Vec<String> = r
             .iter()
             .zip(&widths)
@@ -361,27 +300,99 @@ pub fn render_status(st: &Value) -> String {
         out += line.join("  ").trim_end();
         out.push('\n');
     }
-    if let Some(l) = st["last-checkpoint"].as_object() {
-        out += &format!(
-            "last checkpoint: {} ms ago",
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|n| n.as_millis() as i64
-                    - l.get("time-unix-ms").and_then(Value::as_i64).unwrap_or(0))
-                .unwrap_or(0)
-        );
-        for (k, label) in [
-            ("drain-ms", "drain"),
-            ("secondary-ms", "secondary"),
-            ("duration-ms", "took"),
-        ] {
-            if let Some(v) = l.get(k).and_then(Value::as_f64) {
-                out += &format!(", {label} {v:.2} ms");
-            }
-        }
-        out.push('\n');
-    }
     out
+}
+
+fn cells(v: &[&str]) -> Vec<String> {
+    v.iter().map(|s| s.to_string()).collect()
+}
+
+fn ago(time_unix_ms: u64) -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|n| n.as_millis() as i64 - time_unix_ms as i64)
+        .unwrap_or(0)
+}
+
+/// A readable table of `query-replication`.
+pub fn render_status(st: &Status) -> String {
+    match st {
+        Status::Primary(p) => {
+            let mut out = format!("role: primary   mode: {}\n", p.mode);
+            let mut rows = vec![cells(&[
+                "DISK",
+                "STAGE",
+                "LINK",
+                "SYNC",
+                "QUEUE",
+                "FORWARDED",
+                "DIRTY",
+                "ERROR",
+            ])];
+            for d in &p.disks {
+                rows.push(vec![
+                    d.name.clone(),
+                    d.stage.clone(),
+                    if d.link_up { "up" } else { "down" }.into(),
+                    sync_state(d),
+                    format!("{} req / {}", d.queue_requests, bytes(d.queue_bytes)),
+                    bytes(d.forwarded_bytes),
+                    bytes(d.dirty_bytes),
+                    or_dash(&d.error),
+                ]);
+            }
+            out += &table(&rows);
+            if let Some(l) = &p.last_checkpoint {
+                out += &format!(
+                    "last checkpoint: {} ms ago, drain {:.2} ms",
+                    ago(l.time_unix_ms),
+                    l.drain_ms
+                );
+                if let Some(s) = l.secondary_ms {
+                    out += &format!(", secondary {s:.2} ms");
+                }
+                out.push('\n');
+            }
+            out
+        }
+        Status::Secondary(s) => {
+            let mut out = "role: secondary\n".to_string();
+            let mut rows = vec![cells(&[
+                "DISK",
+                "STAGE",
+                "ACTIVE",
+                "HIDDEN",
+                "CBW COPIES",
+                "FAILOVER",
+                "ERROR",
+            ])];
+            for d in &s.disks {
+                let f = &d.failover;
+                let progress = match f.total_bytes {
+                    0 => "-".into(),
+                    t => format!("{}%", f.done_bytes * 100 / t),
+                };
+                rows.push(vec![
+                    d.name.clone(),
+                    d.stage.clone(),
+                    bytes(d.active_bytes),
+                    bytes(d.hidden_bytes),
+                    d.cbw_copies.to_string(),
+                    progress,
+                    or_dash(&d.error),
+                ]);
+            }
+            out += &table(&rows);
+            if let Some(l) = &s.last_checkpoint {
+                out += &format!(
+                    "last checkpoint: {} ms ago, took {:.2} ms\n",
+                    ago(l.time_unix_ms),
+                    l.duration_ms
+                );
+            }
+            out
+        }
+    }
 }
 
 #[cfg(test)]
@@ -397,7 +408,7 @@ mod tests {
              "forwarded-bytes": 0, "dirty-bytes": 3145728, "error": null, "protected": false,
              "resync": {"active": true, "done-bytes": 1048576, "total-bytes": 4194304}}
         ], "last-checkpoint": null});
-        let text = render_status(&st);
+        let text = render_status(&serde_json::from_value(st).unwrap());
         assert_eq!(
             text,
             "role: primary   mode: async\n\
