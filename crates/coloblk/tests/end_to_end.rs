@@ -320,7 +320,7 @@ fn qemu_quorum_and_nbd_write_into_our_secondary() {
     let ctl = |a: &str| run(coloblk().args(["ctl", "--control", &u("secondary.qmp"), a]));
     ctl("checkpoint");
     // Idle resource use, once started and after the first writes and a checkpoint. (After the
-    // whole-view reads below, glibc's malloc keeps some of their buffers: see BENCHMARKS.md.)
+    // whole-view reads below, glibc's malloc keeps some of their buffers: see docs/BENCHMARKS.md.)
     let idle = rss_kib(&secondary, "VmRSS:");
     assert!(idle < 32 * 1024, "idle secondary RSS {idle} KiB");
     let quorum = format!(

@@ -19,7 +19,7 @@
 //! ```
 //!
 //! `top-id=childs0` names the replication drive's own BlockBackend, as QEMU's
-//! tests/unit/test-replication.c does (spec 4.1). The active and hidden overlays are fresh qcow2
+//! tests/unit/test-replication.c does (docs/qemu-replication.md §4.1). The active and hidden overlays are fresh qcow2
 //! images of the disk's size (64 KiB clusters, so QEMU's copy-before-write granularity is 64 KiB,
 //! the same as ours).
 //!
@@ -660,7 +660,7 @@ impl Pair {
     /// `query-xen-replication-status` while the merge may still run. Not compared: QEMU
     /// reports a spurious error during FAILOVER. Its `replication_stop` cancels the backup job
     /// while the stage is still RUNNING, so `backup_job_completed` takes the cancellation for an
-    /// unexpected one and sets `s->error = -EIO` (the mechanism of spec 6.3.1); only
+    /// unexpected one and sets `s->error = -EIO` (the mechanism of docs/qemu-replication.md §6.3.1); only
     /// `replication_done` clears it at DONE. Verified on QEMU 7.2: `{"error": true, "desc": "I/O
     /// error occurred"}` while the mirror_top node exists, `{"error": false}` after. No I/O error
     /// happened, so coloblk's `{"error": false}` is asserted as the correct reply; QEMU's is
@@ -893,7 +893,7 @@ async fn differential(pr: Profile) {
     }
     p.wait_failover().await;
     let disk = p.compare_disks("after failover").await;
-    // The disk now is the speculative VM's view (spec 1.3: hidden and active committed).
+    // The disk now is the speculative VM's view (docs/qemu-replication.md §1.3: hidden and active committed).
     let mut want = view;
     for (off, data) in &during {
         want[*off as usize..*off as usize + data.len()].copy_from_slice(data);
@@ -907,7 +907,7 @@ async fn differential(pr: Profile) {
     assert!(after == disk, "after failover the view is not the disk");
 
     // Stage DONE: the view goes straight to the disk; every replication command is ignored
-    // (spec 1.4, S29, T11).
+    // (docs/qemu-replication.md §1.4, S29, T11).
     for _ in 0..20 {
         let (off, n) = rng.extent(len);
         if rng.below(2) == 0 {
@@ -1086,7 +1086,7 @@ async fn random_ops_many_seeds_match_qemu() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Appendix B and the known answers of spec 4.1.
+// Appendix B and the known answers of docs/qemu-replication.md §4.1.
 
 /// The QMP replies of Appendix B (and a few neighbours), on both, in the same order; plus I/O
 /// on the view before start (T7/T8: refused on both).
@@ -1137,7 +1137,7 @@ async fn qmp_replies_match_appendix_b() {
             generic("Block replication is not running"),
         )
         .await;
-        // With failover=true, QEMU discards the stop error (spec 5.2); nothing changes.
+        // With failover=true, QEMU discards the stop error (docs/qemu-replication.md §5.2); nothing changes.
         p.expect(
             "xen-set-replication",
             json!({"enable": false, "primary": false, "failover": true}),
@@ -1208,7 +1208,7 @@ async fn qmp_replies_match_appendix_b() {
     .await;
 }
 
-/// T10 and T12 of QEMU's unit test with exact expectations (spec 4.1, Appendix B), on both.
+/// T10 and T12 of QEMU's unit test with exact expectations (docs/qemu-replication.md §4.1, Appendix B), on both.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t10_and_t12_known_answers() {
     bounded(async {
@@ -1249,7 +1249,7 @@ async fn t10_and_t12_known_answers() {
 }
 
 /// Stop without failover: a deliberate difference. QEMU cancels its backup job first, then its
-/// checkpoint fails ("Backup job was cancelled unexpectedly", spec 6.3.1, Appendix B): the reply
+/// checkpoint fails ("Backup job was cancelled unexpectedly", docs/qemu-replication.md §6.3.1, Appendix B): the reply
 /// is an error, the status says "I/O error occurred" and the view keeps the old buffer. coloblk
 /// really discards the buffer (crates/replication/DIFFERENCES.md row 1): the reply is `{}`, the
 /// stage is DONE without error and the view is the disk. Each side's own behaviour is
@@ -1327,7 +1327,7 @@ async fn stop_without_failover_each_side_as_designed() {
 /// On the replica export (not in DIFFERENCES.md; see the report of this test). QEMU
 /// drops it: the copy-before-write filter is opened without BDRV_O_UNMAP, so
 /// `bdrv_co_pdiscard` returns at once (and a COLO primary never sends one: quorum has no
-/// discard, spec 1.2 and 6.3.9). coloblk copies the old data to the hidden overlay, then
+/// discard, docs/qemu-replication.md §1.2 and 6.3.9). coloblk copies the old data to the hidden overlay, then
 /// discards (the spec's "exceed" list: discard support over the transport; the README: discards
 /// cannot make the two disks differ); the range then reads as zeroes. What both must share: the
 /// speculative view keeps the old data until the next checkpoint.

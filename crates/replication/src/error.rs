@@ -24,7 +24,12 @@ pub enum ReplicationError {
     IoError,
     /// `start` with the other side's mode.
     #[error("The parameter mode's value is invalid, needs {needs}, but got {got}")]
-    InvalidMode { needs: u32, got: u32 },
+    InvalidMode {
+        /// The mode the node was opened with (QEMU's number).
+        needs: u32,
+        /// The mode asked for.
+        got: u32,
+    },
     /// `checkpoint` when copy-before-write is not armed (before start, after a failed
     /// failover). QEMU reports the missing backup job this way.
     #[error("Backup job was cancelled unexpectedly")]
@@ -46,7 +51,12 @@ pub enum ReplicationError {
     InvalidClusterSize(u64),
     /// Configuration: the disk has more clusters than the overlay maps can index.
     #[error("a {len}-byte disk has too many {cluster_size}-byte clusters; use larger clusters")]
-    TooManyClusters { len: u64, cluster_size: u64 },
+    TooManyClusters {
+        /// The disk's length.
+        len: u64,
+        /// The cluster size asked for.
+        cluster_size: u64,
+    },
     /// The internal overlay store could not be created.
     #[error("cannot create the overlay store")]
     Store(#[source] BlockError),

@@ -1,7 +1,7 @@
 //! Replication groups: several disks replicated as one (a VM with more than one disk).
 //!
 //! QEMU's `replication_*_all` walk the nodes newest-first and stop at the first error with no
-//! rollback (spec 6.3.8), so a failed start or checkpoint leaves some disks changed and others
+//! rollback (docs/qemu-replication.md §6.3.8), so a failed start or checkpoint leaves some disks changed and others
 //! not. A group here is all-or-nothing where that is possible:
 //!
 //! - `start`: every member is validated first (stage, mode, lengths, emptiable overlays);
@@ -129,6 +129,7 @@ impl Replication for PrimaryNode {
 pub struct GroupError {
     /// Name of the member that failed.
     pub member: String,
+    /// The member's error.
     #[source]
     pub error: ReplicationError,
 }
@@ -140,6 +141,7 @@ pub struct ReplicationGroup {
 }
 
 impl ReplicationGroup {
+    /// An empty group.
     pub fn new() -> Self {
         ReplicationGroup::default()
     }
@@ -156,10 +158,12 @@ impl ReplicationGroup {
         self.members.len() != before
     }
 
+    /// Number of members.
     pub fn len(&self) -> usize {
         self.members.len()
     }
 
+    /// Whether the group has no member.
     pub fn is_empty(&self) -> bool {
         self.members.is_empty()
     }

@@ -1,6 +1,7 @@
 //! The coloblk replication engine.
 
 #![forbid(unsafe_code)]
+#![warn(missing_docs)]
 
 mod error;
 mod events;

@@ -53,7 +53,9 @@ impl fmt::Display for Stage {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[repr(u32)]
 pub enum Mode {
+    /// Serves the VM and forwards its writes.
     Primary = 0,
+    /// Keeps the primary's disk and runs the speculative VM's view.
     Secondary = 1,
 }
 

@@ -1,6 +1,6 @@
 //! Model-based test: random sequences of replica writes, zeroes and discards, VM writes,
 //! zeroes, discards and reads, checkpoints, then a failover with VM I/O during the merge, run
-//! against the formal model of spec 1.7. Every byte the VM reads and the final secondary disk
+//! against the formal model of docs/qemu-replication.md §1.7. Every byte the VM reads and the final secondary disk
 //! must equal the model's.
 //!
 //! Model: `L` (secondary disk), `H` (cluster -> old content), `A` (byte map), `C` = dom H.

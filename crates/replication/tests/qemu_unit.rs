@@ -1,4 +1,4 @@
-//! The secondary cases of QEMU's `tests/unit/test-replication.c` (spec 4.1, T7-T13), with the
+//! The secondary cases of QEMU's `tests/unit/test-replication.c` (docs/qemu-replication.md §4.1, T7-T13), with the
 //! corrected values: exact comparisons of whole ranges, fresh images per test, and 0x11 (not
 //! 0x22) in [32M, 64M) after a failover (T10, T11; verified against QEMU 7.2, Appendix B).
 //!

@@ -1,5 +1,5 @@
-//! Black-box scenarios S5-S30 of spec 4.2 that apply to a secondary node, plus the places where
-//! we deliberately differ from QEMU (spec 6.3). One behaviour per test, named for it.
+//! Black-box scenarios S5-S30 of docs/qemu-replication.md §4.2 that apply to a secondary node, plus the places where
+//! we deliberately differ from QEMU (docs/qemu-replication.md §6.3). One behaviour per test, named for it.
 //! S5-S7 (backing links), S10 (top-id) and S14 (op blockers) concern QEMU's node graph and
 //! have no counterpart here; S20, S26 and S30 are in `failure.rs`, S21 in `concurrency.rs`.
 

@@ -55,6 +55,7 @@ impl DirtyBitmap {
         }
     }
 
+    /// Bytes per bit.
     pub fn granularity(&self) -> u64 {
         self.granularity
     }

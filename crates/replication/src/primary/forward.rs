@@ -90,10 +90,15 @@ struct Budget {
 /// Counters exposed in status and metrics.
 #[derive(Debug, Default)]
 pub struct ForwardStats {
+    /// Writes the secondary acknowledged.
     pub forwarded_writes: AtomicU64,
+    /// Payload bytes the secondary acknowledged.
     pub forwarded_bytes: AtomicU64,
+    /// Forwards that failed.
     pub forward_errors: AtomicU64,
+    /// Changes queued or in flight.
     pub queued_requests: AtomicU64,
+    /// Payload bytes queued or in flight.
     pub queued_bytes: AtomicU64,
 }
 

@@ -90,7 +90,9 @@ impl Default for QueueLimits {
 /// Primary configuration.
 #[derive(Debug, Clone)]
 pub struct PrimaryConfig {
+    /// When a VM write completes.
     pub mode: ForwardMode,
+    /// Bounds of the forwarding queue.
     pub queue: QueueLimits,
     /// Granularity of the dirty bitmap (a power of two).
     pub dirty_granularity: u64,
@@ -118,17 +120,29 @@ pub type PrimaryEvent = ReplicationEvent;
 /// A snapshot for status displays and metrics.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PrimaryStatus {
+    /// Where the node is in the stage machine.
     pub stage: Stage,
+    /// When a VM write completes.
     pub mode: ForwardMode,
+    /// The sticky forwarding error.
     pub error: Option<String>,
+    /// The link is set and not given up on.
     pub link_up: bool,
+    /// Changes queued or in flight.
     pub queued_requests: u64,
+    /// Payload bytes queued or in flight.
     pub queued_bytes: u64,
+    /// Writes the secondary acknowledged.
     pub forwarded_writes: u64,
+    /// Payload bytes the secondary acknowledged.
     pub forwarded_bytes: u64,
+    /// Forwards that failed.
     pub forward_errors: u64,
+    /// Clusters the secondary may lack.
     pub dirty_clusters: u64,
+    /// Bytes the secondary may lack.
     pub dirty_bytes: u64,
+    /// The current (or last) resync job.
     pub resync: ResyncStatus,
 }
 
@@ -252,10 +266,12 @@ impl PrimaryNode {
         self.inner.shared.events.subscribe()
     }
 
+    /// The ranges the secondary may lack.
     pub fn dirty(&self) -> &DirtyBitmap {
         &self.inner.shared.dirty
     }
 
+    /// Where the node is in the stage machine.
     pub fn stage(&self) -> Stage {
         *self.inner.stage.lock()
     }
@@ -362,6 +378,7 @@ impl PrimaryNode {
         Ok(())
     }
 
+    /// A snapshot for status displays and metrics.
     pub fn status(&self) -> PrimaryStatus {
         let s = &self.inner.shared;
         PrimaryStatus {

@@ -105,7 +105,7 @@ impl Node {
             }
             (Stage::Running, false) => {
                 // QEMU cancels its backup job first and then fails to empty the overlays
-                // (spec 6.3.1); we really discard them, so the top path serves the disk.
+                // (docs/qemu-replication.md §6.3.1); we really discard them, so the top path serves the disk.
                 self.empty_overlays(true).await?;
                 self.set_stage(Stage::Done);
                 Ok(())

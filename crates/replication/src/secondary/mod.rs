@@ -15,7 +15,7 @@
 //!              +----------------+   +----------------+   +----------------+
 //! ```
 //!
-//! The VM's view is `active ∪ hidden ∪ disk` (spec §1.7): the primary's writes never change
+//! The VM's view is `active ∪ hidden ∪ disk` (docs/qemu-replication.md §1.7): the primary's writes never change
 //! it, because the old content of every cluster they touch is preserved in the hidden overlay
 //! first (module `epoch`). A checkpoint forgets both overlays (view == disk == primary disk); a
 //! failover merges them into the disk while the VM keeps running (module `failover`), so the disk
@@ -99,6 +99,7 @@ impl Default for SecondaryConfig {
 /// A snapshot of the node's state, for status queries and metrics.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeStatus {
+    /// Where the node is in the stage machine.
     pub stage: Stage,
     /// The sticky error's detail, if any.
     pub error: Option<String>,
@@ -106,6 +107,7 @@ pub struct NodeStatus {
     pub active_clusters: usize,
     /// Clusters preserved by copy-before-write since the last checkpoint.
     pub hidden_clusters: usize,
+    /// Copy-before-write granularity.
     pub cluster_size: u64,
     /// Merge progress of the current or last failover.
     pub failover: FailoverProgress,
@@ -261,6 +263,7 @@ impl SecondaryNode {
         self.node.geo.cluster
     }
 
+    /// Where the node is in the stage machine.
     pub fn stage(&self) -> Stage {
         self.node.stage()
     }
@@ -290,6 +293,7 @@ impl SecondaryNode {
         self.node.progress.get()
     }
 
+    /// A snapshot for status displays and metrics.
     pub fn status(&self) -> NodeStatus {
         let (stage, error) = {
             let st = self.node.status.lock();

@@ -68,6 +68,7 @@ pub struct DevOverlay {
 const DISCARD_STEP: u64 = 1 << 30;
 
 impl DevOverlay {
+    /// An overlay kept in `dev`.
     pub fn new(dev: Arc<dyn BlockDev>) -> Self {
         DevOverlay { dev }
     }
