@@ -3,12 +3,13 @@
 //! the nodes' status, so the engine crates carry no metrics dependency.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
-use nbd::addr::SocketAddr;
-use nbd::server::Listener;
+use nbd::addr::{SocketAddr, Stream};
+use net::{Acceptor, Listener};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tracing::{info, warn};
+use tracing::info;
 
 /// Called before each scrape to bring gauges up to date.
 pub type Refresh = Arc<dyn Fn() + Send + Sync>;
@@ -23,6 +24,13 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
     Ok(handle)
 }
 
+/// Scrapes served at once: Prometheus scrapes one at a time, a few more leave room for a person
+/// with curl.
+const MAX_METRICS_CONNECTIONS: usize = 16;
+
+/// How long one scrape may take, request and reply: a scraper that stalls gives its slot back.
+const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Serves `GET /metrics` on `addr` until the task is dropped.
 pub async fn serve(
     addr: &SocketAddr,
@@ -33,44 +41,53 @@ pub async fn serve(
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {addr} for metrics: {e}"))?;
     info!(%addr, "metrics endpoint listening");
+    let acceptor = Acceptor::new("metrics", MAX_METRICS_CONNECTIONS);
     tokio::spawn(async move {
-        loop {
-            let mut s = match listener.accept_stream().await {
-                Ok(s) => s,
-                Err(e) => {
-                    warn!("metrics accept failed: {e}");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
+        acceptor
+            .run(&listener, |c| {
+                let (handle, refresh) = (handle.clone(), refresh.clone());
+                async move {
+                    let _ =
+                        tokio::time::timeout(EXCHANGE_TIMEOUT, answer(c.stream, &handle, &refresh))
+                            .await;
                 }
-            };
-            let handle = handle.clone();
-            let refresh = refresh.clone();
-            tokio::spawn(async move {
-                let mut req = Vec::new();
-                let mut buf = [0u8; 1024];
-                while !req.windows(4).any(|w| w == b"\r\n\r\n") && req.len() < 8192 {
-                    match s.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => req.extend_from_slice(&buf[..n]),
-                    }
-                }
-                let line = String::from_utf8_lossy(&req);
-                let path = line.split_whitespace().nth(1).unwrap_or("");
-                let (status, body) = if path == "/metrics" || path == "/" {
-                    refresh();
-                    ("200 OK", handle.render())
-                } else {
-                    ("404 Not Found", "try /metrics\n".to_string())
-                };
-                let head = format!(
-                    "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                    body.len()
-                );
-                let _ = s.write_all(head.as_bytes()).await;
-                let _ = s.write_all(body.as_bytes()).await;
-                let _ = s.shutdown().await;
-            });
-        }
+            })
+            .await
     });
     Ok(())
+}
+
+/// Answers one HTTP request.
+async fn answer(mut s: Stream, handle: &PrometheusHandle, refresh: &Refresh) {
+    let Some(req) = read_head(&mut s).await else {
+        return;
+    };
+    let line = String::from_utf8_lossy(&req);
+    let path = line.split_whitespace().nth(1).unwrap_or("");
+    let (status, body) = if path == "/metrics" || path == "/" {
+        refresh();
+        ("200 OK", handle.render())
+    } else {
+        ("404 Not Found", "try /metrics\n".to_string())
+    };
+    let head = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    let _ = s.write_all(head.as_bytes()).await;
+    let _ = s.write_all(body.as_bytes()).await;
+    let _ = s.shutdown().await;
+}
+
+/// Reads up to the end of the request head (8 KiB at most); `None` if the client goes away.
+async fn read_head(s: &mut Stream) -> Option<Vec<u8>> {
+    let mut req = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !req.windows(4).any(|w| w == b"\r\n\r\n") && req.len() < 8192 {
+        match s.read(&mut buf).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => req.extend_from_slice(&buf[..n]),
+        }
+    }
+    Some(req)
 }

@@ -1,6 +1,7 @@
 //! Malformed and hostile NBD traffic against our server: every case gets the protocol's error
 //! reply or a clean disconnect of that one client, and afterwards the server still serves the
-//! right bytes to a well-behaved client that stayed connected throughout.
+//! right bytes to a well-behaved client that stayed connected throughout. Clients that hold
+//! resources (connection slots, payload memory) without using them get them taken back.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -16,13 +17,22 @@ use tokio::net::UnixStream;
 
 const SIZE: u64 = 128 << 20;
 
+/// Tests that make the server hold much memory run one at a time, so that each measures its
+/// own.
+static HEAVY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 struct Fixture {
     _dir: tempfile::TempDir,
     sock: std::path::PathBuf,
     dev: Arc<MemoryDev>,
+    server: Arc<Server>,
 }
 
 async fn start() -> Fixture {
+    start_with(ServerConfig::default()).await
+}
+
+async fn start_with(config: ServerConfig) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("s.sock");
     let dev = Arc::new(MemoryDev::new(SIZE));
@@ -31,15 +41,17 @@ async fn start() -> Fixture {
     let mut ro = Export::new("ro", Arc::new(MemoryDev::new(1 << 20)));
     ro.read_only = true;
     set.add(ro);
-    let server = Server::new(set, ServerConfig::default());
+    let server = Server::new(set, config);
     let l = Listener::bind(&SocketAddr::Unix(sock.clone()))
         .await
         .unwrap();
-    tokio::spawn(async move { server.serve(l).await });
+    let serving = server.clone();
+    tokio::spawn(async move { serving.serve(l).await });
     Fixture {
         _dir: dir,
         sock,
         dev,
+        server,
     }
 }
 
@@ -98,8 +110,16 @@ fn request(kind: u16, flags: u16, cookie: u64, offset: u64, length: u32) -> Vec<
 
 /// Reads until the server closes; fails if it does not close in time.
 async fn expect_closed(s: &mut UnixStream) {
-    let mut buf = [0u8; 4096];
-    let r = tokio::time::timeout(Duration::from_secs(5), async {
+    assert!(
+        closed_within(s, Duration::from_secs(5)).await,
+        "server did not close the connection"
+    );
+}
+
+/// Reads until the server closes; whether it did within `within`.
+async fn closed_within(s: &mut UnixStream, within: Duration) -> bool {
+    let mut buf = [0u8; 65536];
+    tokio::time::timeout(within, async {
         loop {
             match s.read(&mut buf).await {
                 Ok(0) | Err(_) => return,
@@ -107,8 +127,8 @@ async fn expect_closed(s: &mut UnixStream) {
             }
         }
     })
-    .await;
-    assert!(r.is_ok(), "server did not close the connection");
+    .await
+    .is_ok()
 }
 
 async fn expect_simple_reply(s: &mut UnixStream, errno: u32, cookie: u64) {
@@ -166,6 +186,7 @@ fn closing_handshakes() -> Vec<(&'static str, Vec<u8>)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_handshakes_and_requests_leave_the_server_serving_correct_data() {
+    let _heavy = HEAVY.lock().await;
     let f = start().await;
     let good_data = Bytes::from(
         (0..65536u32)
@@ -364,4 +385,323 @@ async fn pipelined_requests_each_get_their_own_reply() {
             "block {i}"
         );
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Connection slots
+// ---------------------------------------------------------------------------------------------
+
+/// Whether the server greets a new connection within `within`.
+async fn greeted_within(s: &mut UnixStream, within: Duration) -> bool {
+    let mut hello = [0u8; 18];
+    matches!(
+        tokio::time::timeout(within, s.read_exact(&mut hello)).await,
+        Ok(Ok(_))
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_connects_and_says_nothing_is_closed_after_the_handshake_timeout() {
+    let f = start_with(ServerConfig {
+        handshake_timeout: Duration::from_millis(300),
+        ..ServerConfig::default()
+    })
+    .await;
+    let mut silent = greet(&f.sock).await;
+
+    let started = tokio::time::Instant::now();
+    expect_closed(&mut silent).await;
+
+    assert!(started.elapsed() < Duration::from_secs(3));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_the_connection_bound_a_client_waits_until_a_slot_frees() {
+    let f = start_with(ServerConfig {
+        max_connections: 4,
+        ..ServerConfig::default()
+    })
+    .await;
+    let mut open = Vec::new();
+    for _ in 0..4 {
+        open.push(attach(&f.sock, "disk").await);
+    }
+    let mut waiting = UnixStream::connect(&f.sock).await.unwrap();
+    assert!(!greeted_within(&mut waiting, Duration::from_millis(300)).await);
+
+    drop(open.pop());
+
+    assert!(greeted_within(&mut waiting, Duration::from_secs(5)).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_clients_at_the_bound_give_their_slots_back_after_the_handshake_timeout() {
+    let f = start_with(ServerConfig {
+        max_connections: 8,
+        handshake_timeout: Duration::from_millis(300),
+        ..ServerConfig::default()
+    })
+    .await;
+    let mut silent = Vec::new();
+    for _ in 0..8 {
+        silent.push(greet(&f.sock).await);
+    }
+
+    let mut s = UnixStream::connect(&f.sock).await.unwrap();
+
+    assert!(greeted_within(&mut s, Duration::from_secs(5)).await);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Payload memory
+// ---------------------------------------------------------------------------------------------
+
+const MIB: usize = 1 << 20;
+/// Where the abusive clients read (filled with data, so replies are real memory) or write.
+const ABUSED: u64 = 0;
+/// Where the well-behaved client works.
+const GOOD: u64 = 96 << 20;
+const ABUSERS: usize = 40;
+
+/// This process's resident memory.
+fn rss() -> usize {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    let kib: usize = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+    kib * 1024
+}
+
+/// Samples this process's resident memory until dropped; `peak()` is the most seen.
+struct RssWatch {
+    peak: Arc<std::sync::atomic::AtomicUsize>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl RssWatch {
+    fn start() -> Self {
+        use std::sync::atomic::Ordering;
+        let peak = Arc::new(std::sync::atomic::AtomicUsize::new(rss()));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (p, s) = (peak.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                p.fetch_max(rss(), Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        });
+        RssWatch { peak, stop }
+    }
+
+    fn peak(&self) -> usize {
+        self.peak.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl Drop for RssWatch {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Bytes that differ from one `seed` to the next.
+fn pattern(seed: u64, len: usize) -> Bytes {
+    (0..len as u64)
+        .map(|i| (i.wrapping_mul(seed | 1) >> 3 ^ seed) as u8)
+        .collect()
+}
+
+/// A client that writes 64 KiB and reads it back, `rounds` times, checking every byte; returns
+/// each request's latency.
+async fn well_behaved(sock: &Path, rounds: u64) -> Vec<Duration> {
+    let mut s = attach(sock, "disk").await;
+    let mut latencies = Vec::new();
+    for i in 0..rounds {
+        let offset = GOOD + (i % 16) * 65536;
+        let data = pattern(i, 65536);
+        let t = tokio::time::Instant::now();
+        s.write_all(&[request(CMD_WRITE, 0, i, offset, 65536), data.to_vec()].concat())
+            .await
+            .unwrap();
+        expect_simple_reply(&mut s, 0, i).await;
+        latencies.push(t.elapsed());
+        let t = tokio::time::Instant::now();
+        s.write_all(&request(CMD_READ, 0, i, offset, 65536))
+            .await
+            .unwrap();
+        expect_simple_reply(&mut s, 0, i).await;
+        let mut got = vec![0u8; 65536];
+        s.read_exact(&mut got).await.unwrap();
+        latencies.push(t.elapsed());
+        assert!(got == data, "round {i}: read back other bytes");
+    }
+    latencies
+}
+
+fn report(what: &str, mut latencies: Vec<Duration>) {
+    latencies.sort();
+    let at = |q: f64| latencies[((latencies.len() - 1) as f64 * q) as usize];
+    eprintln!(
+        "{what}: {} requests, p50 {:?}, p99 {:?}, max {:?}",
+        latencies.len(),
+        at(0.5),
+        at(0.99),
+        at(1.0)
+    );
+}
+
+/// The server's payload budget, and what the abusers may hold beyond it: buffers, the
+/// allocator's slack.
+const BUDGET: usize = 256 * MIB;
+const SLACK: usize = 64 * MIB;
+
+async fn start_abused() -> Fixture {
+    let f = start_with(ServerConfig {
+        payload_budget: nbd::server::PayloadBudget::new(BUDGET),
+        ..ServerConfig::default()
+    })
+    .await;
+    f.dev
+        .write(ABUSED, pattern(99, 64 * MIB), WriteFlags::default())
+        .await
+        .unwrap();
+    f
+}
+
+/// Starts a server with data to read, lets `abuse` loose on it, then runs a well-behaved
+/// client beside the abusers. Reports the memory and the client's latencies; fails if the
+/// server held more than its budget or the process grew past the budget and the slack.
+async fn beside_abuse<A, Fut, T>(what: &str, abuse: A) -> (Fixture, T)
+where
+    A: FnOnce(std::path::PathBuf) -> Fut,
+    Fut: std::future::Future<Output = T>,
+{
+    let f = start_abused().await;
+    let baseline = rss();
+    let watch = RssWatch::start();
+    let abusers = abuse(f.sock.clone()).await;
+    settle().await;
+
+    let latencies = well_behaved(&f.sock, 200).await;
+
+    let grown = watch.peak().saturating_sub(baseline);
+    let held = f.server.payload_budget().peak();
+    eprintln!(
+        "{what}: RSS grew {} MiB, payload held at most {} MiB",
+        grown / MIB,
+        held / MIB
+    );
+    report(&format!("well-behaved client beside {what}"), latencies);
+    assert!(held <= BUDGET);
+    assert!(grown <= BUDGET + SLACK, "RSS grew by {} MiB", grown / MIB);
+    (f, abusers)
+}
+
+/// Gives the abusers time to take what they can.
+async fn settle() {
+    tokio::time::sleep(Duration::from_millis(500)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forty_clients_that_never_read_replies_stay_within_the_payload_budget() {
+    let _heavy = HEAVY.lock().await;
+
+    let (_f, abusers) = beside_abuse("40 clients that never read", |sock| async move {
+        let mut abusers = Vec::new();
+        for a in 0..ABUSERS as u64 {
+            let mut s = attach(&sock, "disk").await;
+            let reads: Vec<u8> = (0..64)
+                .flat_map(|i| {
+                    let offset = ABUSED + (a + i) % 64 * MIB as u64;
+                    request(CMD_READ, 0, i, offset, MIB as u32)
+                })
+                .collect();
+            s.write_all(&reads).await.unwrap();
+            abusers.push(s);
+        }
+        abusers
+    })
+    .await;
+
+    drop(abusers);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forty_half_sent_large_writes_stay_within_the_payload_budget_and_change_nothing() {
+    let _heavy = HEAVY.lock().await;
+
+    let (f, abusers) = beside_abuse("40 half-sent 32 MiB writes", |sock| async move {
+        let half = Bytes::from(vec![0xEE; 16 * MIB]);
+        let mut abusers = Vec::new();
+        for a in 0..ABUSERS as u64 {
+            let mut s = attach(&sock, "disk").await;
+            let half = half.clone();
+            abusers.push(tokio::spawn(async move {
+                let header = request(CMD_WRITE, 0, a, 64 * MIB as u64, 32 * MIB as u32);
+                // The server may close the connection before it has taken all of it.
+                if s.write_all(&header).await.is_ok() {
+                    let _ = s.write_all(&half).await;
+                }
+                s
+            }));
+        }
+        abusers
+    })
+    .await;
+
+    let target = f.dev.read(64 * MIB as u64, 32 * MIB).await.unwrap();
+    assert!(target.iter().all(|&b| b == 0), "a half-sent write landed");
+    for a in abusers {
+        a.abort();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_that_sit_on_the_shared_budget_are_closed_when_another_client_needs_it() {
+    let _heavy = HEAVY.lock().await;
+    let f = start_with(ServerConfig {
+        payload_budget: nbd::server::PayloadBudget::new(nbd::server::PayloadBudget::MIN_BYTES),
+        stall_timeout: Duration::from_millis(300),
+        ..ServerConfig::default()
+    })
+    .await;
+    // Two clients that never read take the whole shared part (48 MiB of the 64), and nobody
+    // waits yet.
+    let mut abusers = Vec::new();
+    for a in 0..2u64 {
+        let mut s = attach(&f.sock, "disk").await;
+        for i in 0..24 {
+            s.write_all(&request(
+                CMD_READ,
+                0,
+                i,
+                (a * 32 + i) * MIB as u64 % SIZE,
+                MIB as u32,
+            ))
+            .await
+            .unwrap();
+        }
+        abusers.push(s);
+    }
+    settle().await;
+    assert_eq!(f.server.payload_budget().in_use(), 48 * MIB);
+    let mut good = attach(&f.sock, "disk").await;
+
+    // More than its allowance: it must wait for the shared part.
+    good.write_all(&request(CMD_READ, 0, 1, GOOD, 4 * MIB as u32))
+        .await
+        .unwrap();
+
+    expect_simple_reply(&mut good, 0, 1).await;
+    let mut got = vec![0u8; 4 * MIB];
+    good.read_exact(&mut got).await.unwrap();
+    assert!(
+        f.server.payload_budget().in_use() <= 24 * MIB,
+        "a closed client's budget was not given back"
+    );
+    // Closing one was enough; the other may stay, as nobody waits any more.
+    let mut closed = 0;
+    for s in &mut abusers {
+        closed += closed_within(s, Duration::from_secs(2)).await as usize;
+    }
+    assert!(closed >= 1, "no client that sat on the budget was closed");
 }

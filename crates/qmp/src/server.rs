@@ -1,14 +1,20 @@
 //! The QMP server side: greeting, capabilities negotiation, dispatch to a [`Handler`],
 //! replies with the request's `id`, and events broadcast to every negotiated client.
+//!
+//! A session that has not finished `qmp_capabilities` within the negotiation timeout, sends no
+//! message for the idle timeout, or takes none of our output for the idle timeout is closed, so
+//! that silent clients cannot keep the control socket's connection slots.
 
+use std::io;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use serde_json::{Map, Value, json};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::broadcast;
-use tracing::debug;
+use tokio::time::Instant;
+use tracing::{debug, info};
 
 use crate::framing::{Frame, Framer};
 use crate::{Args, ErrorClass, QmpError};
@@ -42,15 +48,45 @@ pub struct QmpServer {
     handler: Arc<dyn Handler>,
     events: broadcast::Sender<Event>,
     package: String,
+    negotiation_timeout: Duration,
+    idle_timeout: Duration,
 }
 
 impl QmpServer {
+    /// A client must finish `qmp_capabilities` this soon after connecting: every QMP client
+    /// negotiates at once, and one that does not is not a QMP client.
+    pub const DEFAULT_NEGOTIATION_TIMEOUT: Duration = Duration::from_secs(10);
+    /// A session that sends no message for this long is closed. Ten minutes: far longer than
+    /// any pause between an orchestrator's commands, short enough that abandoned sessions give
+    /// their slots back. A client that only listens for events sends a command (such as
+    /// `query-version`) now and then.
+    pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
+
+    /// A server for `handler`, announcing `package` in its greeting, with the default timeouts.
     pub fn new(handler: Arc<dyn Handler>, package: impl Into<String>) -> Arc<Self> {
+        Self::with_timeouts(
+            handler,
+            package,
+            Self::DEFAULT_NEGOTIATION_TIMEOUT,
+            Self::DEFAULT_IDLE_TIMEOUT,
+        )
+    }
+
+    /// [`QmpServer::new`] with other timeouts: for negotiation, and for idle sessions (no
+    /// message from the client, or none of our output taken, for that long).
+    pub fn with_timeouts(
+        handler: Arc<dyn Handler>,
+        package: impl Into<String>,
+        negotiation: Duration,
+        idle: Duration,
+    ) -> Arc<Self> {
         let (events, _) = broadcast::channel(1024);
         Arc::new(QmpServer {
             handler,
             events,
             package: package.into(),
+            negotiation_timeout: negotiation,
+            idle_timeout: idle,
         })
     }
 
@@ -80,39 +116,55 @@ impl QmpServer {
         }})
     }
 
-    async fn session<R, W>(&self, r: &mut R, w: &mut W) -> std::io::Result<()>
+    async fn session<R, W>(&self, r: &mut R, w: &mut W) -> io::Result<()>
     where
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
     {
-        send(w, &self.greeting()).await?;
+        let negotiate_by = Instant::now() + self.negotiation_timeout;
+        let mut idle_from = Instant::now();
+        self.send(w, &self.greeting()).await?;
         let mut framer = Framer::new();
         let mut events: Option<broadcast::Receiver<Event>> = None;
         let mut buf = vec![0u8; 8192];
         loop {
             while let Some(frame) = framer.next_frame() {
+                idle_from = Instant::now();
                 let reply = match frame {
                     Frame::Malformed(msg) => Some(error_reply(&QmpError::generic(msg), None)),
                     Frame::Message(v) => self.dispatch(v, &mut events).await,
                 };
                 if let Some(reply) = reply {
-                    send(w, &reply).await?;
+                    self.send(w, &reply).await?;
                 }
+            }
+            let mut deadline = idle_from + self.idle_timeout;
+            if events.is_none() {
+                deadline = deadline.min(negotiate_by);
             }
             let n = tokio::select! {
                 n = r.read(&mut buf) => n?,
                 ev = next_event(&mut events) => {
                     if let Some(ev) = ev {
-                        send(w, &event_json(&ev)).await?;
+                        self.send(w, &event_json(&ev)).await?;
                     }
                     continue;
+                }
+                _ = tokio::time::sleep_until(deadline) => {
+                    let why = if events.is_none() {
+                        "did not finish capabilities negotiation"
+                    } else {
+                        "sent nothing"
+                    };
+                    info!("closing a QMP client that {why} in time");
+                    return Ok(());
                 }
             };
             if n == 0 {
                 return Ok(());
             }
             if framer.push(&buf[..n]).is_err() {
-                send(
+                self.send(
                     w,
                     &error_reply(&QmpError::generic("QMP message too large"), None),
                 )
@@ -120,6 +172,13 @@ impl QmpServer {
                 return Ok(());
             }
         }
+    }
+
+    /// Sends one message; a client that takes none of it for the idle timeout is gone.
+    async fn send<W: AsyncWrite + Unpin>(&self, w: &mut W, v: &Value) -> io::Result<()> {
+        tokio::time::timeout(self.idle_timeout, send(w, v))
+            .await
+            .unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into()))
     }
 
     async fn dispatch(

@@ -1,0 +1,336 @@
+//! The handshake phase: fixed newstyle option negotiation, up to the export the client picks.
+//!
+//! [`handle_option`] answers one option into a buffer and is pure apart from the export lookup,
+//! so every option's reply is written in one place and tested without sockets.
+
+use std::sync::Arc;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use super::export::{Export, ExportSet};
+use super::{ConnError, Session};
+use crate::proto::*;
+
+/// Option negotiation state that options change.
+#[derive(Default)]
+struct Negotiation {
+    no_zeroes: bool,
+    structured: bool,
+    /// Export the `base:allocation` context was selected for.
+    meta_for: Option<String>,
+}
+
+/// Runs the fixed-newstyle handshake. `Ok(None)`: the client aborted politely.
+pub(super) async fn negotiate<R, W>(
+    r: &mut R,
+    w: &mut W,
+    exports: &ExportSet,
+) -> Result<Option<Session>, ConnError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut hello = BytesMut::with_capacity(18);
+    hello.put_u64(NBDMAGIC);
+    hello.put_u64(IHAVEOPT);
+    hello.put_u16(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES);
+    w.write_all(&hello).await?;
+    w.flush().await?;
+
+    let client_flags = r.read_u32().await?;
+    if client_flags & !(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES) != 0 {
+        return Err(ConnError::Protocol(format!(
+            "unknown client flags {client_flags:#x}"
+        )));
+    }
+    let mut st = Negotiation {
+        no_zeroes: client_flags & FLAG_C_NO_ZEROES != 0,
+        ..Default::default()
+    };
+
+    loop {
+        let magic = r.read_u64().await?;
+        if magic != IHAVEOPT {
+            return Err(ConnError::Protocol(format!("bad option magic {magic:#x}")));
+        }
+        let option = r.read_u32().await?;
+        let len = r.read_u32().await?;
+        if len > MAX_OPTION_LEN {
+            return Err(ConnError::Protocol(format!(
+                "option {option} of {len} bytes is too large"
+            )));
+        }
+        let mut data = BytesMut::zeroed(len as usize);
+        r.read_exact(&mut data).await?;
+        let data = data.freeze();
+        let mut out = BytesMut::new();
+        let outcome = handle_option(option, data, &mut st, exports, &mut out);
+        w.write_all(&out).await?;
+        w.flush().await?;
+        match outcome {
+            OptionOutcome::Continue => {}
+            OptionOutcome::Abort => return Ok(None),
+            OptionOutcome::Close(why) => return Err(ConnError::Protocol(why)),
+            OptionOutcome::Transmit(export) => {
+                let base_allocation = st.structured && st.meta_for.as_deref() == Some(&export.name);
+                return Ok(Some(Session {
+                    export,
+                    structured: st.structured,
+                    base_allocation,
+                }));
+            }
+        }
+    }
+}
+
+enum OptionOutcome {
+    Continue,
+    Abort,
+    Close(String),
+    Transmit(Arc<Export>),
+}
+
+fn error_reply(out: &mut BytesMut, option: u32, kind: u32, msg: &str) -> OptionOutcome {
+    option_reply(out, option, kind, msg.as_bytes());
+    OptionOutcome::Continue
+}
+
+/// Answers one option into `out`. Pure apart from the export lookup: the fuzz target drives it.
+fn handle_option(
+    option: u32,
+    data: Bytes,
+    st: &mut Negotiation,
+    exports: &ExportSet,
+    out: &mut BytesMut,
+) -> OptionOutcome {
+    match option {
+        OPT_EXPORT_NAME => {
+            let Ok(name) = std::str::from_utf8(&data) else {
+                return OptionOutcome::Close("export name is not UTF-8".into());
+            };
+            // This option has no error reply: an unknown export ends the session.
+            let Some(export) = exports.get(name) else {
+                return OptionOutcome::Close(format!("unknown export '{name}'"));
+            };
+            out.put_u64(export.dev.len());
+            out.put_u16(export.transmission_flags());
+            if !st.no_zeroes {
+                out.put_bytes(0, 124);
+            }
+            OptionOutcome::Transmit(export)
+        }
+        OPT_ABORT => {
+            option_reply(out, option, REP_ACK, &[]);
+            OptionOutcome::Abort
+        }
+        OPT_LIST => {
+            if !data.is_empty() {
+                return error_reply(out, option, REP_ERR_INVALID, "NBD_OPT_LIST takes no data");
+            }
+            for e in exports.list() {
+                let mut d = BytesMut::new();
+                d.put_u32(e.name.len() as u32);
+                d.put_slice(e.name.as_bytes());
+                d.put_slice(e.description.as_bytes());
+                option_reply(out, option, REP_SERVER, &d);
+            }
+            option_reply(out, option, REP_ACK, &[]);
+            OptionOutcome::Continue
+        }
+        OPT_STRUCTURED_REPLY => {
+            if !data.is_empty() {
+                return error_reply(
+                    out,
+                    option,
+                    REP_ERR_INVALID,
+                    "NBD_OPT_STRUCTURED_REPLY takes no data",
+                );
+            }
+            st.structured = true;
+            option_reply(out, option, REP_ACK, &[]);
+            OptionOutcome::Continue
+        }
+        OPT_INFO | OPT_GO => info_or_go(option, data, st, exports, out),
+        OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
+            meta_context(option, data, st, exports, out)
+        }
+        OPT_STARTTLS => error_reply(
+            out,
+            option,
+            REP_ERR_UNSUP,
+            "TLS is not supported by this server",
+        ),
+        _ => error_reply(
+            out,
+            option,
+            REP_ERR_UNSUP,
+            &format!("option {option} is not supported"),
+        ),
+    }
+}
+
+/// Looks up the export an option names, answering NBD_REP_ERR_UNKNOWN when there is none.
+fn known_export(
+    exports: &ExportSet,
+    name: &str,
+    option: u32,
+    out: &mut BytesMut,
+) -> Result<Arc<Export>, OptionOutcome> {
+    exports.get(name).ok_or_else(|| {
+        error_reply(
+            out,
+            option,
+            REP_ERR_UNKNOWN,
+            &format!("unknown export '{name}'"),
+        )
+    })
+}
+
+fn info_or_go(
+    option: u32,
+    data: Bytes,
+    st: &mut Negotiation,
+    exports: &ExportSet,
+    out: &mut BytesMut,
+) -> OptionOutcome {
+    let req = match InfoRequest::parse(data) {
+        Ok(r) => r,
+        Err(e) => return error_reply(out, option, REP_ERR_INVALID, &e.to_string()),
+    };
+    let export = match known_export(exports, &req.name, option, out) {
+        Ok(e) => e,
+        Err(outcome) => return outcome,
+    };
+    let mut info = |kind: u16, body: &dyn Fn(&mut BytesMut)| {
+        let mut d = BytesMut::new();
+        d.put_u16(kind);
+        body(&mut d);
+        option_reply(out, option, REP_INFO, &d);
+    };
+    info(INFO_EXPORT, &|d| {
+        d.put_u64(export.dev.len());
+        d.put_u16(export.transmission_flags());
+    });
+    if req.infos.contains(&INFO_NAME) {
+        info(INFO_NAME, &|d| d.put_slice(export.name.as_bytes()));
+    }
+    if req.infos.contains(&INFO_DESCRIPTION) && !export.description.is_empty() {
+        info(INFO_DESCRIPTION, &|d| {
+            d.put_slice(export.description.as_bytes())
+        });
+    }
+    let sizes = export.dev.info();
+    info(INFO_BLOCK_SIZE, &|d| {
+        d.put_u32(sizes.min_block.max(1));
+        d.put_u32(sizes.preferred_block.max(sizes.min_block).max(512));
+        d.put_u32(sizes.max_request.min(MAX_PAYLOAD));
+    });
+    option_reply(out, option, REP_ACK, &[]);
+    if option == OPT_GO {
+        // A context selected for another export does not carry over.
+        if st.meta_for.as_deref() != Some(&export.name) {
+            st.meta_for = None;
+        }
+        OptionOutcome::Transmit(export)
+    } else {
+        OptionOutcome::Continue
+    }
+}
+
+fn meta_context(
+    option: u32,
+    data: Bytes,
+    st: &mut Negotiation,
+    exports: &ExportSet,
+    out: &mut BytesMut,
+) -> OptionOutcome {
+    let req = match MetaContextRequest::parse(data) {
+        Ok(r) => r,
+        Err(e) => return error_reply(out, option, REP_ERR_INVALID, &e.to_string()),
+    };
+    if option == OPT_SET_META_CONTEXT && !st.structured {
+        return error_reply(
+            out,
+            option,
+            REP_ERR_INVALID,
+            "structured replies must be negotiated first",
+        );
+    }
+    let export = match known_export(exports, &req.name, option, out) {
+        Ok(e) => e,
+        Err(outcome) => return outcome,
+    };
+    let list_all = option == OPT_LIST_META_CONTEXT && req.queries.is_empty();
+    let selected = list_all || req.queries.iter().any(|q| query_matches_base_allocation(q));
+    if selected {
+        let mut d = BytesMut::new();
+        d.put_u32(BASE_ALLOCATION_ID);
+        d.put_slice(BASE_ALLOCATION.as_bytes());
+        option_reply(out, option, REP_META_CONTEXT, &d);
+    }
+    if option == OPT_SET_META_CONTEXT {
+        st.meta_for = selected.then(|| export.name.clone());
+    }
+    option_reply(out, option, REP_ACK, &[]);
+    OptionOutcome::Continue
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use blockdev::MemoryDev;
+
+    fn exports() -> ExportSet {
+        let set = ExportSet::new();
+        set.add(Export::new("disk", Arc::new(MemoryDev::new(1 << 20))));
+        set
+    }
+
+    #[test]
+    fn go_for_unknown_export_replies_err_unknown_and_goes_on() {
+        let mut st = Negotiation::default();
+        let mut data = BytesMut::new();
+        InfoRequest {
+            name: "nope".into(),
+            infos: vec![],
+        }
+        .encode(&mut data);
+        let mut out = BytesMut::new();
+        let o = handle_option(OPT_GO, data.freeze(), &mut st, &exports(), &mut out);
+        assert!(matches!(o, OptionOutcome::Continue));
+        assert_eq!(&out[8..12], &OPT_GO.to_be_bytes());
+        assert_eq!(&out[12..16], &REP_ERR_UNKNOWN.to_be_bytes());
+    }
+
+    #[test]
+    fn set_meta_context_needs_structured_replies() {
+        let mut st = Negotiation::default();
+        let mut data = BytesMut::new();
+        MetaContextRequest {
+            name: "disk".into(),
+            queries: vec![BASE_ALLOCATION.into()],
+        }
+        .encode(&mut data);
+        let mut out = BytesMut::new();
+        handle_option(
+            OPT_SET_META_CONTEXT,
+            data.clone().freeze(),
+            &mut st,
+            &exports(),
+            &mut out,
+        );
+        assert_eq!(&out[12..16], &REP_ERR_INVALID.to_be_bytes());
+        st.structured = true;
+        out.clear();
+        handle_option(
+            OPT_SET_META_CONTEXT,
+            data.freeze(),
+            &mut st,
+            &exports(),
+            &mut out,
+        );
+        assert_eq!(&out[12..16], &REP_META_CONTEXT.to_be_bytes());
+        assert_eq!(st.meta_for.as_deref(), Some("disk"));
+    }
+}

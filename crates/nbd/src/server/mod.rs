@@ -1,0 +1,225 @@
+//! The NBD server: serves [`blockdev::BlockDev`]s as named exports over unix and TCP sockets.
+//!
+//! ```text
+//!  net::Acceptor --(one task per client, at most max_connections)--> handshake (options)
+//!                                           |                        within handshake_timeout
+//!                                           v
+//!      connection task: read header [+ payload] -> request future --BlockDev--> reply
+//!          (all of a connection's requests are      ^ bounded per connection and by |
+//!           polled by its one task)                 | the server's payload budget   |
+//!                 '-- budget freed -- writer task <---- replies ready together -----'
+//! ```
+//!
+//! One file per phase: [`export`] (what is offered), `handshake` (option negotiation),
+//! `transmission` (the request loop and the writer), `command` (running one request and
+//! framing its reply), [`budget`] (memory for payloads).
+//!
+//! Replies leave in completion order, so one slow request does not hold up the others (devices
+//! run on the connection's own thread only calls they measured to be fast). Bad
+//! traffic from one client ends that client's connection (or gets the protocol's error reply)
+//! and touches nothing else; memory for payloads is one budget for all clients, and a client
+//! that sits on its share while others wait for it is closed. [`Server::shutdown`] stops
+//! accepting and reading, lets in-flight requests finish, and [`Server::finish`] then flushes
+//! every export.
+
+pub mod budget;
+mod command;
+pub mod export;
+mod handshake;
+mod transmission;
+
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+
+use blockdev::BlockError;
+use net::{Acceptor, Connection};
+use tokio::io::{AsyncRead, AsyncWrite, BufReader, BufWriter};
+use tokio_util::either::Either;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info};
+
+pub use budget::PayloadBudget;
+pub use export::{Export, ExportSet};
+/// Listening sockets live in the `net` crate; this path stays for existing users.
+pub use net::Listener;
+
+use handshake::negotiate;
+use transmission::transmission;
+
+/// Server limits.
+///
+/// Clones share the payload budget: give two servers of one daemon clones of one config and
+/// they share one budget.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// A client must finish negotiating within this time (qemu-nbd's default, 10 s), so that
+    /// clients that connect and say nothing do not keep connection slots.
+    pub handshake_timeout: Duration,
+    /// Connections open at once on each listener; more wait in the listen queue until one
+    /// closes.
+    pub max_connections: usize,
+    /// Requests in flight per connection.
+    pub max_requests: usize,
+    /// Payload and read bytes in flight per connection (at least one maximal request): one
+    /// client alone cannot take the whole payload budget.
+    pub max_bytes: usize,
+    /// Memory for write payloads and read replies, shared by every connection.
+    pub payload_budget: PayloadBudget,
+    /// While requests wait for payload budget, a connection that holds some and has moved no
+    /// byte of a reply or of a write payload for this long is closed; at shutdown, a client
+    /// that takes no reply for this long is not waited for.
+    pub stall_timeout: Duration,
+}
+
+impl ServerConfig {
+    /// Default for [`ServerConfig::max_connections`]: enough for every VM, tool and peer that
+    /// reasonably share an export, and with the control socket's and the metrics endpoint's
+    /// bounds still under the usual 1024 open files when the limit cannot be raised.
+    pub const DEFAULT_MAX_CONNECTIONS: usize = 256;
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            handshake_timeout: Duration::from_secs(10),
+            max_connections: Self::DEFAULT_MAX_CONNECTIONS,
+            max_requests: 128,
+            max_bytes: 32 << 20,
+            payload_budget: PayloadBudget::default(),
+            stall_timeout: Duration::from_secs(1),
+        }
+    }
+}
+
+/// An NBD server over an [`ExportSet`].
+pub struct Server {
+    exports: ExportSet,
+    config: ServerConfig,
+    stop: CancellationToken,
+    tasks: TaskTracker,
+}
+
+impl Server {
+    /// A server for `exports`; it serves once given a listener ([`Server::serve`]) or a stream
+    /// ([`Server::serve_stream`]).
+    pub fn new(exports: ExportSet, config: ServerConfig) -> Arc<Self> {
+        Arc::new(Server {
+            exports,
+            config,
+            stop: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+        })
+    }
+
+    /// The exports served; changes show to clients that connect afterwards.
+    pub fn exports(&self) -> &ExportSet {
+        &self.exports
+    }
+
+    /// The payload budget, to watch what the server holds.
+    pub fn payload_budget(&self) -> &PayloadBudget {
+        &self.config.payload_budget
+    }
+
+    /// Accepts clients on `listener` until [`Server::shutdown`].
+    pub async fn serve(self: &Arc<Self>, listener: Listener) -> io::Result<()> {
+        let acceptor = Acceptor::new("nbd", self.config.max_connections)
+            .with_stop(self.stop.clone())
+            .with_tasks(self.tasks.clone());
+        acceptor.run(&listener, |c| self.clone().accepted(c)).await;
+        Ok(())
+    }
+
+    async fn accepted(self: Arc<Self>, c: Connection) {
+        let peer = c.peer.to_string();
+        // Owned halves: no lock between the reader and the writer task.
+        match c.stream {
+            Either::Left(s) => {
+                let (r, w) = s.into_split();
+                self.connection(r, w, peer).await
+            }
+            Either::Right(s) => {
+                let (r, w) = s.into_split();
+                self.connection(r, w, peer).await
+            }
+        }
+    }
+
+    /// Serves one already-connected client (any byte stream) to completion.
+    pub async fn serve_stream<S>(self: &Arc<Self>, stream: S)
+    where
+        S: AsyncRead + AsyncWrite + Send + 'static,
+    {
+        let (r, w) = tokio::io::split(stream);
+        self.tasks
+            .track_future(self.clone().connection(r, w, "stream".into()))
+            .await
+    }
+
+    async fn connection<R, W>(self: Arc<Self>, r: R, w: W, peer: String)
+    where
+        R: AsyncRead + Unpin + Send + 'static,
+        W: AsyncWrite + Unpin + Send + 'static,
+    {
+        let mut r = BufReader::with_capacity(64 * 1024, r);
+        let mut w = BufWriter::with_capacity(64 * 1024, w);
+        let negotiated = tokio::select! {
+            _ = self.stop.cancelled() => return,
+            r = tokio::time::timeout(self.config.handshake_timeout, negotiate(&mut r, &mut w, &self.exports)) => r,
+        };
+        let session = match negotiated {
+            Ok(Ok(Some(s))) => s,
+            Ok(Ok(None)) => return,
+            Ok(Err(e)) => {
+                debug!(%peer, "negotiation ended: {e}");
+                return;
+            }
+            Err(_) => {
+                info!(%peer, timeout = ?self.config.handshake_timeout, "closing a client that did not finish negotiating in time");
+                return;
+            }
+        };
+        info!(%peer, export = %session.export.name, structured = session.structured, "client connected");
+        if let Err(e) = transmission(r, w.into_inner(), session, &self, &peer).await {
+            debug!(%peer, "connection ended: {e}");
+        }
+    }
+
+    /// Stops accepting and reading new requests; in-flight requests finish.
+    pub fn shutdown(&self) {
+        self.stop.cancel();
+        self.tasks.close();
+    }
+
+    /// After [`Server::shutdown`]: waits for every connection to end, then flushes every export.
+    pub async fn finish(&self) -> Result<(), BlockError> {
+        self.tasks.close();
+        self.tasks.wait().await;
+        for e in self.exports.list() {
+            if !e.is_read_only() {
+                e.dev.flush().await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What negotiation settled for the transmission phase.
+struct Session {
+    export: Arc<Export>,
+    structured: bool,
+    base_allocation: bool,
+}
+
+/// Why a connection ended early.
+#[derive(Debug, thiserror::Error)]
+enum ConnError {
+    #[error("I/O: {0}")]
+    Io(#[from] io::Error),
+    #[error("protocol violation: {0}")]
+    Protocol(String),
+    #[error("the client moved nothing for {0:?} while others waited for memory")]
+    Stalled(Duration),
+}
