@@ -60,9 +60,6 @@ pub enum ReplicationError {
     /// The internal overlay store could not be created.
     #[error("cannot create the overlay store")]
     Store(#[source] BlockError),
-    /// Primary: `start` before a link to the secondary was set.
-    #[error("no secondary link is set: connect to the secondary first")]
-    NoLink,
     /// Primary: the secondary's disk has another length.
     #[error("disk lengths differ: the primary disk has {local} bytes, the secondary {remote}")]
     DiskLengthMismatch {
@@ -89,6 +86,14 @@ pub enum ReplicationError {
     )]
     Unsynced {
         /// Bytes the resync has yet to copy.
+        bytes: u64,
+    },
+    /// Primary: a checksum sync is still comparing the two disks.
+    #[error(
+        "checkpoint refused: the checksum sync has {bytes} bytes left to compare with the secondary"
+    )]
+    Comparing {
+        /// Bytes not yet compared.
         bytes: u64,
     },
 }

@@ -436,7 +436,107 @@ async fn a_secondary_of_another_length_is_refused() {
             DISK + 512
         )
     );
-    assert_eq!(node.start(Mode::Primary).unwrap_err(), PrimaryError::NoLink);
+}
+
+/// A primary starts without a link (degraded): the VM writes at local speed, every write is
+/// dirty, checkpoints say the link is down; once a link is set the resync sends it all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_starts_degraded_and_syncs_when_a_link_comes() {
+    let local = Arc::new(MemoryDev::new(DISK));
+    let node = PrimaryNode::new(local.clone(), PrimaryConfig::default());
+    node.start(Mode::Primary).unwrap();
+    node.write(65536, fill(3, 8192), WriteFlags::default())
+        .await
+        .unwrap();
+    node.drain(false, true).await.unwrap();
+    assert_eq!(node.dirty().ranges(), vec![(65536, 65536)]);
+    assert_eq!(
+        node.checkpoint(false).await.unwrap_err(),
+        PrimaryError::LinkDown
+    );
+    let remote = Arc::new(MemoryDev::new(DISK));
+    node.set_link(remote.clone()).unwrap();
+    wait_clean(&node).await;
+    node.checkpoint(false).await.unwrap();
+    assert!(local.snapshot() == remote.snapshot());
+}
+
+/// A fenced primary (its secondary took over) refuses VM writes, and only writes.
+#[tokio::test]
+async fn a_fenced_primary_refuses_writes_and_serves_reads() {
+    let r = started(PrimaryConfig::default());
+    r.node
+        .write(0, fill(4, 4096), WriteFlags::default())
+        .await
+        .unwrap();
+    r.node.fence();
+    let e = r
+        .node
+        .write(0, fill(5, 4096), WriteFlags::default())
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind, blockdev::ErrorKind::ReadOnly);
+    assert!(
+        r.node
+            .write_zeroes(0, 4096, ZeroFlags::default())
+            .await
+            .is_err()
+    );
+    assert!(r.node.discard(0, 4096).await.is_err());
+    assert_eq!(r.node.read(0, 4096).await.unwrap(), fill(4, 4096));
+}
+
+/// Digests of another device, as a secondary's control socket would give them.
+struct DevDigests(Arc<MemoryDev>, std::sync::atomic::AtomicU64);
+
+#[async_trait::async_trait]
+impl replication::primary::RemoteDigests for DevDigests {
+    async fn digests(&self, offset: u64, len: u64, block: u64) -> Result<Vec<[u8; 16]>, String> {
+        self.1.fetch_add(1, Ordering::Relaxed);
+        replication::primary::digest_blocks(self.0.as_ref(), offset, len, block)
+            .await
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// A checksum sync marks exactly the blocks that differ, so the resync copies only those: an
+/// equal secondary costs digests and no copy, one differing in three places gets three blocks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checksum_sync_copies_only_the_blocks_that_differ() {
+    let r = rig(PrimaryConfig::default());
+    for (i, off) in [0u64, 3 << 20, 7 << 20].iter().enumerate() {
+        let data = fill(20 + i as u64, 100_000);
+        r.local
+            .write(*off, data.clone(), WriteFlags::default())
+            .await
+            .unwrap();
+        r.remote
+            .write(*off, data, WriteFlags::default())
+            .await
+            .unwrap();
+    }
+    r.node.start(Mode::Primary).unwrap();
+    let digests = DevDigests(r.remote.clone(), 0.into());
+    let report = r.node.checksum_sync(&digests, 65536).await.unwrap();
+    assert_eq!(report.compared_bytes, DISK);
+    assert_eq!(report.differing_bytes, 0);
+    wait_clean(&r.node).await;
+    assert_eq!(r.node.resync_status().sent_bytes, 0, "nothing to copy");
+    assert_eq!(r.link.writes_seen.load(Ordering::Relaxed), 0);
+
+    // Three changes on the secondary's side only (as after a rolled-back failover).
+    for off in [5000u64, (4 << 20) + 70000, DISK - 10] {
+        r.remote
+            .write(off, fill(off, 10), WriteFlags::default())
+            .await
+            .unwrap();
+    }
+    let report = r.node.checksum_sync(&digests, 65536).await.unwrap();
+    assert_eq!(report.differing_bytes, 3 * 65536);
+    wait_clean(&r.node).await;
+    r.node.checkpoint(false).await.unwrap();
+    assert!(r.local.snapshot() == r.remote.snapshot());
+    assert!(r.node.resync_status().done_bytes == 3 * 65536);
 }
 
 /// Sync mode writes locally and forwards side by side: a local failure still reaches the VM,

@@ -21,13 +21,14 @@
 //!   refused unless the two disks are known equal: running, link up, nothing dirty (QEMU's
 //!   primary answers a checkpoint in any stage with success).
 
+mod checksum;
 mod dirty;
 mod forward;
 mod range_lock;
 mod resync;
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -36,6 +37,7 @@ use bytes::Bytes;
 use parking_lot::Mutex;
 use tokio::sync::broadcast;
 
+pub use checksum::{ChecksumReport, Digest, RemoteDigests, digest_blocks};
 pub use dirty::{CopyTicket, DirtyBitmap};
 pub use forward::ForwardStats;
 use forward::{Change, Forwarder, Shared};
@@ -160,6 +162,10 @@ struct Inner {
     forwarder: Arc<Forwarder>,
     order: Arc<RangeLock>,
     resync: Arc<ResyncState>,
+    /// Bytes a checksum sync has yet to compare (checkpoints wait for it).
+    comparing: AtomicU64,
+    /// The secondary took over: VM writes are refused (two VMs must never both write).
+    fenced: AtomicBool,
     task: tokio::task::JoinHandle<()>,
     resync_task: tokio::task::JoinHandle<()>,
 }
@@ -211,6 +217,8 @@ impl PrimaryNode {
                 forwarder,
                 order,
                 resync,
+                comparing: AtomicU64::new(0),
+                fenced: AtomicBool::new(false),
                 task,
                 resync_task,
             }),
@@ -255,6 +263,10 @@ impl PrimaryNode {
         if self.inner.shared.usable_link().is_none() {
             return Err(PrimaryError::LinkDown);
         }
+        match self.inner.comparing.load(Ordering::SeqCst) {
+            0 => {}
+            bytes => return Err(PrimaryError::Comparing { bytes }),
+        }
         match self.inner.shared.dirty.dirty_bytes() {
             0 => Ok(()),
             bytes => Err(PrimaryError::Unsynced { bytes }),
@@ -277,7 +289,9 @@ impl PrimaryNode {
     }
 
     /// `replication_start(mode)`. A stopped (DONE) primary really starts again, where QEMU's
-    /// ignores the start: the writes served meanwhile are dirty, and the resync sends them.
+    /// ignores the start: the writes served meanwhile are dirty, and the resync sends them. No
+    /// link is needed: a primary whose secondary is away runs degraded (every write dirty)
+    /// until [`set_link`](Self::set_link).
     pub fn start(&self, mode: Mode) -> Result<(), PrimaryError> {
         let mut stage = self.inner.stage.lock();
         match *stage {
@@ -306,9 +320,6 @@ impl PrimaryNode {
         if mode != Mode::Primary {
             let (needs, got) = (Mode::Primary.number(), mode.number());
             return Err(ReplicationError::InvalidMode { needs, got });
-        }
-        if self.inner.shared.link.lock().is_none() {
-            return Err(PrimaryError::NoLink);
         }
         Ok(())
     }
@@ -397,6 +408,45 @@ impl PrimaryNode {
         }
     }
 
+    /// Refuses every VM write from now on: the secondary has taken over, and a second writer
+    /// would make two diverging disks (split brain). Reads go on.
+    pub fn fence(&self) {
+        if !self.inner.fenced.swap(true, Ordering::SeqCst) {
+            tracing::error!("fenced: the secondary took over; VM writes are refused from now on");
+        }
+    }
+
+    /// Whether [`fence`](Self::fence) was called.
+    pub fn fenced(&self) -> bool {
+        self.inner.fenced.load(Ordering::SeqCst)
+    }
+
+    /// Compares the local disk with the secondary's, `block` bytes at a time (a multiple of the
+    /// dirty granularity), and marks what differs dirty, so the resync copies only that.
+    /// Checkpoints are refused until the comparison ends. Run it with the node running and
+    /// the link up: a VM write during the comparison then reaches both sides in order, so a
+    /// block whose digests match can only differ where no write came, and that the digests
+    /// saw.
+    pub async fn checksum_sync(
+        &self,
+        remote: &dyn RemoteDigests,
+        block: u64,
+    ) -> Result<ChecksumReport, String> {
+        let len = self.inner.local.len();
+        self.inner.comparing.store(len.max(1), Ordering::SeqCst);
+        let r = checksum::compare(
+            &self.inner.local,
+            remote,
+            &self.inner.shared.dirty,
+            block,
+            &self.inner.comparing,
+        )
+        .await;
+        self.inner.comparing.store(0, Ordering::SeqCst);
+        self.inner.resync.kick();
+        r
+    }
+
     fn forwarding(&self) -> bool {
         self.stage() == Stage::Running
     }
@@ -408,6 +458,15 @@ impl PrimaryNode {
         F: std::future::Future<Output = Result<(), BlockError>>,
     {
         let range = change.range();
+        if self.fenced() && range.is_some() {
+            let offset = range.map_or(0, |r| r.0);
+            return Err(BlockError::new(
+                blockdev::ErrorKind::ReadOnly,
+                blockdev::Op::Write,
+                offset,
+            )
+            .context("fenced: the secondary took over, this primary may not write"));
+        }
         let guard = match range {
             Some((o, l)) => Some(self.inner.order.lock(o, l).await),
             None => None,

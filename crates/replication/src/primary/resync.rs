@@ -165,6 +165,11 @@ impl Job {
         s.active.store(false, Ordering::SeqCst);
         let sent = s.sent.load(Ordering::Relaxed);
         if left == 0 {
+            // Every range a failed forward marked is on the secondary now: the error that
+            // made checkpoints wait is repaired.
+            if let Some(e) = self.shared.error.lock().take() {
+                info!("forwarding error repaired by the resync: {e}");
+            }
             info!(
                 copied = done,
                 sent, "resync done: the secondary has every write"
