@@ -705,3 +705,28 @@ async fn clients_that_sit_on_the_shared_budget_are_closed_when_another_client_ne
     }
     assert!(closed >= 1, "no client that sat on the budget was closed");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_does_not_wait_for_a_client_that_reads_no_replies() {
+    let f = start_with(ServerConfig {
+        stall_timeout: Duration::from_millis(200),
+        ..ServerConfig::default()
+    })
+    .await;
+    let mut s = attach(&f.sock, "disk").await;
+    for i in 0..64 {
+        s.write_all(&request(CMD_READ, 0, i, 0, MIB as u32))
+            .await
+            .unwrap();
+    }
+    settle().await;
+
+    f.server.shutdown();
+    let finished = tokio::time::timeout(Duration::from_secs(5), f.server.finish()).await;
+
+    assert!(
+        matches!(finished, Ok(Ok(()))),
+        "shutdown waited for the client"
+    );
+    assert_eq!(f.server.payload_budget().in_use(), 0);
+}

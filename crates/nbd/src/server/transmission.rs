@@ -13,7 +13,6 @@ use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
@@ -110,9 +109,12 @@ async fn read_payload<R: AsyncRead + Unpin>(
     Ok(buf.freeze())
 }
 
-/// How often a connection checks whether its client has stalled.
-fn watch_interval(stall_timeout: Duration) -> Duration {
-    (stall_timeout / 4).max(Duration::from_millis(10))
+/// Ticks for a connection to check whether its client has stalled.
+fn watchdog(stall_timeout: Duration) -> tokio::time::Interval {
+    let period = (stall_timeout / 4).max(Duration::from_millis(10));
+    let mut watch = tokio::time::interval(period);
+    watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    watch
 }
 
 /// The transmission phase of one connection.
@@ -153,7 +155,9 @@ where
     let mut running: FuturesUnordered<Pin<Box<dyn Future<Output = Reply> + Send>>> =
         FuturesUnordered::new();
     let mut reading = Box::pin(read_request(r, conn.clone()));
-    let mut watch = tokio::time::interval(watch_interval(config.stall_timeout));
+    let mut watch = watchdog(config.stall_timeout);
+    // The client said it is done (NBD_CMD_DISC or end of stream): it may still read replies.
+    let mut client_done = false;
 
     let result = loop {
         let room = budget.has_room();
@@ -173,7 +177,10 @@ where
             (r, incoming) = &mut reading, if room => {
                 let (req, payload, permit) = match incoming {
                     Ok(Incoming::Request(req, payload, permit)) => (req, payload, permit),
-                    Ok(Incoming::End) => break Ok(()),
+                    Ok(Incoming::End) => {
+                        client_done = true;
+                        break Ok(());
+                    }
                     Err(e) => break Err(e),
                 };
                 reading.set(read_request(r, conn.clone()));
@@ -202,14 +209,38 @@ where
         info!(%peer, "closing a client that took and sent nothing for {t:?} while other clients waited for memory");
         writer.abort();
     }
-    closing.cancel();
+    if !client_done {
+        closing.cancel();
+    }
     // Requests already read run to the end even if nobody will read their replies: a write
     // stopped half-way (on a replicating node, applied but not forwarded) would be worse.
-    while let Some(reply) = running.next().await {
-        let _ = tx.send(vec![reply]);
+    loop {
+        tokio::select! {
+            reply = running.next() => match reply {
+                Some(reply) => {
+                    let _ = tx.send(vec![reply]);
+                }
+                None => break,
+            },
+            _ = watch.tick() => {
+                if gives_up(&conn, server) {
+                    closing.cancel();
+                    writer.abort();
+                }
+            }
+        }
     }
     drop(tx);
-    finish_writer(&mut writer, &conn, server).await;
+    loop {
+        tokio::select! {
+            _ = &mut writer => break,
+            _ = watch.tick() => {
+                if gives_up(&conn, server) {
+                    writer.abort();
+                }
+            }
+        }
+    }
     result
 }
 
@@ -263,22 +294,12 @@ fn stalled_while_others_wait(conn: &Conn, stall_timeout: Duration) -> bool {
     conn.payload.is_short() && conn.activity.stalled_for() >= stall_timeout
 }
 
-/// Lets the writer send what is left; a client that takes nothing for the stall timeout while
-/// memory is short or the server stops is not waited for.
-async fn finish_writer(writer: &mut JoinHandle<()>, conn: &Conn, server: &Server) {
+/// Whether a closing connection stops waiting for its client: one that takes nothing for the
+/// stall timeout while memory is short or the server stops.
+fn gives_up(conn: &Conn, server: &Server) -> bool {
     let timeout = server.config.stall_timeout;
-    let mut watch = tokio::time::interval(watch_interval(timeout));
-    loop {
-        tokio::select! {
-            _ = &mut *writer => return,
-            _ = watch.tick() => {
-                let gone = server.stop.is_cancelled() && conn.activity.stalled_for() >= timeout;
-                if gone || stalled_while_others_wait(conn, timeout) {
-                    writer.abort();
-                }
-            }
-        }
-    }
+    let stopping = server.stop.is_cancelled() && conn.activity.stalled_for() >= timeout;
+    stopping || stalled_while_others_wait(conn, timeout)
 }
 
 async fn write_replies<W>(
