@@ -34,7 +34,7 @@ impl Role {
             Role::Any => "NAME=PATH[,OPTION...]",
             Role::Serve => "NAME=PATH[,format=raw|qcow2][,readonly][,direct]",
             Role::Primary => {
-                "NAME=PATH[,format=raw|qcow2][,direct],replica=NBD-URI[,sync=full|none]"
+                "NAME=PATH[,format=raw|qcow2][,direct],replica=NBD-URI[,sync=checksum|full|none]"
             }
             Role::Secondary => "NAME=PATH[,format=raw|qcow2][,direct][,active=PATH,hidden=PATH]",
         }
@@ -86,9 +86,11 @@ pub fn primary_disk(s: &str) -> Result<DiskSpec, String> {
         ));
     }
     match spec.option("sync") {
-        None | Some("full") | Some("none") => {}
+        None | Some("checksum") | Some("full") | Some("none") => {}
         Some(other) => {
-            return Err(format!("'{s}': unknown sync mode '{other}' (full or none)"));
+            return Err(format!(
+                "'{s}': unknown sync mode '{other}' (checksum, full or none)"
+            ));
         }
     }
     Ok(spec)
@@ -243,21 +245,21 @@ mod tests {
         let e = primary_disk("vm0").unwrap_err();
         assert_eq!(
             e,
-            "'vm0' is not NAME=PATH[,format=raw|qcow2][,direct],replica=NBD-URI[,sync=full|none]"
+            "'vm0' is not NAME=PATH[,format=raw|qcow2][,direct],replica=NBD-URI[,sync=checksum|full|none]"
         );
         assert_eq!(
             primary_disk("vm0=/a,replica").unwrap_err(),
             "'vm0=/a,replica': option 'replica' needs a value (replica=...); the syntax is \
-             NAME=PATH[,format=raw|qcow2][,direct],replica=NBD-URI[,sync=full|none]"
+             NAME=PATH[,format=raw|qcow2][,direct],replica=NBD-URI[,sync=checksum|full|none]"
         );
         assert_eq!(
             primary_disk("vm0=/a").unwrap_err(),
             "'vm0=/a': missing replica=NBD-URI (the secondary's replica export); a primary disk \
-             is NAME=PATH[,format=raw|qcow2][,direct],replica=NBD-URI[,sync=full|none]"
+             is NAME=PATH[,format=raw|qcow2][,direct],replica=NBD-URI[,sync=checksum|full|none]"
         );
         assert_eq!(
             primary_disk("vm0=/a,replica=nbd://h/x,sync=fast").unwrap_err(),
-            "'vm0=/a,replica=nbd://h/x,sync=fast': unknown sync mode 'fast' (full or none)"
+            "'vm0=/a,replica=nbd://h/x,sync=fast': unknown sync mode 'fast' (checksum, full or none)"
         );
         assert!(primary_disk("vm0=/a,replica=nbd://h/x,sync=none").is_ok());
         assert_eq!(

@@ -19,3 +19,34 @@ impl std::fmt::Display for UsageError {
 }
 
 impl std::error::Error for UsageError {}
+
+/// An error and its causes on one line, as `{:#}` prints them, leaving out a cause whose text
+/// the line already holds (an I/O error is often both a context's words and its source).
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        cause = c.source();
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_cause_already_in_the_message_is_not_repeated() {
+        let io = std::io::Error::from_raw_os_error(2);
+        let e =
+            anyhow::Error::new(io).context("open /x.raw: No such file or directory (os error 2)");
+        let e = e.context("disk 'd': cannot open /x.raw");
+        assert_eq!(
+            super::error_chain(e.as_ref()),
+            "disk 'd': cannot open /x.raw: open /x.raw: No such file or directory (os error 2)"
+        );
+    }
+}

@@ -91,7 +91,7 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("coloblk: {e:#}");
+            eprintln!("coloblk: {}", coloblk::error_chain(e.as_ref()));
             match e.downcast_ref::<coloblk::UsageError>() {
                 Some(_) => ExitCode::from(2),
                 None => ExitCode::FAILURE,

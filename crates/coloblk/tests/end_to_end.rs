@@ -682,6 +682,8 @@ fn a_restarted_primary_syncs_before_its_first_checkpoint() {
 fn sigterm_after_failover_flushes_the_live_export_and_exits_0() {
     require("qemu-io");
     let mut c = cluster("async");
+    // The first checkpoint makes the synced secondary a usable copy.
+    c.ok("primary.qmp", "checkpoint");
     c.ok("secondary.qmp", "failover");
     run(Command::new("qemu-io")
         .args(["-f", "raw", "-c", "write -P 0x3c 128k 64k"])
@@ -691,4 +693,65 @@ fn sigterm_after_failover_flushes_the_live_export_and_exits_0() {
     assert!(st.success(), "secondary exited with {st}");
     let disk = std::fs::read(c.p("secondary.raw")).unwrap();
     assert!(disk[131072..][..65536].iter().all(|&b| b == 0x3c));
+}
+
+/// A secondary whose disk a coloblk primary is syncing is no usable copy: every way of failing
+/// over refuses, with the disk named, until the next checkpoint (or `--force`). The first sync
+/// with a coloblk secondary compares digests (checksum) and, the disks being equal, copies
+/// nothing.
+#[test]
+fn a_secondary_under_sync_refuses_failover_until_the_next_checkpoint() {
+    let c = cluster("async");
+    let p = c.status("primary.qmp");
+    assert_eq!(p["disks"][0]["sync"], "checksum");
+    assert_eq!(p["disks"][0]["peer-verified"], true);
+    assert_eq!(
+        p["disks"][0]["resync"]["sent-bytes"], 0,
+        "equal disks: nothing sent"
+    );
+    let s = c.status("secondary.qmp");
+    assert_eq!(s["disks"][0]["consistent"], false);
+    let refused = "disk vm0 is not a usable copy: resync incomplete (replication-failover \
+                   with force: true fails over all the same)";
+    let out = c.ctl("secondary.qmp", "failover");
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr).trim(),
+        format!("coloblk ctl: {refused}")
+    );
+    let sock = c.p("secondary.qmp");
+    assert_eq!(
+        qmp_execute(&sock, "x-colo-lost-heartbeat", "{}"),
+        format!("error: {refused}")
+    );
+    assert_eq!(
+        qmp_execute(
+            &sock,
+            "xen-set-replication",
+            r#"{"enable": false, "primary": false, "failover": true}"#
+        ),
+        format!("error: {refused}")
+    );
+    assert_eq!(c.status("secondary.qmp")["disks"][0]["stage"], "running");
+    c.ok("primary.qmp", "checkpoint");
+    assert_eq!(c.status("secondary.qmp")["disks"][0]["consistent"], true);
+
+    // --force fails over all the same.
+    let c = cluster("async");
+    let out = coloblk()
+        .args([
+            "ctl",
+            "--control",
+            &c.unix("secondary.qmp"),
+            "--force",
+            "failover",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(c.status("secondary.qmp")["disks"][0]["stage"], "done");
 }

@@ -48,8 +48,10 @@ pub struct CtlArgs {
     #[arg(long)]
     json: bool,
 
-    /// With `checkpoint`: go on although forwarding failed earlier (a sticky error). Never
-    /// overrides a down link, ranges not yet on the secondary, or an epoch mismatch.
+    /// With `checkpoint`: go on although forwarding failed earlier (a sticky error); never
+    /// overrides a down link, ranges not yet on the secondary, or an epoch mismatch. With
+    /// `failover`: fail over although a primary's sync had not finished (the disk is then
+    /// not known to be a usable copy).
     #[arg(long)]
     force: bool,
 
@@ -95,7 +97,7 @@ pub async fn run(args: CtlArgs) -> u8 {
     match act(&mut client, &args).await {
         Ok(()) => exit::OK,
         Err(e) => {
-            eprintln!("coloblk ctl: {e:#}");
+            eprintln!("coloblk ctl: {}", coloblk::error_chain(e.as_ref()));
             exit::FAILED
         }
     }
@@ -159,7 +161,7 @@ where
         }
         Action::Start => ("replication-start", json!({})),
         Action::Checkpoint => ("replication-checkpoint", json!({"force": args.force})),
-        Action::Failover => ("replication-failover", json!({})),
+        Action::Failover => ("replication-failover", json!({"force": args.force})),
         Action::Stop => ("replication-stop", json!({})),
     };
     let reply = call(c, command, cmd_args, args.command_timeout).await?;

@@ -10,6 +10,9 @@
 //! | `query-xen-replication-status` | QEMU: `{error, desc?}` |
 //! | `xen-colo-do-checkpoint` | QEMU: checkpoint all |
 //! | `x-colo-lost-heartbeat` | QEMU: fail over |
+//! | `replication-set-replica {disk, uri, peer-control?}` | primary: point a disk at another secondary |
+//! | `replication-digest {disk, offset, length, block}` | secondary: digests of its disk (checksum sync) |
+//! | `replication-sync-begin {disk}` | secondary: a primary's sync starts; the disk is no usable copy until the next checkpoint |
 //!
 //! A new command is a line in [`COMMANDS`] and an arm in [`Control::execute`], plus the
 //! [`Group`] method it calls if it needs a new one.
@@ -67,6 +70,19 @@ pub struct StopRequest {
     pub failover: bool,
     /// Asked through QEMU's command: answer as QEMU does where QEMU has an answer.
     pub qemu: bool,
+    /// Fail over even from a disk that is not a usable copy (a sync was running).
+    pub force: bool,
+}
+
+/// Largest range one `replication-digest` covers (bounds the daemon's work per command).
+pub const MAX_DIGEST_RANGE: u64 = 64 << 20;
+
+fn only_role(role: Role, command: &str) -> ControlError {
+    let other = match role {
+        Role::Primary => "secondary",
+        Role::Secondary => "primary",
+    };
+    ControlError::Refused(format!("{command} is a command of a {other}"))
 }
 
 /// Why a control command failed. The text is what the client sees as `desc`: QEMU's own words
@@ -86,6 +102,8 @@ pub enum ControlError {
     Refused(String),
     /// The primary drained, and the secondary's checkpoint then failed.
     Peer(String),
+    /// A failover refused: this disk is not a usable copy (a primary's sync is incomplete).
+    NotUsable(String),
 }
 
 impl fmt::Display for ControlError {
@@ -97,6 +115,11 @@ impl fmt::Display for ControlError {
             ControlError::Peer(why) => {
                 write!(f, "primary drained; secondary checkpoint failed: {why}")
             }
+            ControlError::NotUsable(disk) => write!(
+                f,
+                "disk {disk} is not a usable copy: resync incomplete (replication-failover \
+                 with force: true fails over all the same)"
+            ),
         }
     }
 }
@@ -159,6 +182,29 @@ pub trait Group: Send + Sync + 'static {
     fn refresh_metrics(&self);
     /// Last words at shutdown, once the NBD servers have flushed.
     async fn shutdown(&self) {}
+    /// Primary: points `disk` at another secondary.
+    async fn set_replica(
+        &self,
+        _disk: &str,
+        _uri: &str,
+        _peer_control: Option<&str>,
+    ) -> Result<(), ControlError> {
+        Err(only_role(Role::Primary, "replication-set-replica"))
+    }
+    /// Secondary: digests of `disk`, `block` bytes each, as hex.
+    async fn digest(
+        &self,
+        _disk: &str,
+        _offset: u64,
+        _len: u64,
+        _block: u64,
+    ) -> Result<Vec<String>, ControlError> {
+        Err(only_role(Role::Secondary, "replication-digest"))
+    }
+    /// Secondary: a primary starts a sync of `disk`.
+    async fn sync_begin(&self, _disk: &str) -> Result<(), ControlError> {
+        Err(only_role(Role::Secondary, "replication-sync-begin"))
+    }
 }
 
 /// Dispatches QMP commands to a [`Group`].
@@ -178,7 +224,20 @@ pub const COMMANDS: &[&str] = &[
     "query-xen-replication-status",
     "xen-colo-do-checkpoint",
     "x-colo-lost-heartbeat",
+    "replication-set-replica",
+    "replication-digest",
+    "replication-sync-begin",
 ];
+
+fn required_str<'a>(args: &'a Args, name: &str) -> Result<&'a str, QmpError> {
+    args.opt_str(name)?
+        .ok_or_else(|| QmpError::generic(format!("Parameter '{name}' is missing")))
+}
+
+fn required_u64(args: &Args, name: &str) -> Result<u64, QmpError> {
+    args.opt_u64(name)?
+        .ok_or_else(|| QmpError::generic(format!("Parameter '{name}' is missing")))
+}
 
 fn reply<T: serde::Serialize>(r: Result<T, ControlError>) -> Result<Value, QmpError> {
     match r {
@@ -213,21 +272,51 @@ impl<G: Group + ?Sized> Handler for Control<G> {
                 };
                 reply(g.checkpoint(req).await)
             }
-            "replication-failover" | "x-colo-lost-heartbeat" => {
+            "replication-failover" => {
+                args.only(&["force"])?;
+                let req = StopRequest {
+                    failover: true,
+                    force: args.opt_bool("force")?.unwrap_or(false),
+                    ..Default::default()
+                };
+                reply(g.stop(req).await)
+            }
+            "x-colo-lost-heartbeat" => {
                 args.only(&[])?;
                 let req = StopRequest {
                     failover: true,
-                    qemu: name == "x-colo-lost-heartbeat",
+                    qemu: true,
+                    force: false,
                 };
                 reply(g.stop(req).await)
             }
             "replication-stop" => {
                 args.only(&[])?;
-                let req = StopRequest {
-                    failover: false,
-                    qemu: false,
-                };
-                reply(g.stop(req).await)
+                reply(g.stop(StopRequest::default()).await)
+            }
+            "replication-set-replica" => {
+                args.only(&["disk", "uri", "peer-control"])?;
+                let disk = required_str(&args, "disk")?;
+                let uri = required_str(&args, "uri")?;
+                let peer = args.opt_str("peer-control")?;
+                empty(g.set_replica(disk, uri, peer).await)
+            }
+            "replication-digest" => {
+                args.only(&["disk", "offset", "length", "block"])?;
+                let disk = required_str(&args, "disk")?;
+                let offset = required_u64(&args, "offset")?;
+                let len = required_u64(&args, "length")?;
+                let block = required_u64(&args, "block")?;
+                reply(
+                    g.digest(disk, offset, len, block)
+                        .await
+                        .map(|d| json!({"digests": d})),
+                )
+            }
+            "replication-sync-begin" => {
+                args.only(&["disk"])?;
+                let disk = required_str(&args, "disk")?;
+                empty(g.sync_begin(disk).await)
             }
             "xen-set-replication" => {
                 args.only(&["enable", "primary", "failover"])?;
@@ -251,8 +340,11 @@ impl<G: Group + ?Sized> Handler for Control<G> {
                     let req = StopRequest {
                         failover,
                         qemu: true,
+                        force: false,
                     };
                     match g.stop(req).await {
+                        // Not a usable copy: never swallowed, a failover would lose data.
+                        Err(e @ ControlError::NotUsable(_)) => empty(Err(e)),
                         // QEMU discards stop errors when failing over.
                         Err(_) if failover => Ok(json!({})),
                         r => empty(r.map(|_| ())),

@@ -37,8 +37,15 @@ pub struct PrimaryDisk {
     pub error: Option<String>,
     /// Running, link up, nothing dirty: a checkpoint would be accepted.
     pub protected: bool,
-    /// What the primary assumed of the secondary at start: `full` or `none`.
+    /// How the first sync with a secondary compares the disks: `checksum`, `full` or `none`.
     pub sync: String,
+    /// The link: `up`, `connecting` (with the last error), or `peer-promoted`.
+    pub link: String,
+    /// The secondary answered our commands (digests, epochs): what it holds is known, not
+    /// assumed.
+    pub peer_verified: bool,
+    /// Why the link is not up, if it is not.
+    pub link_error: Option<String>,
     /// The current (or last) resync job.
     pub resync: Resync,
     /// The link to the secondary is usable.
@@ -92,6 +99,13 @@ pub struct SecondaryStatus {
     /// The buffer the primary's writes go into now (see the coordinated checkpoint).
     #[serde(default)]
     pub epoch: u64,
+    /// Random per daemon process: a primary that sees another one knows the secondary
+    /// restarted.
+    #[serde(default)]
+    pub instance: u64,
+    /// A failover was asked for (the secondary serves its disk itself, or will).
+    #[serde(default)]
+    pub failed_over: bool,
     /// Every disk, in command-line order.
     pub disks: Vec<SecondaryDisk>,
     /// The last checkpoint that succeeded.
@@ -118,6 +132,9 @@ pub struct SecondaryDisk {
     pub cbw_copies: u64,
     /// The current (or last) failover merge.
     pub failover: Failover,
+    /// The disk is a usable copy: false while a primary's sync runs, until the next
+    /// checkpoint.
+    pub consistent: bool,
 }
 
 /// A failover merge's progress.

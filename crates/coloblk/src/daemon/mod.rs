@@ -10,6 +10,7 @@
 //! ready (scripts and tests wait for it), and a primary connecting to a secondary whose
 //! control socket answers finds the replica export listening.
 
+mod link;
 pub mod primary;
 pub mod secondary;
 pub mod serve;

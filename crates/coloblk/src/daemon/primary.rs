@@ -10,7 +10,6 @@ use async_trait::async_trait;
 use blockdev::IoPool;
 use clap::Args;
 use nbd::addr::SocketAddr;
-use nbd::client::{ClientConfig, NbdClient};
 use nbd::server::{Export, ExportSet, Server, ServerConfig};
 use parking_lot::Mutex;
 use qmp::QmpServer;
@@ -20,6 +19,7 @@ use serde_json::json;
 use tokio::sync::broadcast;
 use tracing::{info, warn};
 
+use super::link::{DiskLink, LinkConfig, SyncMode, Target};
 use super::{DaemonArgs, Endpoint, Plan};
 use crate::control::status::{
     CheckpointReply, PrimaryCheckpoint, PrimaryDisk, PrimaryStatus, Resync, Status, StopReply,
@@ -33,41 +33,24 @@ const LINK_TIMER_GRACE: Duration = Duration::from_secs(1);
 /// The secondary's checkpoint (emptying its overlays) and its status query.
 const PEER_COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// What the primary assumes of a secondary disk when it starts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum SyncMode {
-    /// Nothing is known: the resync copies the whole disk (holes as write-zeroes) before the
-    /// first checkpoint is accepted.
-    Full,
-    /// The operator vouches that the two disks are identical.
-    None,
-}
-
-impl SyncMode {
-    fn as_str(self) -> &'static str {
-        match self {
-            SyncMode::Full => "full",
-            SyncMode::None => "none",
-        }
-    }
-}
-
 #[derive(Args, Debug, Clone)]
-#[command(after_help = "Example (the secondary must be running first):\n  \
+#[command(after_help = "Example:\n  \
     coloblk primary --disk vm0=/var/lib/vm/vm0.raw,replica=nbd://secondary:10809/vm0 \\\n    \
     --export-listen unix:/run/coloblk/primary.nbd --control unix:/run/coloblk/primary.qmp \\\n    \
     --peer-control tcp:secondary:4445 --start\n\n\
-    The VM attaches to nbd+unix:///vm0?socket=/run/coloblk/primary.nbd. Until replication starts,\n\
-    writes are served locally and recorded as dirty; once it runs, a resync copies them (and, with\n\
-    sync=full, the default, the whole disk first: nothing tells a starting primary what the\n\
-    secondary holds). Checkpoints are refused until the secondary holds every write.\n\
-    SIGTERM drains, flushes and exits 0.")]
+    The VM attaches to nbd+unix:///vm0?socket=/run/coloblk/primary.nbd. The primary serves the VM\n\
+    whether or not the secondary is reachable, and connects (and reconnects) by itself. Writes the\n\
+    secondary may lack are recorded as dirty and copied by a resync; a new secondary is first\n\
+    compared (sync=checksum, the default with --peer-control) or copied (sync=full). Checkpoints\n\
+    are refused until the secondary holds every write. SIGTERM drains, flushes and exits 0.")]
 pub struct PrimaryArgs {
-    /// A disk: NAME=PATH[,format=raw|qcow2][,direct],replica=NBD-URI[,sync=full|none]. The URI
-    /// names the secondary's replica export (nbd://HOST:PORT/NAME or
-    /// nbd+unix:///NAME?socket=PATH). sync=full (the default) copies the whole disk to the
-    /// secondary after start (holes as write-zeroes); sync=none trusts that both disks are
-    /// identical copies. Repeat for several disks; they form one replication group.
+    /// A disk: NAME=PATH[,format=raw|qcow2][,direct],replica=NBD-URI[,sync=checksum|full|none].
+    /// The URI names the secondary's replica export (nbd://HOST:PORT/NAME or
+    /// nbd+unix:///NAME?socket=PATH). The first sync with a secondary: checksum compares
+    /// digests of both disks and copies what differs (the default with --peer-control, which
+    /// it needs); full copies everything (holes as write-zeroes; the default without);
+    /// none trusts that both disks are identical copies. Repeat for several disks; they form
+    /// one replication group.
     #[arg(long = "disk", value_name = "SPEC", required = true,
           value_parser = crate::disk_spec::primary_disk)]
     pub disks: Vec<DiskSpec>,
@@ -96,6 +79,11 @@ pub struct PrimaryArgs {
     #[arg(long, value_name = "MIB", default_value_t = 64)]
     pub queue_mib: usize,
 
+    /// When the secondary answers that it has failed over (it serves the VM now): fence
+    /// refuses further VM writes here (two VMs must not both write), continue only reports it.
+    #[arg(long, value_name = "POLICY", default_value = "fence", value_parser = ["fence", "continue"])]
+    pub on_peer_promoted: String,
+
     /// Seconds without an answer after which the secondary counts as lost.
     #[arg(long, value_name = "SECONDS", default_value_t = 10.0,
           value_parser = crate::disk_spec::positive_seconds)]
@@ -105,25 +93,41 @@ pub struct PrimaryArgs {
     pub daemon: DaemonArgs,
 }
 
-/// One disk of the primary.
-struct Disk {
-    name: String,
-    node: PrimaryNode,
-    sync: SyncMode,
-}
-
 /// The primary's disks as one replication group.
 pub struct PrimaryGroup {
-    disks: Vec<Disk>,
+    disks: Vec<Arc<DiskLink>>,
     /// The same nodes, operated all-or-nothing.
     group: ReplicationGroup,
     mode: ForwardMode,
     peer_control: Option<SocketAddr>,
     peer_timeout: Duration,
     last: Mutex<Option<PrimaryCheckpoint>>,
-    events: Events,
+    events: Arc<Events>,
     /// Control operations run one at a time (a stop must not land inside a checkpoint).
     ops: tokio::sync::Mutex<()>,
+    /// Every disk was protected when last looked at (REPLICATION_PROTECTED on the change).
+    protected: std::sync::atomic::AtomicBool,
+}
+
+impl PrimaryGroup {
+    /// Raises REPLICATION_PROTECTED when every disk has just become protected.
+    fn note_protection(&self) {
+        use std::sync::atomic::Ordering;
+        let all = self.disks.iter().all(|d| d.node.protected().is_ok());
+        if all && !self.protected.swap(true, Ordering::SeqCst) {
+            info!("protected: every disk running, synced, link up");
+            self.events.emit("REPLICATION_PROTECTED", json!({}));
+        } else if !all {
+            self.protected.store(false, Ordering::SeqCst);
+        }
+    }
+
+    fn disk(&self, name: &str) -> Result<&Arc<DiskLink>, ControlError> {
+        self.disks
+            .iter()
+            .find(|d| d.name == name)
+            .ok_or_else(|| ControlError::Refused(format!("no disk '{name}' on this primary")))
+    }
 }
 
 /// A group error, with the disk it came from named.
@@ -226,12 +230,16 @@ impl Group for PrimaryGroup {
             .iter()
             .map(|d| {
                 let s = d.node.status();
+                let link = d.status();
                 PrimaryDisk {
                     name: d.name.clone(),
                     stage: s.stage.as_str().into(),
                     error: s.error,
                     protected: d.node.protected().is_ok(),
                     sync: d.sync.as_str().into(),
+                    link: link.link,
+                    link_error: link.error,
+                    peer_verified: link.verified,
                     resync: Resync {
                         active: s.resync.active,
                         total_bytes: s.resync.total_bytes,
@@ -269,6 +277,36 @@ impl Group for PrimaryGroup {
 
     fn attach(&self, server: Arc<QmpServer>) {
         self.events.attach(server);
+    }
+
+    async fn set_replica(
+        &self,
+        disk: &str,
+        uri: &str,
+        peer_control: Option<&str>,
+    ) -> Result<(), ControlError> {
+        let d = self.disk(disk)?;
+        uri.parse::<nbd::uri::NbdUri>()
+            .map_err(|e| ControlError::Refused(format!("invalid replica URI: {e}")))?;
+        let peer = match peer_control {
+            Some(p) => Some(
+                p.parse::<SocketAddr>()
+                    .map_err(|e| ControlError::Refused(e.to_string()))?,
+            ),
+            None => self.peer_control.clone(),
+        };
+        info!(
+            disk,
+            replica = uri,
+            "pointing the disk at another secondary"
+        );
+        d.retarget(Target {
+            uri: uri.to_string(),
+            peer,
+        });
+        self.protected
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        Ok(())
     }
 
     fn refresh_metrics(&self) {
@@ -371,11 +409,15 @@ impl PeerCheckpoint {
     }
 }
 
-/// The `replica=` and `sync=` of a disk spec (checked when the command line was parsed).
-fn replica_options(spec: &DiskSpec) -> (String, SyncMode) {
+/// The `replica=` and `sync=` of a disk spec (checked when the command line was parsed);
+/// without `sync=`, checksum where the peer can give digests, full where it cannot.
+fn replica_options(spec: &DiskSpec, peer: bool) -> (String, SyncMode) {
     let uri = spec.option("replica").unwrap_or_default().to_string();
     let sync = match spec.option("sync") {
         Some("none") => SyncMode::None,
+        Some("full") => SyncMode::Full,
+        Some("checksum") => SyncMode::Checksum,
+        _ if peer => SyncMode::Checksum,
         _ => SyncMode::Full,
     };
     (uri, sync)
@@ -412,35 +454,29 @@ async fn open(args: &PrimaryArgs, pool: &IoPool) -> anyhow::Result<Plan> {
     let mut disks = Vec::new();
     let mut group = ReplicationGroup::new();
     for spec in &args.disks {
-        let (uri, sync) = replica_options(spec);
-        let local = spec.open(pool)?;
-        let client_cfg = ClientConfig {
-            request_timeout: Some(link_timeout),
-            ..Default::default()
-        };
-        let link = NbdClient::connect_uri(&uri, client_cfg)
-            .await
-            .with_context(|| {
-                format!("disk '{}': cannot reach the secondary at {uri}", spec.name)
-            })?;
-        let node = PrimaryNode::new(local, config.clone());
-        node.set_link(Arc::new(link))
-            .map_err(|e| anyhow::anyhow!("disk '{}': {e}", spec.name))?;
-        if sync == SyncMode::Full {
-            node.mark_all_dirty();
+        let (uri, sync) = replica_options(spec, args.peer_control.is_some());
+        if sync == SyncMode::Checksum && args.peer_control.is_none() {
+            return Err(coloblk::UsageError(format!(
+                "disk '{}': sync=checksum needs --peer-control (the secondary's digests)",
+                spec.name
+            ))
+            .into());
         }
+        let local = spec.open(pool)?;
+        let node = PrimaryNode::new(local, config.clone());
         info!(disk = %spec.name, replica = %uri, sync = sync.as_str(), "disk ready");
         group.add(spec.name.clone(), Arc::new(node.clone()));
-        disks.push(Disk {
-            name: spec.name.clone(),
-            node,
-            sync,
-        });
+        let target = Target {
+            uri,
+            peer: args.peer_control.clone(),
+        };
+        disks.push(DiskLink::new(spec.name.clone(), node, sync, target));
     }
     let exports = ExportSet::new();
     for d in &disks {
         exports.add(Export::new(d.name.clone(), Arc::new(d.node.clone())));
     }
+    let events = Arc::new(Events::default());
     let group = Arc::new(PrimaryGroup {
         disks,
         group,
@@ -448,9 +484,27 @@ async fn open(args: &PrimaryArgs, pool: &IoPool) -> anyhow::Result<Plan> {
         peer_control: args.peer_control.clone(),
         peer_timeout: Duration::from_secs_f64(args.peer_timeout),
         last: Mutex::new(None),
-        events: Events::default(),
+        events: events.clone(),
         ops: tokio::sync::Mutex::new(()),
+        protected: false.into(),
     });
+    // The links are kept by tasks: the VM is served whether the secondary is there or not.
+    let weak = Arc::downgrade(&group);
+    let link_config = Arc::new(LinkConfig {
+        link_timeout,
+        peer_timeout: Duration::from_secs_f64(args.peer_timeout),
+        fence_on_promoted: args.on_peer_promoted == "fence",
+        events,
+        on_change: Box::new(move || {
+            if let Some(g) = weak.upgrade() {
+                g.note_protection();
+            }
+        }),
+    });
+    for d in &group.disks {
+        d.spawn(link_config.clone());
+        watch_resync(&group, d);
+    }
     Ok(Plan {
         name: "coloblk primary",
         endpoints: vec![Endpoint::new(
@@ -460,4 +514,22 @@ async fn open(args: &PrimaryArgs, pool: &IoPool) -> anyhow::Result<Plan> {
         )],
         group: Some((group, args.daemon.clone())),
     })
+}
+
+/// Looks at the group's protection when a disk's resync ends or its link is lost.
+fn watch_resync(group: &Arc<PrimaryGroup>, disk: &Arc<DiskLink>) {
+    let mut rx = disk.node.events();
+    let weak = Arc::downgrade(group);
+    tokio::spawn(async move {
+        loop {
+            match rx.recv().await {
+                Ok(ReplicationEvent::ResyncDone { .. } | ReplicationEvent::LinkLost { .. }) => {
+                    let Some(g) = weak.upgrade() else { return };
+                    g.note_protection();
+                }
+                Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                Err(broadcast::error::RecvError::Closed) => return,
+            }
+        }
+    });
 }

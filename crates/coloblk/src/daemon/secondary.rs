@@ -75,6 +75,8 @@ struct Disk {
     past_copies: std::sync::atomic::AtomicU64,
     /// After a stop no copy happens any more and the hidden overlay only shrinks.
     stopped: std::sync::atomic::AtomicBool,
+    /// A usable copy: false from a primary's sync-begin until the next checkpoint.
+    consistent: AtomicBool,
 }
 
 impl Disk {
@@ -111,17 +113,38 @@ pub struct SecondaryGroup {
     epoch: AtomicU64,
     /// A failover was asked for: checkpoints are refused from now on.
     failed_over: Arc<AtomicBool>,
+    /// Random per process (see the status).
+    instance: u64,
     /// Control operations run one at a time (a failover must not land inside a checkpoint).
     ops: tokio::sync::Mutex<()>,
 }
 
-/// A random first epoch, below 2^53 so that every JSON client reads it exactly.
-fn first_epoch() -> u64 {
+/// A random number below 2^53 (so that every JSON client reads it exactly).
+fn random_id() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     let random = std::collections::hash_map::RandomState::new()
         .build_hasher()
         .finish();
-    (random & ((1 << 31) - 1)) << 20
+    random & ((1 << 53) - 1)
+}
+
+impl SecondaryGroup {
+    fn disk(&self, name: &str) -> Result<&Disk, ControlError> {
+        self.disks
+            .iter()
+            .find(|d| d.name == name)
+            .ok_or_else(|| ControlError::Refused(format!("no disk '{name}' on this secondary")))
+    }
+}
+
+/// A random first epoch, leaving room below 2^53 for a million checkpoints.
+fn first_epoch() -> u64 {
+    (random_id() & ((1 << 31) - 1)) << 20
+}
+
+/// Lower-case hex of a digest.
+fn hex(d: &[u8]) -> String {
+    d.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[async_trait]
@@ -170,6 +193,11 @@ impl Group for SecondaryGroup {
         self.disks.iter().for_each(Disk::close_epoch);
         let t = Instant::now();
         self.group.checkpoint(req.force).await?;
+        // The overlays are empty and the primary (or the operator) says both sides are equal
+        // now: every disk is a usable copy again.
+        for d in &self.disks {
+            d.consistent.store(true, Ordering::SeqCst);
+        }
         let ms = t.elapsed().as_secs_f64() * 1000.0;
         metrics::histogram!("coloblk_checkpoint_seconds").record(ms / 1000.0);
         *self.last.lock() = Some(SecondaryCheckpoint {
@@ -211,6 +239,15 @@ impl Group for SecondaryGroup {
                 note: Some("already failed over: nothing to do".into()),
             });
         }
+        if failover
+            && !req.force
+            && let Some(d) = self
+                .disks
+                .iter()
+                .find(|d| !d.consistent.load(Ordering::SeqCst))
+        {
+            return Err(ControlError::NotUsable(d.name.clone()));
+        }
         for d in &self.disks {
             if d.node.stage() == Stage::Running {
                 d.close_epoch();
@@ -251,11 +288,14 @@ impl Group for SecondaryGroup {
                         done_bytes: s.failover.done,
                         total_bytes: s.failover.total,
                     },
+                    consistent: d.consistent.load(Ordering::SeqCst),
                 }
             })
             .collect();
         Status::Secondary(SecondaryStatus {
             epoch: self.epoch.load(Ordering::SeqCst),
+            instance: self.instance,
+            failed_over: self.failed_over.load(Ordering::SeqCst),
             disks,
             last_checkpoint: *self.last.lock(),
         })
@@ -272,10 +312,60 @@ impl Group for SecondaryGroup {
         self.events.attach(server);
     }
 
+    async fn digest(
+        &self,
+        disk: &str,
+        offset: u64,
+        len: u64,
+        block: u64,
+    ) -> Result<Vec<String>, ControlError> {
+        let d = self.disk(disk)?;
+        let disk_len = d.node.disk().len();
+        if !(4096..=(16 << 20)).contains(&block) || !block.is_power_of_two() {
+            return Err(ControlError::Refused(format!(
+                "block {block} must be a power of two from 4096 to 16 MiB"
+            )));
+        }
+        if len > crate::control::MAX_DIGEST_RANGE {
+            return Err(ControlError::Refused(format!(
+                "length {len} is more than {} bytes at once",
+                crate::control::MAX_DIGEST_RANGE
+            )));
+        }
+        if offset.checked_add(len).is_none_or(|end| end > disk_len) {
+            return Err(ControlError::Refused(format!(
+                "{offset}+{len} is beyond the end of disk '{disk}' ({disk_len} bytes)"
+            )));
+        }
+        let digests =
+            replication::primary::digest_blocks(d.node.disk().as_ref(), offset, len, block)
+                .await
+                .map_err(|e| ControlError::Refused(format!("reading disk '{disk}': {e}")))?;
+        Ok(digests.iter().map(|d| hex(d)).collect())
+    }
+
+    async fn sync_begin(&self, disk: &str) -> Result<(), ControlError> {
+        let d = self.disk(disk)?;
+        if d.consistent.swap(false, Ordering::SeqCst) {
+            tracing::warn!(
+                disk,
+                "the primary starts a sync: this disk is no usable copy until the next checkpoint"
+            );
+        }
+        Ok(())
+    }
+
     fn refresh_metrics(&self) {
         for d in &self.disks {
             let s = d.node.status();
             let n = d.name.clone();
+            metrics::gauge!("coloblk_consistent", "disk" => n.clone()).set(
+                if d.consistent.load(Ordering::SeqCst) {
+                    1.0
+                } else {
+                    0.0
+                },
+            );
             metrics::gauge!("coloblk_active_bytes", "disk" => n.clone())
                 .set((s.active_clusters as u64 * s.cluster_size) as f64);
             metrics::gauge!("coloblk_hidden_bytes", "disk" => n.clone())
@@ -386,6 +476,7 @@ async fn open(args: &SecondaryArgs, pool: &IoPool) -> anyhow::Result<Plan> {
             node,
             past_copies: 0.into(),
             stopped: false.into(),
+            consistent: true.into(),
         });
     }
     let replica_exports = ExportSet::new();
@@ -402,12 +493,15 @@ async fn open(args: &SecondaryArgs, pool: &IoPool) -> anyhow::Result<Plan> {
         events: Events::default(),
         epoch: AtomicU64::new(first_epoch()),
         failed_over: failed_over.clone(),
+        instance: random_id(),
         ops: tokio::sync::Mutex::new(()),
     });
+    // One payload budget for both servers: the daemon's memory is bounded as a whole.
+    let config = ServerConfig::default();
     let mut replica = Endpoint::new(
         "the primary",
         replica_listen,
-        Server::new(replica_exports, ServerConfig::default()),
+        Server::new(replica_exports, config.clone()),
     );
     // After a failover the replica export is fenced (the old primary may no longer write), so
     // its final flush failing is expected; the top export serves the VM then, and its flush
@@ -416,7 +510,7 @@ async fn open(args: &SecondaryArgs, pool: &IoPool) -> anyhow::Result<Plan> {
     let top = Endpoint::new(
         "the speculative VM",
         export_listen,
-        Server::new(top_exports, ServerConfig::default()),
+        Server::new(top_exports, config),
     );
     Ok(Plan {
         name: "coloblk secondary",

@@ -1,0 +1,492 @@
+//! The link of one primary disk to its secondary, kept by a task: it connects whenever the link
+//! is down (with backoff), decides what the secondary must receive before the disk counts as
+//! protected, tells the secondary when that sync makes its disk unusable, and fences the
+//! primary when the secondary has taken over.
+//!
+//! ```text
+//!   down --connect NBD + ask the peer--> plan --set link--> up --link lost--> down
+//!                         |                                   |
+//!                         '--peer failed over--> fenced <-----' (errors: ask the peer again)
+//! ```
+//!
+//! What a (re)connection sends, in COLO's terms:
+//!
+//! | situation | plan |
+//! |---|---|
+//! | first link to this secondary | the disk's `sync=` (checksum, full or none) |
+//! | the same secondary process as before (its instance) | the dirty bitmap only: its buffer still holds everything since the last checkpoint |
+//! | another process (it restarted) | checksum: the bitmap is probably exact, but nothing proves it |
+//! | a peer without our commands (qemu-nbd, QEMU) | `full` the first time, the bitmap after |
+//!
+//! Before a checksum or full sync the secondary is told (`replication-sync-begin`) that its
+//! disk is no usable copy until the next checkpoint; a bitmap resync needs no such notice, since
+//! copy-before-write keeps those copies out of what a failover keeps.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use async_trait::async_trait;
+use nbd::addr::{SocketAddr, Stream};
+use nbd::client::{ClientConfig, NbdClient};
+use parking_lot::Mutex;
+use qmp::QmpClient;
+use replication::primary::{Digest, PrimaryNode, RemoteDigests};
+use serde_json::json;
+use tokio::sync::Notify;
+use tracing::{info, warn};
+
+use crate::control::Events;
+use crate::control::status::Status;
+
+/// Shortest and longest pause between connection attempts.
+const BACKOFF_MIN: Duration = Duration::from_millis(250);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// While the link is up, how often the keeper looks at it.
+const WATCH_EVERY: Duration = Duration::from_millis(500);
+/// The peer's status and digest queries.
+const PEER_COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
+/// Bytes per digest of a checksum sync (a multiple of the dirty bitmap's granularity).
+const CHECKSUM_BLOCK: u64 = 64 << 10;
+
+/// How a disk's first sync with a secondary compares the two disks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SyncMode {
+    /// Digests of both sides; only blocks that differ are copied.
+    Checksum,
+    /// Everything is copied (holes as write-zeroes).
+    Full,
+    /// The operator vouches that the disks are identical.
+    None,
+}
+
+impl SyncMode {
+    /// The option's spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SyncMode::Checksum => "checksum",
+            SyncMode::Full => "full",
+            SyncMode::None => "none",
+        }
+    }
+}
+
+/// Where a disk's secondary is.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// Its replica export.
+    pub uri: String,
+    /// Its control socket, if the primary may talk to it.
+    pub peer: Option<SocketAddr>,
+}
+
+/// What the keeper does with a connection it just made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Plan {
+    Bitmap,
+    Checksum,
+    Full,
+}
+
+/// Settings every disk's keeper shares.
+pub struct LinkConfig {
+    /// Request timeout of the NBD link (and its handshake).
+    pub link_timeout: Duration,
+    /// Connect and handshake of the peer's control socket.
+    pub peer_timeout: Duration,
+    /// Fence the primary when its secondary has taken over.
+    pub fence_on_promoted: bool,
+    /// Where QMP events go.
+    pub events: Arc<Events>,
+    /// Called when a link came up or a resync ended (protection may have changed).
+    pub on_change: Box<dyn Fn() + Send + Sync>,
+}
+
+/// The keeper's state, for status.
+struct State {
+    target: Target,
+    /// Bumped when the target changes: a link made for an older target is dropped.
+    generation: u64,
+    link: String,
+    error: Option<String>,
+    verified: bool,
+    /// The first sync with this target is done (or under way).
+    first_done: bool,
+    /// The secondary process (instance) the bitmap is exact for.
+    synced_instance: Option<u64>,
+}
+
+/// One primary disk and its link.
+pub struct DiskLink {
+    /// The disk's name (its export, and its name on the secondary).
+    pub name: String,
+    /// The replication node.
+    pub node: PrimaryNode,
+    /// How the first sync with a secondary compares the disks.
+    pub sync: SyncMode,
+    state: Mutex<State>,
+    changed: Notify,
+}
+
+/// What the status shows of a link: `up`, `connecting` or `peer-promoted`, the last error,
+/// and whether the peer answered our commands.
+pub struct LinkStatus {
+    /// The state.
+    pub link: String,
+    /// Why it is not up.
+    pub error: Option<String>,
+    /// The peer is a coloblk secondary that answered.
+    pub verified: bool,
+}
+
+impl DiskLink {
+    /// A disk whose keeper is not running yet.
+    pub fn new(name: String, node: PrimaryNode, sync: SyncMode, target: Target) -> Arc<Self> {
+        Arc::new(DiskLink {
+            name,
+            node,
+            sync,
+            state: Mutex::new(State {
+                target,
+                generation: 0,
+                link: "connecting".into(),
+                error: None,
+                verified: false,
+                first_done: false,
+                synced_instance: None,
+            }),
+            changed: Notify::new(),
+        })
+    }
+
+    /// Starts the keeper.
+    pub fn spawn(self: &Arc<Self>, config: Arc<LinkConfig>) {
+        tokio::spawn(self.clone().run(config));
+    }
+
+    /// Points the disk at another secondary: the link is dropped (writes are dirty from now
+    /// on) and the keeper connects to the new one as to a new secondary.
+    pub fn retarget(&self, target: Target) {
+        {
+            let mut st = self.state.lock();
+            st.target = target;
+            st.generation += 1;
+            st.first_done = false;
+            st.synced_instance = None;
+            st.verified = false;
+            st.link = "connecting".into();
+            st.error = None;
+        }
+        self.node.clear_link();
+        self.changed.notify_one();
+    }
+
+    /// The link as status shows it.
+    pub fn status(&self) -> LinkStatus {
+        let st = self.state.lock();
+        LinkStatus {
+            link: st.link.clone(),
+            error: st.error.clone(),
+            verified: st.verified,
+        }
+    }
+
+    fn set_state(&self, link: &str, error: Option<String>) {
+        let mut st = self.state.lock();
+        st.link = link.into();
+        st.error = error;
+    }
+
+    async fn run(self: Arc<Self>, config: Arc<LinkConfig>) {
+        let mut backoff = BACKOFF_MIN;
+        let mut linked_generation = None;
+        loop {
+            if self.node.fenced() {
+                return;
+            }
+            let (target, generation) = {
+                let st = self.state.lock();
+                (st.target.clone(), st.generation)
+            };
+            if self.node.link_up() && linked_generation == Some(generation) {
+                // Up: look again now and then; errors may mean the peer took over.
+                let _ = tokio::time::timeout(WATCH_EVERY, self.changed.notified()).await;
+                if self.node.status().error.is_some()
+                    && let Some(peer) = &target.peer
+                    && let Ok(Some(_)) = self.peer_state(peer, &config).await.map(|p| p.promoted)
+                {
+                    self.promoted(&config);
+                }
+                continue;
+            }
+            match self.connect(&target, &config).await {
+                Ok(Connected::Linked) => {
+                    linked_generation = Some(generation);
+                    backoff = BACKOFF_MIN;
+                    (config.on_change)();
+                }
+                Ok(Connected::Promoted) => {
+                    self.promoted(&config);
+                    if self.node.fenced() {
+                        return;
+                    }
+                    // `continue` mode: wait for another target.
+                    self.changed.notified().await;
+                }
+                Err(e) => {
+                    let e = format!("{e:#}");
+                    let first = self.state.lock().error.as_ref() != Some(&e);
+                    if first {
+                        warn!(disk = %self.name, "secondary unreachable, retrying: {e}");
+                    }
+                    self.set_state("connecting", Some(e));
+                    let _ = tokio::time::timeout(backoff, self.changed.notified()).await;
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                }
+            }
+        }
+    }
+
+    fn promoted(&self, config: &LinkConfig) {
+        if self.state.lock().link == "peer-promoted" {
+            return;
+        }
+        self.set_state(
+            "peer-promoted",
+            Some("the secondary has failed over: it serves the VM now".into()),
+        );
+        warn!(disk = %self.name, "the secondary has failed over and serves the VM");
+        config.events.emit(
+            "REPLICATION_PEER_PROMOTED",
+            json!({"disk": self.name, "fenced": config.fence_on_promoted}),
+        );
+        self.node.clear_link();
+        if config.fence_on_promoted {
+            self.node.fence();
+        }
+    }
+
+    /// Asks the peer's control socket what it is.
+    async fn peer_state(&self, peer: &SocketAddr, config: &LinkConfig) -> anyhow::Result<Peer> {
+        let mut c = QmpClient::connect(
+            format!("the secondary's control socket {peer}"),
+            peer.connect(),
+            config.peer_timeout,
+        )
+        .await?;
+        let commands = c
+            .execute_timeout("query-commands", json!({}), PEER_COMMAND_TIMEOUT)
+            .await?;
+        let ours = commands
+            .as_array()
+            .is_some_and(|l| l.iter().any(|c| c["name"] == "replication-digest"));
+        if !ours {
+            return Ok(Peer {
+                verified: false,
+                instance: None,
+                promoted: None,
+                client: c,
+            });
+        }
+        let status = c
+            .execute_timeout("query-replication", json!({}), PEER_COMMAND_TIMEOUT)
+            .await?;
+        let Status::Secondary(status) =
+            serde_json::from_value(status).context("the peer's status")?
+        else {
+            anyhow::bail!("the peer at {peer} is a primary, not a secondary");
+        };
+        if !status.disks.iter().any(|d| d.name == self.name) {
+            anyhow::bail!("the secondary at {peer} has no disk '{}'", self.name);
+        }
+        Ok(Peer {
+            verified: true,
+            instance: Some(status.instance),
+            promoted: status.failed_over.then_some(()),
+            client: c,
+        })
+    }
+
+    /// Connects the replica export, asks the peer, and sets the link with what must be sent.
+    async fn connect(&self, target: &Target, config: &LinkConfig) -> anyhow::Result<Connected> {
+        let cfg = ClientConfig {
+            request_timeout: Some(config.link_timeout),
+            handshake_timeout: Some(config.link_timeout),
+            ..Default::default()
+        };
+        let link = NbdClient::connect_uri(&target.uri, cfg)
+            .await
+            .with_context(|| format!("cannot reach the secondary at {}", target.uri))?;
+        let (first_done, synced) = {
+            let st = self.state.lock();
+            (st.first_done, st.synced_instance)
+        };
+        let mut peer = match &target.peer {
+            Some(addr) => Some(self.peer_state(addr, config).await?),
+            None => None,
+        };
+        if peer.as_ref().is_some_and(|p| p.promoted.is_some()) {
+            return Ok(Connected::Promoted);
+        }
+        let verified = peer.as_ref().is_some_and(|p| p.verified);
+        let instance = peer.as_ref().and_then(|p| p.instance);
+        let plan = match (first_done, verified) {
+            (false, true) => match self.sync {
+                SyncMode::Checksum => Some(Plan::Checksum),
+                SyncMode::Full => Some(Plan::Full),
+                SyncMode::None => None,
+            },
+            // Without digests a checksum cannot be done: everything goes.
+            (false, false) => match self.sync {
+                SyncMode::None => None,
+                _ => Some(Plan::Full),
+            },
+            (true, true) if instance == synced => Some(Plan::Bitmap),
+            (true, true) => Some(Plan::Checksum),
+            (true, false) => Some(Plan::Bitmap),
+        };
+        if let (Some(Plan::Checksum | Plan::Full), Some(p)) = (plan, peer.as_mut())
+            && p.verified
+        {
+            p.client
+                .execute_timeout(
+                    "replication-sync-begin",
+                    json!({"disk": self.name}),
+                    PEER_COMMAND_TIMEOUT,
+                )
+                .await
+                .context("telling the secondary a sync begins")?;
+        }
+        if plan == Some(Plan::Full) {
+            self.node.mark_all_dirty();
+        }
+        self.node
+            .set_link(Arc::new(link))
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        {
+            let mut st = self.state.lock();
+            st.first_done = true;
+            st.synced_instance = instance;
+            st.verified = verified;
+            st.link = "up".into();
+            st.error = None;
+        }
+        let plan_name = match plan {
+            None => "none (the operator vouches)",
+            Some(Plan::Bitmap) => "the dirty bitmap",
+            Some(Plan::Checksum) => "a checksum comparison",
+            Some(Plan::Full) => "a full copy",
+        };
+        info!(disk = %self.name, replica = %target.uri, "link up; the secondary gets {plan_name}");
+        config.events.emit(
+            "REPLICATION_LINK_UP",
+            json!({"disk": self.name, "sync": plan.map_or("none", |p| match p {
+                Plan::Bitmap => "bitmap",
+                Plan::Checksum => "checksum",
+                Plan::Full => "full",
+            })}),
+        );
+        if plan == Some(Plan::Checksum)
+            && let Some(p) = peer
+        {
+            let digests = PeerDigests {
+                client: tokio::sync::Mutex::new(p.client),
+                disk: self.name.clone(),
+            };
+            match self.node.checksum_sync(&digests, CHECKSUM_BLOCK).await {
+                Ok(r) => info!(
+                    disk = %self.name,
+                    compared = r.compared_bytes,
+                    differing = r.differing_bytes,
+                    "checksum comparison done"
+                ),
+                Err(e) => {
+                    // Unsure what differs: everything goes.
+                    warn!(disk = %self.name, "checksum comparison failed ({e}); copying everything");
+                    self.node.mark_all_dirty();
+                }
+            }
+        }
+        Ok(Connected::Linked)
+    }
+}
+
+/// What [`DiskLink::connect`] achieved.
+enum Connected {
+    Linked,
+    Promoted,
+}
+
+/// What the peer's control socket said.
+struct Peer {
+    verified: bool,
+    instance: Option<u64>,
+    promoted: Option<()>,
+    client: QmpClient<Stream>,
+}
+
+/// The secondary's digests, over its control socket.
+struct PeerDigests {
+    client: tokio::sync::Mutex<QmpClient<Stream>>,
+    disk: String,
+}
+
+#[async_trait]
+impl RemoteDigests for PeerDigests {
+    async fn digests(&self, offset: u64, len: u64, block: u64) -> Result<Vec<Digest>, String> {
+        let mut out = Vec::new();
+        let mut at = offset;
+        // The peer answers at most MAX_DIGEST_RANGE per command.
+        while at < offset + len {
+            let n = (offset + len - at).min(crate::control::MAX_DIGEST_RANGE);
+            let reply = self
+                .client
+                .lock()
+                .await
+                .execute_timeout(
+                    "replication-digest",
+                    json!({"disk": self.disk, "offset": at, "length": n, "block": block}),
+                    PEER_COMMAND_TIMEOUT,
+                )
+                .await
+                .map_err(|e| format!("the secondary's digests: {e}"))?;
+            for d in reply["digests"].as_array().into_iter().flatten() {
+                out.push(parse_digest(d.as_str().unwrap_or(""))?);
+            }
+            at += n;
+        }
+        Ok(out)
+    }
+}
+
+fn parse_digest(hex: &str) -> Result<Digest, String> {
+    let bad = || format!("the secondary sent a malformed digest '{hex}'");
+    if hex.len() != 32 || !hex.is_ascii() {
+        return Err(bad());
+    }
+    let mut d = [0u8; 16];
+    for (i, b) in d.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).map_err(|_| bad())?;
+    }
+    Ok(d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn digests_parse_from_hex_and_malformed_ones_are_refused() {
+        let d = parse_digest("000102030405060708090a0b0c0d0eff").unwrap();
+        assert_eq!(d[0], 0);
+        assert_eq!(d[15], 0xff);
+        for bad in [
+            "",
+            "00",
+            "zz0102030405060708090a0b0c0d0eff",
+            "é0102030405060708090a0b0c0d0e",
+        ] {
+            assert!(parse_digest(bad).is_err(), "{bad}");
+        }
+    }
+}
