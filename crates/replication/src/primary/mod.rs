@@ -238,6 +238,17 @@ impl PrimaryNode {
         Ok(())
     }
 
+    /// Drops the link (the secondary is being replaced): writes are recorded as dirty until
+    /// the next [`set_link`](Self::set_link).
+    pub fn clear_link(&self) {
+        *self.inner.shared.link.lock() = None;
+    }
+
+    /// Whether a link is set and not given up on.
+    pub fn link_up(&self) -> bool {
+        self.inner.shared.usable_link().is_some()
+    }
+
     /// Records that nothing is known of the secondary's content (a new secondary, or a
     /// primary that restarted and forgot what it had not yet sent): the resync then copies the
     /// whole disk, holes as write-zeroes.
