@@ -711,6 +711,7 @@ fn a_secondary_under_sync_refuses_failover_until_the_next_checkpoint() {
     );
     let s = c.status("secondary.qmp");
     assert_eq!(s["disks"][0]["consistent"], false);
+    assert_eq!(s["disks"][0]["primary-connected"], true);
     let refused = "disk vm0 is not a usable copy: resync incomplete (replication-failover \
                    with force: true fails over all the same)";
     let out = c.ctl("secondary.qmp", "failover");
@@ -736,8 +737,19 @@ fn a_secondary_under_sync_refuses_failover_until_the_next_checkpoint() {
     c.ok("primary.qmp", "checkpoint");
     assert_eq!(c.status("secondary.qmp")["disks"][0]["consistent"], true);
 
-    // --force fails over all the same.
-    let c = cluster("async");
+    // The secondary sees its primary go (and logs it), and --force fails over all the same.
+    let mut c = cluster("async");
+    let mut primary = c.primary.take().unwrap();
+    let _ = primary.child.kill();
+    let _ = primary.child.wait();
+    let t = std::time::Instant::now();
+    while c.status("secondary.qmp")["disks"][0]["primary-connected"] != false {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the primary's going went unseen"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let out = coloblk()
         .args([
             "ctl",

@@ -135,6 +135,8 @@ pub struct SecondaryDisk {
     /// The disk is a usable copy: false while a primary's sync runs, until the next
     /// checkpoint.
     pub consistent: bool,
+    /// A primary is connected to the disk's replica export.
+    pub primary_connected: bool,
 }
 
 /// A failover merge's progress.

@@ -115,6 +115,8 @@ pub struct SecondaryGroup {
     failed_over: Arc<AtomicBool>,
     /// Random per process (see the status).
     instance: u64,
+    /// The replica exports' server: whether the primary is connected.
+    replica: Arc<Server>,
     /// Control operations run one at a time (a failover must not land inside a checkpoint).
     ops: tokio::sync::Mutex<()>,
 }
@@ -289,6 +291,7 @@ impl Group for SecondaryGroup {
                         total_bytes: s.failover.total,
                     },
                     consistent: d.consistent.load(Ordering::SeqCst),
+                    primary_connected: self.replica.clients(&d.name) > 0,
                 }
             })
             .collect();
@@ -486,6 +489,9 @@ async fn open(args: &SecondaryArgs, pool: &IoPool) -> anyhow::Result<Plan> {
         top_exports.add(Export::new(d.name.clone(), Arc::new(d.node.top())));
     }
     let failed_over = Arc::new(AtomicBool::new(false));
+    // One payload budget for both servers: the daemon's memory is bounded as a whole.
+    let config = ServerConfig::default();
+    let replica_server = Server::new(replica_exports, config.clone());
     let group = Arc::new(SecondaryGroup {
         disks,
         group,
@@ -494,15 +500,10 @@ async fn open(args: &SecondaryArgs, pool: &IoPool) -> anyhow::Result<Plan> {
         epoch: AtomicU64::new(first_epoch()),
         failed_over: failed_over.clone(),
         instance: random_id(),
+        replica: replica_server.clone(),
         ops: tokio::sync::Mutex::new(()),
     });
-    // One payload budget for both servers: the daemon's memory is bounded as a whole.
-    let config = ServerConfig::default();
-    let mut replica = Endpoint::new(
-        "the primary",
-        replica_listen,
-        Server::new(replica_exports, config.clone()),
-    );
+    let mut replica = Endpoint::new("the primary", replica_listen, replica_server);
     // After a failover the replica export is fenced (the old primary may no longer write), so
     // its final flush failing is expected; the top export serves the VM then, and its flush
     // is the one that matters.

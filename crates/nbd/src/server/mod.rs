@@ -99,6 +99,8 @@ pub struct Server {
     config: ServerConfig,
     stop: CancellationToken,
     tasks: TaskTracker,
+    /// Clients in the transmission phase, per export name.
+    clients: parking_lot::Mutex<std::collections::HashMap<String, usize>>,
 }
 
 impl Server {
@@ -110,7 +112,13 @@ impl Server {
             config,
             stop: CancellationToken::new(),
             tasks: TaskTracker::new(),
+            clients: Default::default(),
         })
+    }
+
+    /// Clients connected to export `name` now (past the handshake).
+    pub fn clients(&self, name: &str) -> usize {
+        self.clients.lock().get(name).copied().unwrap_or(0)
     }
 
     /// The exports served; changes show to clients that connect afterwards.
@@ -181,9 +189,16 @@ impl Server {
                 return;
             }
         };
-        info!(%peer, export = %session.export.name, structured = session.structured, "client connected");
-        if let Err(e) = transmission(r, w.into_inner(), session, &self, &peer).await {
-            debug!(%peer, "connection ended: {e}");
+        let export = session.export.name.clone();
+        info!(%peer, %export, structured = session.structured, "client connected");
+        *self.clients.lock().entry(export.clone()).or_default() += 1;
+        let ended = transmission(r, w.into_inner(), session, &self, &peer).await;
+        if let Some(n) = self.clients.lock().get_mut(&export) {
+            *n -= 1;
+        }
+        match ended {
+            Ok(()) => info!(%peer, %export, "client disconnected"),
+            Err(e) => info!(%peer, %export, "client disconnected: {e}"),
         }
     }
 
