@@ -5,14 +5,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 
 use anyhow::Context;
-use blockdev::{BlockDev, IoPool, Qcow2, Qcow2Options, RawFile, RawOptions};
-
-/// Image formats we open.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Format {
-    Raw,
-    Qcow2,
-}
+use blockdev::{BlockDev, ImageFormat, IoPool, OpenOptions};
 
 /// Who reads a specification: each role has its own options, and its errors show its syntax.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -110,7 +103,7 @@ pub fn secondary_disk(s: &str) -> Result<DiskSpec, String> {
 pub struct DiskSpec {
     pub name: String,
     pub path: PathBuf,
-    pub format: Format,
+    pub format: ImageFormat,
     pub read_only: bool,
     pub direct: bool,
     /// Keys this parser does not know, left for the caller (e.g. `replica=` on the primary).
@@ -144,7 +137,7 @@ impl DiskSpec {
         let mut spec = DiskSpec {
             name: name.to_string(),
             path: PathBuf::from(path),
-            format: Format::Raw,
+            format: ImageFormat::Raw,
             read_only: false,
             direct: false,
             extra: Vec::new(),
@@ -152,10 +145,9 @@ impl DiskSpec {
         let known = |k: &str| role == Role::Any || k == "format" || role.keys().contains(&k);
         for part in parts {
             match part.split_once('=') {
-                Some(("format", "raw")) => spec.format = Format::Raw,
-                Some(("format", "qcow2")) => spec.format = Format::Qcow2,
                 Some(("format", f)) => {
-                    return Err(format!("'{s}': unknown format '{f}' (raw or qcow2)"));
+                    spec.format = ImageFormat::from_name(f)
+                        .ok_or_else(|| format!("'{s}': unknown format '{f}' (raw or qcow2)"))?;
                 }
                 None if part == "readonly" && matches!(role, Role::Any | Role::Serve) => {
                     spec.read_only = true
@@ -200,24 +192,11 @@ impl DiskSpec {
 
     /// Opens the image.
     pub fn open(&self, pool: &IoPool) -> anyhow::Result<Arc<dyn BlockDev>> {
-        let what = || format!("disk '{}': cannot open {}", self.name, self.path.display());
-        Ok(match self.format {
-            Format::Raw => {
-                let opts = RawOptions {
-                    read_only: self.read_only,
-                    direct: self.direct,
-                };
-                Arc::new(RawFile::open(&self.path, opts, pool.clone()).with_context(what)?)
-            }
-            Format::Qcow2 => {
-                let opts = Qcow2Options {
-                    read_only: self.read_only,
-                    direct: self.direct,
-                    ..Default::default()
-                };
-                Arc::new(Qcow2::open(&self.path, opts, pool.clone()).with_context(what)?)
-            }
-        })
+        let options = OpenOptions::new(self.format, pool.clone())
+            .read_only(self.read_only)
+            .direct(self.direct);
+        blockdev::open(&self.path, options)
+            .with_context(|| format!("disk '{}': cannot open {}", self.name, self.path.display()))
     }
 }
 
@@ -232,7 +211,7 @@ mod tests {
             .unwrap();
         assert_eq!(s.name, "d0");
         assert_eq!(s.path, PathBuf::from("/img/a.qcow2"));
-        assert_eq!(s.format, Format::Qcow2);
+        assert_eq!(s.format, ImageFormat::Qcow2);
         assert!(s.read_only);
         assert_eq!(
             s.extra,

@@ -645,6 +645,14 @@ fn a_primary_starts_degraded_and_connects_when_the_secondary_comes() {
             .starts_with("cannot reach the secondary at nbd+unix:///vm0?socket="),
         "{disk}"
     );
+    // An orchestrator waiting for protection hears why it does not come.
+    let out = ctl(&qmp, &["--timeout", "0.5", "wait-protected"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.starts_with("coloblk ctl: not protected after 500ms: disk 'vm0': unsynced (cannot reach the secondary at"),
+        "{err}"
+    );
     let out = ctl(&qmp, &["checkpoint"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(
@@ -698,6 +706,12 @@ fn a_primary_starts_degraded_and_connects_when_the_secondary_comes() {
             .arg(&sec),
     );
     wait_socket(&sock, &mut peer);
+    let out = ctl(&qmp, &["--timeout", "30", "wait-protected"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let st = wait_protected(&qmp);
     assert_eq!(st["disks"][0]["link"], "up");
     assert_eq!(st["disks"][0]["peer-verified"], false);

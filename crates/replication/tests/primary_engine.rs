@@ -798,3 +798,27 @@ async fn a_write_that_fails_part_way_on_a_full_disk_is_dirty_until_resynced() {
         );
     }
 }
+
+/// `resync_rate` caps the resync: 4 MiB at 8 MiB/s cannot end before about 3/8 s (the first
+/// piece goes at once), however fast the link.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_resync_keeps_to_its_rate() {
+    let r = rig(PrimaryConfig {
+        resync_rate: Some(8 << 20),
+        ..Default::default()
+    });
+    r.local
+        .write(0, fill(30, 4 << 20), WriteFlags::default())
+        .await
+        .unwrap();
+    r.node.mark_all_dirty();
+    let t = Instant::now();
+    r.node.start(Mode::Primary).unwrap();
+    wait_clean(&r.node).await;
+    assert!(
+        t.elapsed() >= Duration::from_millis(300),
+        "4 MiB at 8 MiB/s took {:?}",
+        t.elapsed()
+    );
+    assert!(r.local.snapshot() == r.remote.snapshot());
+}

@@ -34,8 +34,8 @@ pub struct CtlArgs {
     #[arg(long, value_name = "ADDR")]
     control: SocketAddr,
 
-    /// How long to wait for the socket to connect and greet (exit code 3 after that), and for
-    /// each status reply.
+    /// How long to wait for the socket to connect and greet (exit code 3 after that), for
+    /// each status reply, and with `wait-protected` for the protection itself.
     #[arg(long, value_name = "SECONDS", default_value = "10", value_parser = seconds)]
     timeout: Duration,
 
@@ -47,6 +47,11 @@ pub struct CtlArgs {
     /// Print the daemon's JSON reply instead of a table.
     #[arg(long)]
     json: bool,
+
+    /// With `status`: show it again every second, with a progress bar per syncing disk, until
+    /// interrupted.
+    #[arg(long)]
+    watch: bool,
 
     /// With `checkpoint`: go on although forwarding failed earlier (a sticky error); never
     /// overrides a down link, ranges not yet on the secondary, or an epoch mismatch. With
@@ -72,6 +77,14 @@ enum Action {
     Failover,
     /// Stop replication without failover (a secondary discards its overlays).
     Stop,
+    /// Compare every disk of a primary with its secondary by digests (DRBD's online verify);
+    /// what differs is marked dirty and resynced. Prints the bytes compared and found
+    /// different.
+    Verify,
+    /// Wait until every disk of a primary is protected (running, synced, link up): what an
+    /// orchestrator does before its first checkpoint. Exit 1 after --timeout, saying how far
+    /// each disk got.
+    WaitProtected,
 }
 
 /// A positive, finite number of seconds.
@@ -148,6 +161,8 @@ where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite,
 {
     let (command, cmd_args) = match args.action {
+        Action::WaitProtected => return wait_protected(c, args.timeout, args.json).await,
+        Action::Status if args.watch && !args.json => return watch(c, args.timeout).await,
         Action::Status => {
             let status = call(c, "query-replication", json!({}), args.timeout).await?;
             if args.json {
@@ -163,6 +178,7 @@ where
         Action::Checkpoint => ("replication-checkpoint", json!({"force": args.force})),
         Action::Failover => ("replication-failover", json!({"force": args.force})),
         Action::Stop => ("replication-stop", json!({})),
+        Action::Verify => ("replication-verify", json!({})),
     };
     let reply = call(c, command, cmd_args, args.command_timeout).await?;
     if args.json {
@@ -179,6 +195,17 @@ where
     }
     match args.action {
         Action::Failover => follow_failover(c, args.json, args.timeout).await,
+        Action::Verify if !args.json => {
+            for d in reply["disks"].as_array().into_iter().flatten() {
+                println!(
+                    "disk '{}': {} compared, {} different (being resynced)",
+                    d["name"].as_str().unwrap_or("?"),
+                    bytes(d["compared-bytes"].as_u64().unwrap_or(0)),
+                    bytes(d["differing-bytes"].as_u64().unwrap_or(0)),
+                );
+            }
+            Ok(())
+        }
         Action::Checkpoint if !args.json => {
             let reply: CheckpointReply = serde_json::from_value(reply).unwrap_or_default();
             let mut line = "checkpoint done".to_string();
@@ -204,6 +231,80 @@ where
             Ok(())
         }
     }
+}
+
+/// Polls a primary's status until every disk is protected, or `limit` has passed.
+async fn wait_protected<S>(c: &mut QmpClient<S>, limit: Duration, quiet: bool) -> anyhow::Result<()>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite,
+{
+    let start = std::time::Instant::now();
+    loop {
+        let st = call(c, "query-replication", json!({}), limit).await?;
+        let Status::Primary(p) =
+            serde_json::from_value(st).context("the daemon's status is not one this ctl knows")?
+        else {
+            anyhow::bail!("wait-protected asks a primary; this is a secondary");
+        };
+        if p.disks.iter().all(|d| d.protected) {
+            if !quiet {
+                println!("protected: every disk running, synced, link up");
+            }
+            return Ok(());
+        }
+        if start.elapsed() >= limit {
+            let left: Vec<String> = p
+                .disks
+                .iter()
+                .filter(|d| !d.protected)
+                .map(|d| {
+                    let why = d
+                        .link_error
+                        .clone()
+                        .unwrap_or_else(|| format!("{} dirty", bytes(d.dirty_bytes)));
+                    format!("disk '{}': {} ({why})", d.name, sync_state(d))
+                })
+                .collect();
+            anyhow::bail!("not protected after {limit:?}: {}", left.join("; "));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// `status --watch`: the table again every second, a bar under each syncing disk.
+async fn watch<S>(c: &mut QmpClient<S>, t: Duration) -> anyhow::Result<()>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite,
+{
+    loop {
+        let st = call(c, "query-replication", json!({}), t).await?;
+        let st: Status =
+            serde_json::from_value(st).context("the daemon's status is not one this ctl knows")?;
+        let mut screen = render_status(&st);
+        if let Status::Primary(p) = &st {
+            for d in p.disks.iter().filter(|d| d.resync.active) {
+                screen += &format!(
+                    "{}: {} {}/{}\n",
+                    d.name,
+                    bar(d.resync.done_bytes, d.resync.total_bytes, 40),
+                    bytes(d.resync.done_bytes),
+                    bytes(d.resync.total_bytes)
+                );
+            }
+        }
+        // Clear the screen and draw again from the top.
+        print!("\x1b[2J\x1b[H{screen}");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// A text progress bar of `width` cells.
+fn bar(done: u64, total: u64, width: usize) -> String {
+    let filled = match total {
+        0 => width,
+        t => (done.min(t) as u128 * width as u128 / t as u128) as usize,
+    };
+    format!("[{}{}]", "#".repeat(filled), "-".repeat(width - filled))
 }
 
 /// Polls the status and draws a progress bar until every disk has finished merging.
@@ -400,6 +501,14 @@ pub fn render_status(st: &Status) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_bar_fills_in_proportion_and_never_overflows() {
+        assert_eq!(bar(0, 100, 10), "[----------]");
+        assert_eq!(bar(43, 100, 10), "[####------]");
+        assert_eq!(bar(200, 100, 10), "[##########]");
+        assert_eq!(bar(5, 0, 4), "[####]");
+    }
 
     #[test]
     fn renders_a_primary_status_table() {

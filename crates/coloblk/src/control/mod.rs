@@ -11,6 +11,7 @@
 //! | `xen-colo-do-checkpoint` | QEMU: checkpoint all |
 //! | `x-colo-lost-heartbeat` | QEMU: fail over |
 //! | `replication-set-replica {disk, uri, peer-control?}` | primary: point a disk at another secondary |
+//! | `replication-verify` | primary: compare every disk with its secondary by digests; what differs is resynced |
 //! | `replication-digest {disk, offset, length, block}` | secondary: digests of its disk (checksum sync) |
 //! | `replication-sync-begin {disk}` | secondary: a primary's sync starts; the disk is no usable copy until the next checkpoint |
 //!
@@ -182,6 +183,11 @@ pub trait Group: Send + Sync + 'static {
     fn refresh_metrics(&self);
     /// Last words at shutdown, once the NBD servers have flushed.
     async fn shutdown(&self) {}
+    /// Primary: compares every disk with its secondary; per disk, bytes compared and found
+    /// different.
+    async fn verify(&self) -> Result<Value, ControlError> {
+        Err(only_role(Role::Primary, "replication-verify"))
+    }
     /// Primary: points `disk` at another secondary.
     async fn set_replica(
         &self,
@@ -225,6 +231,7 @@ pub const COMMANDS: &[&str] = &[
     "xen-colo-do-checkpoint",
     "x-colo-lost-heartbeat",
     "replication-set-replica",
+    "replication-verify",
     "replication-digest",
     "replication-sync-begin",
 ];
@@ -300,6 +307,10 @@ impl<G: Group + ?Sized> Handler for Control<G> {
                 let uri = required_str(&args, "uri")?;
                 let peer = args.opt_str("peer-control")?;
                 empty(g.set_replica(disk, uri, peer).await)
+            }
+            "replication-verify" => {
+                args.only(&[])?;
+                reply(g.verify().await)
             }
             "replication-digest" => {
                 args.only(&["disk", "offset", "length", "block"])?;

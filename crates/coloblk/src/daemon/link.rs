@@ -31,7 +31,7 @@ use nbd::addr::{SocketAddr, Stream};
 use nbd::client::{ClientConfig, NbdClient};
 use parking_lot::Mutex;
 use qmp::QmpClient;
-use replication::primary::{Digest, PrimaryNode, RemoteDigests};
+use replication::primary::{ChecksumReport, Digest, PrimaryNode, RemoteDigests};
 use serde_json::json;
 use tokio::sync::Notify;
 use tracing::{info, warn};
@@ -189,6 +189,27 @@ impl DiskLink {
             error: st.error.clone(),
             verified: st.verified,
         }
+    }
+
+    /// Compares the disk with its secondary's (digests), marking what differs dirty for the
+    /// resync: DRBD's online verify. Needs a link up to a coloblk secondary.
+    pub async fn verify(&self, config: &LinkConfig) -> anyhow::Result<ChecksumReport> {
+        let peer = self.state.lock().target.peer.clone();
+        let peer = peer.context("verify needs --peer-control (the secondary's digests)")?;
+        anyhow::ensure!(self.node.link_up(), "the link to the secondary is down");
+        let p = self.peer_state(&peer, config).await?;
+        anyhow::ensure!(
+            p.verified,
+            "the peer at {peer} has no replication-digest (not a coloblk secondary)"
+        );
+        let digests = PeerDigests {
+            client: tokio::sync::Mutex::new(p.client),
+            disk: self.name.clone(),
+        };
+        self.node
+            .checksum_sync(&digests, CHECKSUM_BLOCK)
+            .await
+            .map_err(|e| anyhow::anyhow!(e))
     }
 
     fn set_state(&self, link: &str, error: Option<String>) {

@@ -84,6 +84,11 @@ pub struct PrimaryArgs {
     #[arg(long, value_name = "POLICY", default_value = "fence", value_parser = ["fence", "continue"])]
     pub on_peer_promoted: String,
 
+    /// Most MiB per second a resync sends (the VM's writes go first either way); unbounded if
+    /// not given.
+    #[arg(long, value_name = "MIB")]
+    pub resync_rate: Option<u64>,
+
     /// Seconds without an answer after which the secondary counts as lost.
     #[arg(long, value_name = "SECONDS", default_value_t = 10.0,
           value_parser = crate::disk_spec::positive_seconds)]
@@ -107,6 +112,8 @@ pub struct PrimaryGroup {
     ops: tokio::sync::Mutex<()>,
     /// Every disk was protected when last looked at (REPLICATION_PROTECTED on the change).
     protected: std::sync::atomic::AtomicBool,
+    /// The links' shared settings (verify talks to the peers with them).
+    link_config: std::sync::OnceLock<Arc<LinkConfig>>,
 }
 
 impl PrimaryGroup {
@@ -279,6 +286,26 @@ impl Group for PrimaryGroup {
         self.events.attach(server);
     }
 
+    async fn verify(&self) -> Result<serde_json::Value, ControlError> {
+        let config = self
+            .link_config
+            .get()
+            .ok_or_else(|| ControlError::Refused("the links are not set up yet".into()))?;
+        let mut disks = Vec::new();
+        for d in &self.disks {
+            let r = d.verify(config).await.map_err(|e| {
+                ControlError::Refused(format!("disk '{}': verify failed: {e:#}", d.name))
+            })?;
+            info!(disk = %d.name, compared = r.compared_bytes, differing = r.differing_bytes, "verified");
+            disks.push(json!({
+                "name": d.name,
+                "compared-bytes": r.compared_bytes,
+                "differing-bytes": r.differing_bytes,
+            }));
+        }
+        Ok(json!({ "disks": disks }))
+    }
+
     async fn set_replica(
         &self,
         disk: &str,
@@ -449,6 +476,7 @@ async fn open(args: &PrimaryArgs, pool: &IoPool) -> anyhow::Result<Plan> {
         // closes the connection, so nothing stays pending on a link given up on. The node's
         // timer, a little later, only backs it up.
         link_timeout: Some(link_timeout + LINK_TIMER_GRACE),
+        resync_rate: args.resync_rate.map(|m| m.max(1) << 20),
         ..Default::default()
     };
     let mut disks = Vec::new();
@@ -487,6 +515,7 @@ async fn open(args: &PrimaryArgs, pool: &IoPool) -> anyhow::Result<Plan> {
         events: events.clone(),
         ops: tokio::sync::Mutex::new(()),
         protected: false.into(),
+        link_config: std::sync::OnceLock::new(),
     });
     // The links are kept by tasks: the VM is served whether the secondary is there or not.
     let weak = Arc::downgrade(&group);
@@ -501,6 +530,7 @@ async fn open(args: &PrimaryArgs, pool: &IoPool) -> anyhow::Result<Plan> {
             }
         }),
     });
+    let _ = group.link_config.set(link_config.clone());
     for d in &group.disks {
         d.spawn(link_config.clone());
         watch_resync(&group, d);

@@ -100,6 +100,9 @@ pub struct PrimaryConfig {
     pub dirty_granularity: u64,
     /// A forward that takes longer declares the secondary lost.
     pub link_timeout: Option<Duration>,
+    /// Most payload bytes per second the resync sends (none: as fast as the link takes them;
+    /// the VM's writes share the forwarding queue with it either way).
+    pub resync_rate: Option<u64>,
 }
 
 impl Default for PrimaryConfig {
@@ -109,6 +112,7 @@ impl Default for PrimaryConfig {
             queue: QueueLimits::default(),
             dirty_granularity: 64 << 10,
             link_timeout: Some(Duration::from_secs(10)),
+            resync_rate: None,
         }
     }
 }
@@ -206,6 +210,7 @@ impl PrimaryNode {
             order: order.clone(),
             stage: stage.clone(),
             state: resync.clone(),
+            rate: config.resync_rate,
         };
         let resync_task = tokio::spawn(job.run());
         PrimaryNode {

@@ -18,7 +18,7 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use blockdev::{BlockDev, ZeroFlags};
 use parking_lot::Mutex;
@@ -93,6 +93,8 @@ pub(super) struct Job {
     pub order: Arc<RangeLock>,
     pub stage: Arc<Mutex<Stage>>,
     pub state: Arc<ResyncState>,
+    /// Payload bytes per second at most.
+    pub rate: Option<u64>,
 }
 
 /// A copy on its way: its ticket, the answers of its changes, its length.
@@ -193,7 +195,16 @@ impl Job {
         let mut flight: VecDeque<Copy> = VecDeque::new();
         let mut cursor = 0;
         let mut result = Ok(());
+        let (started, sent_before) = (Instant::now(), self.state.sent.load(Ordering::Relaxed));
         while self.ready() {
+            if let Some(rate) = self.rate {
+                // Ahead of the rate: wait until the bytes sent so far are due.
+                let sent = self.state.sent.load(Ordering::Relaxed) - sent_before;
+                let due = Duration::from_secs_f64(sent as f64 / rate.max(1) as f64);
+                if let Some(wait) = due.checked_sub(started.elapsed()) {
+                    tokio::time::sleep(wait).await;
+                }
+            }
             let Some((offset, len)) = self.shared.dirty.next_dirty(cursor, CHUNK) else {
                 break;
             };
