@@ -22,13 +22,21 @@ pub type Result<T, E = BlockError> = std::result::Result<T, E>;
 /// The operation an error happened in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Op {
+    /// Opening an image (no offset).
     Open,
+    /// [`BlockDev::read`](crate::BlockDev::read).
     Read,
+    /// [`BlockDev::write`](crate::BlockDev::write).
     Write,
+    /// [`BlockDev::flush`](crate::BlockDev::flush).
     Flush,
+    /// [`BlockDev::write_zeroes`](crate::BlockDev::write_zeroes).
     WriteZeroes,
+    /// [`BlockDev::discard`](crate::BlockDev::discard).
     Discard,
+    /// [`BlockDev::block_status`](crate::BlockDev::block_status).
     BlockStatus,
+    /// Creating an image (no offset).
     Create,
 }
 
@@ -115,8 +123,11 @@ impl fmt::Display for ErrorKind {
 /// several waiters (every request of a batch, a sticky replication error).
 #[derive(Debug, Clone)]
 pub struct BlockError {
+    /// What went wrong: what callers match on (NBD replies, retry decisions).
     pub kind: ErrorKind,
+    /// The operation that failed.
     pub op: Op,
+    /// Where in the device it failed (0 for open and create).
     pub offset: u64,
     /// A human-readable detail, shown in parentheses after the cause.
     pub context: Option<String>,
@@ -125,6 +136,8 @@ pub struct BlockError {
 }
 
 impl BlockError {
+    /// An error without a cause underneath (a check of ours failed, or a peer said so); add
+    /// detail with [`BlockError::path`] and [`BlockError::context`].
     pub fn new(kind: ErrorKind, op: Op, offset: u64) -> Self {
         BlockError {
             kind,

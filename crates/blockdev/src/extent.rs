@@ -3,6 +3,7 @@
 /// A run of bytes with one allocation state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Extent {
+    /// Bytes in the run.
     pub len: u64,
     /// Not allocated: reads come from below (or are zero at the bottom of a chain).
     pub hole: bool,
@@ -11,6 +12,7 @@ pub struct Extent {
 }
 
 impl Extent {
+    /// Allocated bytes that may hold anything.
     pub fn data(len: u64) -> Self {
         Extent {
             len,
@@ -18,6 +20,7 @@ impl Extent {
             zero: false,
         }
     }
+    /// Unallocated bytes that read as zeroes (the bottom of a chain).
     pub fn hole(len: u64) -> Self {
         Extent {
             len,
@@ -25,6 +28,7 @@ impl Extent {
             zero: true,
         }
     }
+    /// Allocated bytes known to read as zeroes (a qcow2 zero cluster).
     pub fn zero(len: u64) -> Self {
         Extent {
             len,
@@ -43,6 +47,7 @@ impl Extent {
 pub struct ExtentList(pub Vec<Extent>);
 
 impl ExtentList {
+    /// No extents yet.
     pub fn new() -> Self {
         ExtentList(Vec::new())
     }
@@ -63,6 +68,7 @@ impl ExtentList {
         self.0.iter().map(|e| e.len).sum()
     }
 
+    /// The extents in order.
     pub fn iter(&self) -> impl Iterator<Item = &Extent> {
         self.0.iter()
     }

@@ -12,16 +12,22 @@
 //!   on the I/O pool           I/O pool                  for tests          layers, ...)
 //! ```
 //!
+//! [`open`] opens an image file by its [`ImageFormat`]; the drivers ([`RawFile`], [`Qcow2`],
+//! [`MemoryDev`]) are public too, for callers that need a driver's own operations (creating
+//! an image, emptying a qcow2 overlay).
+//!
 //! Disk I/O that may block runs on [`IoPool`], the drivers' own bounded thread pool. Only
 //! calls that are cheap while the kernel keeps up run on the caller's tokio worker: reads the
-//! page cache holds (asked with `RWF_NOWAIT`, so they never wait for the disk) and, through
-//! [`FastPath`], buffered writes while a device's writes stay fast, one at a time.
+//! page cache holds (asked with `RWF_NOWAIT`, so they never wait for the disk) and buffered
+//! writes while a device's writes stay fast, one at a time.
 
 #![forbid(unsafe_code)]
+#![warn(missing_docs)]
 
 mod error;
 mod extent;
 pub mod fault;
+mod image;
 mod memory;
 mod pool;
 mod qcow2;
@@ -32,16 +38,16 @@ use bytes::Bytes;
 
 pub use error::{BlockError, ErrorKind, Op, Result};
 pub use extent::{Extent, ExtentList};
+pub use image::{ImageFormat, OpenOptions, open};
 pub use memory::MemoryDev;
-pub use pool::{FastPath, IoPool};
-pub use qcow2::{
-    DEFAULT_CLUSTER_SIZE, ImageFormat, Qcow2, Qcow2Backing, Qcow2CreateOptions, Qcow2Options,
-};
+pub use pool::IoPool;
+pub use qcow2::{DEFAULT_CLUSTER_SIZE, Qcow2, Qcow2Backing, Qcow2CreateOptions, Qcow2Options};
 pub use raw::{RawFile, RawOptions};
 
 /// Flags of a write. `fua` asks that the data be durable before the write completes.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct WriteFlags {
+    /// Durable before completion (NBD's FUA flag).
     pub fua: bool,
 }
 
@@ -59,8 +65,11 @@ pub struct ZeroFlags {
 /// One write of a batch ([`BlockDev::write_batch`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BatchWrite {
+    /// Where the data goes, in bytes.
     pub offset: u64,
+    /// The bytes to write.
     pub data: Bytes,
+    /// As for [`BlockDev::write`].
     pub flags: WriteFlags,
 }
 

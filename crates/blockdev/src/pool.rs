@@ -190,7 +190,7 @@ impl IoPool {
 /// slow raise the device's average, and its calls go to the pool (and are still measured
 /// there) until fast ones bring it down again.
 #[derive(Debug)]
-pub struct FastPath {
+pub(crate) struct FastPath {
     /// Moving average of the device's calls, in nanoseconds.
     avg_ns: AtomicU64,
     /// A call is running on a caller's thread.
@@ -262,8 +262,9 @@ fn moving_average(avg_ns: u64, sample: Duration) -> u64 {
 /// context switches; worse, the woken thread tends to preempt the worker at once, so hand-offs
 /// go one write at a time and never batch (measured with the primary on one core: 22k IOPS at
 /// 4 KiB QD16 through the pool against 80k inline). The price is that a call that hangs there
-/// freezes the whole process, as a crash would: the VM's disk is stuck either way, and a frozen
-/// primary or secondary is handled as a lost one (the link times out, COLO fails over).
+/// freezes the whole process, as a crash would: the VM's disk is stuck either way. A frozen
+/// secondary is given up on by the primary's link timer; a frozen primary is for the
+/// orchestrator to detect (COLO's heartbeat), as the secondary keeps no timer on it.
 fn inline_allowed() -> bool {
     static ONE_CPU: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     let Ok(rt) = tokio::runtime::Handle::try_current() else {

@@ -14,9 +14,10 @@ use bytes::{Bytes, BytesMut};
 use rustix::fs::{FallocateFlags, SeekFrom};
 use rustix::io::{Errno, ReadWriteFlags};
 
+use crate::pool::FastPath;
 use crate::{
-    BlockDev, BlockError, DevInfo, ErrorKind, Extent, ExtentList, FastPath, IoPool, MAX_REQUEST,
-    Op, Result, WriteFlags, ZeroFlags, check_range, check_status_range, check_write,
+    BlockDev, BlockError, DevInfo, ErrorKind, Extent, ExtentList, IoPool, MAX_REQUEST, Op, Result,
+    WriteFlags, ZeroFlags, check_range, check_status_range, check_write,
 };
 
 /// Alignment required by O_DIRECT on the file systems we care about.
@@ -25,6 +26,7 @@ const DIRECT_ALIGN: usize = 4096;
 /// How to open a raw file.
 #[derive(Debug, Clone, Default)]
 pub struct RawOptions {
+    /// Refuse writes; the file is opened read-only, so a read-only file can be served.
     pub read_only: bool,
     /// Bypass the page cache (O_DIRECT). Requests must then be 4 KiB aligned; the NBD server
     /// advertises that as its minimum block size.

@@ -17,24 +17,32 @@ pub enum QmpClientError {
     /// The server answered with an error.
     #[error("{0}")]
     Qmp(QmpError),
+    /// Reading or writing the connection failed.
     #[error("control connection: {0}")]
     Io(#[from] std::io::Error),
+    /// The server sent something that is not QMP, or closed the connection.
     #[error("control protocol: {0}")]
     Protocol(String),
+    /// [`QmpClient::execute_timeout`] gave up waiting.
     #[error("no reply within {0:?}")]
     TimedOut(Duration),
     /// Connecting failed outright (refused, no such socket, ...).
     #[error("cannot connect to {peer}: {source}")]
     Connect {
+        /// The address as the user gave it.
         peer: String,
+        /// Why it failed.
         #[source]
         source: std::io::Error,
     },
     /// [`QmpClient::connect`] ran out of time; `step` is what it was waiting for.
     #[error("{step} {peer} within {timeout:?}")]
     HandshakeTimedOut {
+        /// The address as the user gave it.
         peer: String,
+        /// What did not happen in time.
         step: HandshakeStep,
+        /// The time allowed for the whole handshake.
         timeout: Duration,
     },
 }
@@ -42,8 +50,11 @@ pub enum QmpClientError {
 /// The parts of opening a session, in order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HandshakeStep {
+    /// Connecting the socket.
     Connect,
+    /// Waiting for the server's `{"QMP": ...}` greeting.
     Greeting,
+    /// Waiting for the reply to `qmp_capabilities`.
     Capabilities,
 }
 

@@ -11,13 +11,17 @@ pub const MAX_MESSAGE: usize = 1 << 20;
 /// One item taken from the stream.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Frame {
+    /// One complete JSON value.
     Message(Value),
     /// Bytes that are not JSON, with the parser's complaint.
     Malformed(String),
 }
 
+/// Why the stream cannot go on.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum FrameError {
+    /// More than [`MAX_MESSAGE`] bytes without a complete message: a client must not make
+    /// us buffer without bound.
     #[error("message larger than {MAX_MESSAGE} bytes")]
     TooLarge,
 }
@@ -31,10 +35,12 @@ pub struct Framer {
 }
 
 impl Framer {
+    /// An empty buffer.
     pub fn new() -> Self {
         Framer::default()
     }
 
+    /// Adds bytes read from the stream; fails once the buffer would hold too much.
     pub fn push(&mut self, bytes: &[u8]) -> Result<(), FrameError> {
         self.buf.extend_from_slice(bytes);
         if self.buf.len() > MAX_MESSAGE {

@@ -12,6 +12,7 @@
 //! The crate is transport-agnostic: it serves and drives any byte stream.
 
 #![forbid(unsafe_code)]
+#![warn(missing_docs)]
 
 mod client;
 mod framing;
@@ -26,13 +27,18 @@ use serde_json::{Map, Value, json};
 /// QMP error classes (QEMU's `QapiErrorClass`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorClass {
+    /// Every error without a class of its own (QEMU sends almost all errors as this).
     GenericError,
+    /// The command does not exist; clients probe for commands with it.
     CommandNotFound,
+    /// The device exists but is not in a state to do this.
     DeviceNotActive,
+    /// No device of that name.
     DeviceNotFound,
 }
 
 impl ErrorClass {
+    /// The name on the wire (`"class"` of an error reply).
     pub fn as_str(self) -> &'static str {
         match self {
             ErrorClass::GenericError => "GenericError",
@@ -47,11 +53,14 @@ impl ErrorClass {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{desc}")]
 pub struct QmpError {
+    /// What clients match on.
     pub class: ErrorClass,
+    /// What humans read.
     pub desc: String,
 }
 
 impl QmpError {
+    /// A `GenericError`, the class of nearly every failure.
     pub fn generic(desc: impl Into<String>) -> Self {
         QmpError {
             class: ErrorClass::GenericError,
@@ -59,6 +68,7 @@ impl QmpError {
         }
     }
 
+    /// QEMU's reply to a command it does not know, word for word.
     pub fn not_found(command: &str) -> Self {
         QmpError {
             class: ErrorClass::CommandNotFound,
@@ -82,6 +92,7 @@ impl Args {
             .ok_or_else(|| QmpError::generic(format!("Parameter '{name}' is missing")))
     }
 
+    /// An optional boolean member.
     pub fn opt_bool(&self, name: &str) -> Result<Option<bool>, QmpError> {
         match self.0.get(name) {
             None => Ok(None),
@@ -104,6 +115,7 @@ impl Args {
         }
     }
 
+    /// An optional string member.
     pub fn opt_str(&self, name: &str) -> Result<Option<&str>, QmpError> {
         match self.0.get(name) {
             None => Ok(None),

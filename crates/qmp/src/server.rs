@@ -22,15 +22,20 @@ use crate::{Args, ErrorClass, QmpError};
 /// A parsed command.
 #[derive(Debug, Clone)]
 pub struct Command {
+    /// The `execute` member.
     pub name: String,
+    /// The `arguments` member (empty when absent).
     pub args: Args,
+    /// The client's `id`, echoed in the reply so it can match replies to requests.
     pub id: Option<Value>,
 }
 
 /// An asynchronous notification.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Event {
+    /// The `event` member (QEMU's names are upper case with underscores).
     pub name: String,
+    /// The `data` member.
     pub data: Value,
 }
 

@@ -43,10 +43,15 @@
 //!   the first allocating write. [`Qcow2::open`] checks the header and the refcount structures
 //!   first (`qcow2/header.rs`); backing images, which imago opens itself and never writes, are
 //!   not checked.
+//!
+//! Here: the options, [`Qcow2`] and its [`BlockDev`] operations. Beside it: `header.rs` (the
+//! checks before imago sees an image), `mapping.rs` (walks of the image's own clusters: block
+//! status, discard, zeroing) and `create.rs` (new images).
 
+mod create;
 mod header;
+mod mapping;
 
-use std::fs::File as StdFile;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -56,44 +61,23 @@ use bytes::{Bytes, BytesMut};
 use imago::file::File;
 use imago::format::Format;
 use imago::qcow2::Qcow2 as ImagoQcow2;
-use imago::{
-    FormatAccess, FormatCreateBuilder, FormatDriverBuilder, PermissiveImplicitOpenGate,
-    ShallowMapping, Storage, StorageCreateOptions, StorageOpenOptions,
-};
+use imago::{FormatAccess, FormatDriverBuilder, PermissiveImplicitOpenGate, StorageOpenOptions};
 use parking_lot::RwLock;
 
 use crate::{
-    BlockDev, BlockError, DevInfo, ErrorKind, Extent, ExtentList, IoPool, MAX_REQUEST, Op, Result,
-    WriteFlags, ZeroFlags, check_range, check_status_range, check_write,
+    BlockDev, BlockError, DevInfo, ErrorKind, ExtentList, ImageFormat, IoPool, MAX_REQUEST, Op,
+    Result, WriteFlags, ZeroFlags, check_range, check_status_range, check_write,
 };
+use mapping::{Image, aligned, discard_allocated, io_error, walk_mappings, zero_range};
 
 /// Default cluster size of new images (QEMU's default too).
 pub const DEFAULT_CLUSTER_SIZE: u32 = 64 * 1024;
 
-/// Largest zero buffer written at once when zeroes must be written as data.
-const ZERO_CHUNK: u64 = 1 << 20;
-
-/// Format of a backing image.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ImageFormat {
-    Raw,
-    Qcow2,
-}
-
-impl ImageFormat {
-    /// The name QEMU records in the header's backing-format extension.
-    pub fn name(self) -> &'static str {
-        match self {
-            ImageFormat::Raw => "raw",
-            ImageFormat::Qcow2 => "qcow2",
-        }
-    }
-
-    fn imago(self) -> Format {
-        match self {
-            ImageFormat::Raw => Format::Raw,
-            ImageFormat::Qcow2 => Format::Qcow2,
-        }
+/// imago's name for a format, to open a backing image of it.
+fn imago_format(format: ImageFormat) -> Format {
+    match format {
+        ImageFormat::Raw => Format::Raw,
+        ImageFormat::Qcow2 => Format::Qcow2,
     }
 }
 
@@ -109,16 +93,23 @@ pub enum Qcow2Backing {
     /// This file instead of the recorded one (opened read-only; a qcow2 file brings its own
     /// recorded chain). A relative path is relative to the current directory, as imago opens
     /// it as given.
-    File { path: PathBuf, format: ImageFormat },
+    File {
+        /// The backing file.
+        path: PathBuf,
+        /// Its format (not probed: a probed raw file could claim to be anything).
+        format: ImageFormat,
+    },
 }
 
 /// How to open a qcow2 image.
 #[derive(Debug, Clone, Default)]
 pub struct Qcow2Options {
+    /// Refuse writes; the image file is opened read-only.
     pub read_only: bool,
     /// Bypass the page cache (O_DIRECT) for the image and its backing files. imago realigns
     /// requests internally, so callers need not align; aligned requests avoid bounce buffers.
     pub direct: bool,
+    /// Where unallocated clusters read from.
     pub backing: Qcow2Backing,
 }
 
@@ -139,216 +130,6 @@ impl Default for Qcow2CreateOptions {
             backing: None,
         }
     }
-}
-
-/// The open imago image, shared with the I/O threads running its requests.
-#[derive(Debug)]
-struct Image {
-    /// Read side: every `&self` imago call. Write side: discards, which need `&mut`.
-    access: RwLock<FormatAccess<File>>,
-    path: PathBuf,
-}
-
-impl Image {
-    fn error(&self, err: io::Error, op: Op, offset: u64) -> BlockError {
-        io_error(err, op, offset, &self.path)
-    }
-
-    /// Writes imago's cached metadata back, then syncs the image file.
-    fn flush(&self, op: Op, offset: u64) -> Result<()> {
-        let access = self.access.read();
-        access.flush().map_err(|e| self.error(e, op, offset))?;
-        access.sync().map_err(|e| self.error(e, op, offset))
-    }
-}
-
-/// Maps an imago or OS error onto the block layer's kinds, naming the image.
-fn io_error(err: io::Error, op: Op, offset: u64, path: &Path) -> BlockError {
-    if err.raw_os_error().is_some() {
-        return BlockError::from_io(err, op, offset).path(path);
-    }
-    let kind = match err.kind() {
-        io::ErrorKind::Unsupported => ErrorKind::NotSupported,
-        io::ErrorKind::UnexpectedEof => ErrorKind::OutOfRange,
-        io::ErrorKind::InvalidInput => ErrorKind::InvalidArgument,
-        io::ErrorKind::StorageFull => ErrorKind::NoSpace,
-        _ => ErrorKind::Io(None),
-    };
-    BlockError::new(kind, op, offset).path(path).with_io(err)
-}
-
-/// Whether `x` is a multiple of `pow2`, a power of two.
-fn aligned(x: u64, pow2: u64) -> bool {
-    x & (pow2 - 1) == 0
-}
-
-/// Allocation state of a run of the image's own clusters.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Alloc {
-    /// Data stored in this image (compressed included).
-    Data,
-    /// A zero cluster of this image: reads as zeroes, hides the backing image.
-    Zero,
-    /// Not allocated here; reads come from the backing image.
-    Backing,
-    /// Not allocated here, no backing image: reads as zeroes.
-    Unallocated,
-}
-
-impl Alloc {
-    fn allocated(self) -> bool {
-        matches!(self, Alloc::Data | Alloc::Zero)
-    }
-
-    /// NBD `base:allocation`: allocated here => data or zero; otherwise a hole, known to read
-    /// as zeroes only at the bottom of a chain (we do not look into the backing image).
-    fn extent(self, len: u64) -> Extent {
-        match self {
-            Alloc::Data => Extent::data(len),
-            Alloc::Zero => Extent::zero(len),
-            Alloc::Backing => Extent {
-                len,
-                hole: true,
-                zero: false,
-            },
-            Alloc::Unallocated => Extent::hole(len),
-        }
-    }
-}
-
-/// Walks this image's own mapping over `offset..end`, calling `f` for every run.
-///
-/// imago reports an unallocated L2 table as one run, so the walk costs one step per L1 entry
-/// plus one per run inside allocated L2 tables: proportional to allocation, not disk size.
-fn walk_mappings(
-    access: &FormatAccess<File>,
-    offset: u64,
-    end: u64,
-    mut f: impl FnMut(u64, u64, Alloc),
-) -> io::Result<()> {
-    let mut pos = offset;
-    while pos < end {
-        let (mapping, len) = access.get_shallow_mapping(pos, end - pos)?;
-        let alloc = match mapping {
-            ShallowMapping::Raw { .. } | ShallowMapping::Special { .. } => Alloc::Data,
-            ShallowMapping::Zero { explicit: true, .. } => Alloc::Zero,
-            ShallowMapping::Zero {
-                explicit: false, ..
-            } => Alloc::Unallocated,
-            ShallowMapping::Indirect { .. } => Alloc::Backing,
-            ShallowMapping::Eof { .. } => break,
-            // A mapping kind newer than this code: calling it data is never wrong.
-            _ => Alloc::Data,
-        };
-        if len == 0 {
-            break;
-        }
-        let len = len.min(end - pos);
-        f(pos, len, alloc);
-        pos += len;
-    }
-    Ok(())
-}
-
-/// The runs of `offset..end` whose state satisfies `keep`, neighbours merged.
-fn ranges_where(
-    access: &FormatAccess<File>,
-    offset: u64,
-    end: u64,
-    keep: impl Fn(Alloc) -> bool,
-) -> io::Result<Vec<(u64, u64)>> {
-    let mut ranges: Vec<(u64, u64)> = Vec::new();
-    walk_mappings(access, offset, end, |pos, len, alloc| {
-        if !keep(alloc) {
-            return;
-        }
-        match ranges.last_mut() {
-            Some((start, run)) if *start + *run == pos => *run += len,
-            _ => ranges.push((pos, len)),
-        }
-    })?;
-    Ok(ranges)
-}
-
-/// Runs that may not read as zeroes: data here, or unallocated over a backing image. Zero
-/// clusters, and unallocated clusters at the bottom of a chain, read as zeroes already, so
-/// zeroing a fresh image (as `qemu-img convert` and nbdcopy do first) costs a walk of the L1
-/// table instead of an L2 table for every 512 MiB.
-fn maybe_nonzero(alloc: Alloc) -> bool {
-    matches!(alloc, Alloc::Data | Alloc::Backing)
-}
-
-/// Discards the allocated clusters of `offset..end` so they read from the backing image again.
-/// Returns the bytes of allocated ranges handed to imago.
-///
-/// Only allocated ranges are passed on, because imago's discard allocates an L2 table for any
-/// range it is given, which would grow an overlay while emptying it.
-fn discard_allocated(image: &Image, offset: u64, end: u64, op: Op) -> Result<u64> {
-    let mut access = image.access.write();
-    let ranges = ranges_where(&access, offset, end, Alloc::allocated)
-        .map_err(|e| image.error(e, op, offset))?;
-    let mut total = 0;
-    for (start, len) in ranges {
-        access
-            .discard_to_backing(start, len)
-            .map_err(|e| image.error(e, op, start))?;
-        total += len;
-    }
-    Ok(total)
-}
-
-/// Makes `offset..end` read as zeroes, touching only the runs that may not yet.
-///
-/// v3 images get zero clusters for whole clusters (imago writes zeroes into partial ones);
-/// with `unmap` the zeroed clusters' storage is freed, which needs exclusive access. v2 images
-/// have no zero clusters, so zeroes are written as data.
-fn zero_range(
-    image: &Image,
-    offset: u64,
-    end: u64,
-    zero_clusters: bool,
-    unmap: bool,
-) -> Result<()> {
-    let err = |e, at| image.error(e, Op::WriteZeroes, at);
-    if zero_clusters && unmap {
-        let mut access = image.access.write();
-        let ranges =
-            ranges_where(&access, offset, end, maybe_nonzero).map_err(|e| err(e, offset))?;
-        for (start, len) in ranges {
-            access
-                .discard_to_zero(start, len)
-                .map_err(|e| err(e, start))?;
-        }
-        return Ok(());
-    }
-    let access = image.access.read();
-    let ranges = ranges_where(&access, offset, end, maybe_nonzero).map_err(|e| err(e, offset))?;
-    for (start, len) in ranges {
-        if zero_clusters {
-            access.write_zeroes(start, len).map_err(|e| err(e, start))?;
-        } else {
-            write_zero_data(&access, start, len).map_err(|(e, at)| err(e, at))?;
-        }
-    }
-    Ok(())
-}
-
-/// Writes `len` zero bytes as data; on failure returns the error and where it happened.
-fn write_zero_data(
-    access: &FormatAccess<File>,
-    offset: u64,
-    len: u64,
-) -> Result<(), (io::Error, u64)> {
-    let zeroes = vec![0u8; len.min(ZERO_CHUNK) as usize];
-    let mut done = 0;
-    while done < len {
-        let n = (len - done).min(ZERO_CHUNK) as usize;
-        access
-            .write(&zeroes[..n], offset + done)
-            .map_err(|e| (e, offset + done))?;
-        done += n as u64;
-    }
-    Ok(())
 }
 
 /// A qcow2 image (with its backing chain) as a [`BlockDev`].
@@ -391,7 +172,9 @@ impl Qcow2 {
         builder = match &opts.backing {
             Qcow2Backing::FromHeader => builder,
             Qcow2Backing::None => builder.backing(None),
-            Qcow2Backing::File { path, format } => builder.backing_path(path, format.imago()),
+            Qcow2Backing::File { path, format } => {
+                builder.backing_path(path, imago_format(*format))
+            }
         };
         // Permissive: the chain named in the header is opened as recorded. Images come from the
         // operator, not from guests, so that is the intended trust model.
@@ -440,69 +223,6 @@ impl Qcow2 {
         let runner = pool.clone();
         runner
             .run(Op::Open, 0, move || Qcow2::open(path, opts, pool))
-            .await
-    }
-
-    /// Creates (or overwrites) a qcow2 v3 image of `len` bytes with 16-bit refcounts, using
-    /// imago's creation code, and syncs it to disk.
-    ///
-    /// `len` must be a multiple of 512: QEMU refuses other sizes. Blocking, like
-    /// [`Qcow2::open`]; [`Qcow2::create_async`] runs it on the pool.
-    pub fn create(path: impl AsRef<Path>, len: u64, opts: Qcow2CreateOptions) -> Result<()> {
-        let path = path.as_ref();
-        let create_err = |e: io::Error| io_error(e, Op::Create, 0, path);
-        if !aligned(len, 512) {
-            return Err(BlockError::new(ErrorKind::InvalidArgument, Op::Create, 0)
-                .path(path)
-                .context(format!("size {len} is not a multiple of 512")));
-        }
-        let backing = match &opts.backing {
-            None => None,
-            Some((backing, format)) => {
-                let name = backing.to_str().ok_or_else(|| {
-                    BlockError::new(ErrorKind::InvalidArgument, Op::Create, 0).context(format!(
-                        "backing file name {} is not UTF-8",
-                        backing.display()
-                    ))
-                })?;
-                // The header records the name as given; check now that it resolves, rather
-                // than creating an image that cannot be opened.
-                let resolved = match path.parent() {
-                    Some(dir) if backing.is_relative() => dir.join(backing),
-                    _ => backing.clone(),
-                };
-                std::fs::metadata(&resolved).map_err(|e| {
-                    BlockError::from_io(e, Op::Create, 0)
-                        .path(&resolved)
-                        .context(format!("backing file of {}", path.display()))
-                })?;
-                Some((name.to_string(), format.name().to_string()))
-            }
-        };
-
-        let file = File::create_open(StorageCreateOptions::new().filename(path).overwrite(true))
-            .map_err(create_err)?;
-        let mut builder = ImagoQcow2::<File>::create_builder(file)
-            .cluster_size(opts.cluster_size as usize)
-            .size(len);
-        if let Some((name, format)) = backing {
-            builder = builder.backing(name, format);
-        }
-        builder.create().map_err(create_err)?;
-        StdFile::open(path)
-            .and_then(|f| f.sync_all())
-            .map_err(create_err)
-    }
-
-    /// [`Qcow2::create`] on the I/O pool.
-    pub async fn create_async(
-        path: impl AsRef<Path>,
-        len: u64,
-        opts: Qcow2CreateOptions,
-        pool: &IoPool,
-    ) -> Result<()> {
-        let path = path.as_ref().to_path_buf();
-        pool.run(Op::Create, 0, move || Qcow2::create(path, len, opts))
             .await
     }
 
@@ -724,6 +444,7 @@ impl BlockDev for Qcow2 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::Extent;
 
     async fn fresh(len: u64, cluster_size: u32) -> (tempfile::TempDir, Qcow2) {
         let dir = tempfile::tempdir().unwrap();
