@@ -59,7 +59,7 @@ pub enum HandshakeStep {
 }
 
 impl fmt::Display for HandshakeStep {
-    /// Reads as the start of "<step> unix:/x within 5s".
+    /// Reads as the start of "`<step>` unix:/x within 5s".
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             HandshakeStep::Connect => "no connection to",

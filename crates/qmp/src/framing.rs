@@ -20,7 +20,7 @@ pub enum Frame {
 /// Why the stream cannot go on.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum FrameError {
-    /// More than [`MAX_MESSAGE`] bytes without a complete message: a client must not make
+    /// More than 1 MiB (`MAX_MESSAGE`) without a complete message: a client must not make
     /// us buffer without bound.
     #[error("message larger than {MAX_MESSAGE} bytes")]
     TooLarge,
