@@ -1,4 +1,4 @@
-//! The NBD client (`nbd::client::NbdClient`, `crates/nbd/src/client.rs`) facing an arbitrary
+//! The NBD client (`nbd::client::NbdClient`, `crates/nbd/src/client/`) facing an arbitrary
 //! server over an in-memory stream.
 //!
 //! Input: byte 0 is the control byte, the rest is what the "server" sends.
@@ -67,7 +67,7 @@ const META_ID: u32 = 7;
 const BOUND: Duration = Duration::from_secs(10);
 /// The server sends the transmission-phase bytes once the client has been silent this long.
 const QUIET: Duration = Duration::from_millis(1);
-/// Largest trim, write-zeroes or block-status request (`SPAN_LIMIT` in client.rs).
+/// Largest trim, write-zeroes or block-status request (`SPAN_LIMIT`, nbd/src/client/split.rs).
 const SPAN_LIMIT: u64 = 1 << 30;
 
 const MODE: u8 = 0b11;
