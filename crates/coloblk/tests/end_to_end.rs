@@ -798,3 +798,123 @@ fn verify_finds_a_silently_changed_secondary_block_and_the_resync_repairs_it() {
     let b = std::fs::read(c.p("secondary.raw")).unwrap();
     assert_eq!(first_difference(&a, &b), None);
 }
+
+/// The whole protection cycle, with exact bytes at every step: A primary, B secondary; kill A;
+/// fail over B (the write after the checkpoint is rolled back); B re-protects its VM to A,
+/// restarted as a secondary on its old disk (a checksum sync sends only what differs), with the
+/// VM's connection to B kept; checkpoint; kill B; fail over A, which then holds exactly the
+/// checkpoint.
+#[test]
+fn the_whole_cycle_fails_over_reprotects_and_fails_back() {
+    require("qemu-io");
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let u = |n: &str| format!("unix:{}", d.join(n).display());
+    let nbd = |sock: &str| unix_uri("vm0", &d.join(sock));
+    let write = |uri: &str, cmd: &str| {
+        run(Command::new("qemu-io")
+            .args(["-f", "raw", "-c", cmd])
+            .arg(uri));
+    };
+    let secondary = |disk: &str, tag: &str| {
+        let mut p = Proc::spawn(
+            "coloblk secondary",
+            coloblk()
+                .args(["secondary", "--disk"])
+                .arg(format!("vm0={}", d.join(disk).display()))
+                .args(["--replica-listen", &u(&format!("{tag}-replica.sock"))])
+                .args(["--export-listen", &u(&format!("{tag}-top.sock"))])
+                .args(["--control", &u(&format!("{tag}.qmp")), "--buffer-dir"])
+                .arg(d.join(format!("{tag}-buffer")))
+                .arg("--start"),
+        );
+        wait_socket(&d.join(format!("{tag}.qmp")), &mut p);
+        p
+    };
+    let ctl_ok = |qmp: &str, args: &[&str]| {
+        let out = coloblk()
+            .args(["ctl", "--control", &u(qmp)])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "ctl {args:?} on {qmp}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let read = |n: &str| std::fs::read(d.join(n)).unwrap();
+
+    // A primary (a.raw), B secondary (b.raw).
+    raw_image(d, "a.raw", DISK);
+    raw_image(d, "b.raw", DISK);
+    let mut b = secondary("b.raw", "b");
+    let mut a = Proc::spawn(
+        "coloblk primary",
+        coloblk()
+            .args(["primary", "--disk"])
+            .arg(format!(
+                "vm0={},replica={}",
+                d.join("a.raw").display(),
+                nbd("b-replica.sock")
+            ))
+            .args(["--export-listen", &u("a-vm.sock"), "--control", &u("a.qmp")])
+            .args(["--peer-control", &u("b.qmp"), "--start"]),
+    );
+    wait_socket(&d.join("a.qmp"), &mut a);
+    wait_protected(&u("a.qmp"));
+    write(&nbd("a-vm.sock"), "write -P 0x11 0 2M");
+    ctl_ok("a.qmp", &["checkpoint"]);
+    let at_checkpoint_1 = read("a.raw");
+    write(&nbd("a-vm.sock"), "write -P 0x22 4M 1M");
+
+    // Kill A; fail over B: B's disk is the checkpoint (the 0x22 write rolled back).
+    let _ = a.child.kill();
+    let _ = a.child.wait();
+    assert!(ctl_ok("b.qmp", &["failover"]).contains("failover done"));
+    assert_eq!(first_difference(&read("b.raw"), &at_checkpoint_1), None);
+    // The VM runs on B now, and writes.
+    write(&nbd("b-top.sock"), "write -P 0x33 8M 1M");
+
+    // A's host comes back as a secondary on its old disk; B re-protects to it.
+    let _a2 = secondary("a.raw", "a2");
+    ctl_ok(
+        "b.qmp",
+        &[
+            "promote",
+            "--replica",
+            &format!("vm0={}", nbd("a2-replica.sock")),
+            "--peer-control",
+            &u("a2.qmp"),
+        ],
+    );
+    let st = wait_protected(&u("b.qmp"));
+    assert_eq!(st["role"], "primary");
+    assert_eq!(st["disks"][0]["sync"], "checksum");
+    // What differs: the rolled-back 1 MiB on A and the 1 MiB written on B since.
+    assert_eq!(st["disks"][0]["resync"]["done-bytes"], 2 * MIB);
+    // Sent as payload: at most those bytes (the rolled-back range may go as data: the merge
+    // wrote its old zeroes, so the file holds them allocated).
+    assert!(st["disks"][0]["resync"]["sent-bytes"].as_u64().unwrap() <= 2 * MIB);
+    ctl_ok("b.qmp", &["checkpoint"]);
+    let at_checkpoint_2 = read("b.raw");
+    assert_eq!(first_difference(&read("a.raw"), &at_checkpoint_2), None);
+    assert!(
+        at_checkpoint_2[8 * MIB as usize..][..MIB as usize]
+            .iter()
+            .all(|&x| x == 0x33)
+    );
+    assert!(
+        at_checkpoint_2[4 * MIB as usize..][..MIB as usize]
+            .iter()
+            .all(|&x| x == 0)
+    );
+
+    // The VM writes more through its old connection path on B; kill B; fail over A.
+    write(&nbd("b-top.sock"), "write -P 0x44 12M 1M");
+    let _ = b.child.kill();
+    let _ = b.child.wait();
+    assert!(ctl_ok("a2.qmp", &["failover"]).contains("failover done"));
+    assert_eq!(first_difference(&read("a.raw"), &at_checkpoint_2), None);
+}

@@ -48,6 +48,20 @@ pub struct CtlArgs {
     #[arg(long)]
     json: bool,
 
+    /// With `promote`: a disk's new secondary, NAME=URI[,sync=checksum|full|none] (its replica
+    /// export). Repeat for every disk.
+    #[arg(long = "replica", value_name = "NAME=URI")]
+    replicas: Vec<String>,
+
+    /// With `promote`: the new secondary's control socket (checksum sync, coordinated
+    /// checkpoints).
+    #[arg(long, value_name = "ADDR")]
+    peer_control: Option<SocketAddr>,
+
+    /// With `promote`: async or sync forwarding from now on.
+    #[arg(long, value_name = "MODE", value_parser = ["async", "sync"])]
+    mode: Option<String>,
+
     /// With `status`: show it again every second, with a progress bar per syncing disk, until
     /// interrupted.
     #[arg(long)]
@@ -81,6 +95,9 @@ enum Action {
     /// what differs is marked dirty and resynced. Prints the bytes compared and found
     /// different.
     Verify,
+    /// After a failover: make this secondary the primary of its disks, forwarding to a new
+    /// secondary (--replica for each disk) after a first sync; the VM's connections stay.
+    Promote,
     /// Wait until every disk of a primary is protected (running, synced, link up): what an
     /// orchestrator does before its first checkpoint. Exit 1 after --timeout, saying how far
     /// each disk got.
@@ -179,6 +196,7 @@ where
         Action::Failover => ("replication-failover", json!({"force": args.force})),
         Action::Stop => ("replication-stop", json!({})),
         Action::Verify => ("replication-verify", json!({})),
+        Action::Promote => ("replication-promote", promote_args(args)?),
     };
     let reply = call(c, command, cmd_args, args.command_timeout).await?;
     if args.json {
@@ -231,6 +249,37 @@ where
             Ok(())
         }
     }
+}
+
+/// `replication-promote`'s arguments from `--replica`, `--peer-control` and `--mode`.
+fn promote_args(args: &CtlArgs) -> anyhow::Result<Value> {
+    anyhow::ensure!(
+        !args.replicas.is_empty(),
+        "promote needs --replica NAME=URI for every disk"
+    );
+    let mut replicas = Vec::new();
+    for r in &args.replicas {
+        let (name, rest) = r
+            .split_once('=')
+            .with_context(|| format!("'{r}' is not NAME=URI[,sync=checksum|full|none]"))?;
+        let (uri, sync) = match rest.rsplit_once(",sync=") {
+            Some((uri, sync)) => (uri, Some(sync)),
+            None => (rest, None),
+        };
+        let mut one = json!({"disk": name, "uri": uri});
+        if let Some(s) = sync {
+            one["sync"] = json!(s);
+        }
+        replicas.push(one);
+    }
+    let mut v = json!({"replicas": replicas});
+    if let Some(p) = &args.peer_control {
+        v["peer-control"] = json!(p.to_string());
+    }
+    if let Some(m) = &args.mode {
+        v["mode"] = json!(m);
+    }
+    Ok(v)
 }
 
 /// Polls a primary's status until every disk is protected, or `limit` has passed.

@@ -11,6 +11,7 @@
 //! | `xen-colo-do-checkpoint` | QEMU: checkpoint all |
 //! | `x-colo-lost-heartbeat` | QEMU: fail over |
 //! | `replication-set-replica {disk, uri, peer-control?}` | primary: point a disk at another secondary |
+//! | `replication-promote {replicas: [{disk, uri, sync?}], peer-control?, mode?}` | a failed-over secondary becomes a primary, protecting its disks with a new secondary |
 //! | `replication-verify` | primary: compare every disk with its secondary by digests; what differs is resynced |
 //! | `replication-digest {disk, offset, length, block}` | secondary: digests of its disk (checksum sync) |
 //! | `replication-sync-begin {disk}` | secondary: a primary's sync starts; the disk is no usable copy until the next checkpoint |
@@ -73,6 +74,28 @@ pub struct StopRequest {
     pub qemu: bool,
     /// Fail over even from a disk that is not a usable copy (a sync was running).
     pub force: bool,
+}
+
+/// One disk's new secondary in a promotion.
+#[derive(Debug, Clone)]
+pub struct ReplicaSpec {
+    /// The disk.
+    pub disk: String,
+    /// The new secondary's replica export.
+    pub uri: String,
+    /// How the first sync compares (`checksum`, `full` or `none`).
+    pub sync: Option<String>,
+}
+
+/// What `replication-promote` asked for.
+#[derive(Debug, Clone)]
+pub struct PromoteRequest {
+    /// Every disk's new secondary.
+    pub replicas: Vec<ReplicaSpec>,
+    /// The new secondary's control socket.
+    pub peer_control: Option<nbd::addr::SocketAddr>,
+    /// Forwarding mode from now on.
+    pub mode: replication::primary::ForwardMode,
 }
 
 /// Largest range one `replication-digest` covers (bounds the daemon's work per command).
@@ -207,6 +230,12 @@ pub trait Group: Send + Sync + 'static {
     ) -> Result<Vec<String>, ControlError> {
         Err(only_role(Role::Secondary, "replication-digest"))
     }
+    /// Secondary after failover: becomes a primary (see `daemon::promote`).
+    async fn promote(&self, _req: PromoteRequest) -> Result<(), ControlError> {
+        Err(ControlError::Refused(
+            "replication-promote is a command of a secondary that has failed over".into(),
+        ))
+    }
     /// Secondary: a primary starts a sync of `disk`.
     async fn sync_begin(&self, _disk: &str) -> Result<(), ControlError> {
         Err(only_role(Role::Secondary, "replication-sync-begin"))
@@ -232,9 +261,47 @@ pub const COMMANDS: &[&str] = &[
     "x-colo-lost-heartbeat",
     "replication-set-replica",
     "replication-verify",
+    "replication-promote",
     "replication-digest",
     "replication-sync-begin",
 ];
+
+fn promote_request(args: &Args) -> Result<PromoteRequest, QmpError> {
+    let bad = |m: &str| QmpError::generic(m.to_string());
+    let list = args
+        .0
+        .get("replicas")
+        .and_then(Value::as_array)
+        .ok_or_else(|| bad("Parameter 'replicas' is missing or not a list"))?;
+    let mut replicas = Vec::new();
+    for r in list {
+        let field = |k: &str| r.get(k).and_then(Value::as_str).map(str::to_string);
+        let (Some(disk), Some(uri)) = (field("disk"), field("uri")) else {
+            return Err(bad("each of 'replicas' needs 'disk' and 'uri' strings"));
+        };
+        replicas.push(ReplicaSpec {
+            disk,
+            uri,
+            sync: field("sync"),
+        });
+    }
+    let peer_control = match args.opt_str("peer-control")? {
+        Some(p) => Some(
+            p.parse()
+                .map_err(|e: nbd::addr::AddrError| bad(&e.to_string()))?,
+        ),
+        None => None,
+    };
+    let mode = match args.opt_str("mode")? {
+        Some(m) => m.parse().map_err(|e: String| bad(&e))?,
+        None => replication::primary::ForwardMode::Async,
+    };
+    Ok(PromoteRequest {
+        replicas,
+        peer_control,
+        mode,
+    })
+}
 
 fn required_str<'a>(args: &'a Args, name: &str) -> Result<&'a str, QmpError> {
     args.opt_str(name)?
@@ -307,6 +374,11 @@ impl<G: Group + ?Sized> Handler for Control<G> {
                 let uri = required_str(&args, "uri")?;
                 let peer = args.opt_str("peer-control")?;
                 empty(g.set_replica(disk, uri, peer).await)
+            }
+            "replication-promote" => {
+                args.only(&["replicas", "peer-control", "mode"])?;
+                let req = promote_request(&args)?;
+                empty(g.promote(req).await)
             }
             "replication-verify" => {
                 args.only(&[])?;

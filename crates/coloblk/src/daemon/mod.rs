@@ -12,6 +12,7 @@
 
 mod link;
 pub mod primary;
+mod promote;
 pub mod secondary;
 pub mod serve;
 

@@ -459,70 +459,72 @@ pub async fn run(args: PrimaryArgs) -> anyhow::Result<std::process::ExitCode> {
     .await
 }
 
-/// Opens the disks, connects each to its replica export and builds the VM's export.
-async fn open(args: &PrimaryArgs, pool: &IoPool) -> anyhow::Result<Plan> {
-    let export_listen = args
-        .export_listen
-        .clone()
-        .context("--export-listen is required")?;
-    let link_timeout = Duration::from_secs_f64(args.link_timeout);
+/// What a primary group is built with: the command line's options, or a promotion's.
+pub(super) struct Settings {
+    pub mode: ForwardMode,
+    pub peer_control: Option<SocketAddr>,
+    pub peer_timeout: Duration,
+    pub link_timeout: Duration,
+    pub queue_mib: usize,
+    pub resync_rate: Option<u64>,
+    pub fence_on_promoted: bool,
+}
+
+/// One disk to replicate: its name, the device the VM's writes go to, where its secondary is
+/// and how the first sync compares.
+pub(super) struct NewDisk {
+    pub name: String,
+    pub local: Arc<dyn blockdev::BlockDev>,
+    pub uri: String,
+    pub sync: SyncMode,
+}
+
+/// Builds a primary group over `disks` and starts their link keepers: the VM is served whether
+/// the secondary is there or not.
+pub(super) fn new_group(disks: Vec<NewDisk>, s: &Settings) -> Arc<PrimaryGroup> {
     let config = PrimaryConfig {
-        mode: args.mode,
+        mode: s.mode,
         queue: QueueLimits {
-            max_bytes: args.queue_mib.max(1) << 20,
+            max_bytes: s.queue_mib.max(1) << 20,
             ..Default::default()
         },
-        // The NBD client's own timer (below) is the one that fires: it fails the requests and
-        // closes the connection, so nothing stays pending on a link given up on. The node's
-        // timer, a little later, only backs it up.
-        link_timeout: Some(link_timeout + LINK_TIMER_GRACE),
-        resync_rate: args.resync_rate.map(|m| m.max(1) << 20),
+        // The NBD client's own timer (the link keeper's) is the one that fires: it fails the
+        // requests and closes the connection, so nothing stays pending on a link given up on.
+        // The node's timer, a little later, only backs it up.
+        link_timeout: Some(s.link_timeout + LINK_TIMER_GRACE),
+        resync_rate: s.resync_rate.map(|m| m.max(1) << 20),
         ..Default::default()
     };
-    let mut disks = Vec::new();
+    let mut links = Vec::new();
     let mut group = ReplicationGroup::new();
-    for spec in &args.disks {
-        let (uri, sync) = replica_options(spec, args.peer_control.is_some());
-        if sync == SyncMode::Checksum && args.peer_control.is_none() {
-            return Err(coloblk::UsageError(format!(
-                "disk '{}': sync=checksum needs --peer-control (the secondary's digests)",
-                spec.name
-            ))
-            .into());
-        }
-        let local = spec.open(pool)?;
-        let node = PrimaryNode::new(local, config.clone());
-        info!(disk = %spec.name, replica = %uri, sync = sync.as_str(), "disk ready");
-        group.add(spec.name.clone(), Arc::new(node.clone()));
+    for d in disks {
+        let node = PrimaryNode::new(d.local, config.clone());
+        info!(disk = %d.name, replica = %d.uri, sync = d.sync.as_str(), "disk ready");
+        group.add(d.name.clone(), Arc::new(node.clone()));
         let target = Target {
-            uri,
-            peer: args.peer_control.clone(),
+            uri: d.uri,
+            peer: s.peer_control.clone(),
         };
-        disks.push(DiskLink::new(spec.name.clone(), node, sync, target));
-    }
-    let exports = ExportSet::new();
-    for d in &disks {
-        exports.add(Export::new(d.name.clone(), Arc::new(d.node.clone())));
+        links.push(DiskLink::new(d.name, node, d.sync, target));
     }
     let events = Arc::new(Events::default());
     let group = Arc::new(PrimaryGroup {
-        disks,
+        disks: links,
         group,
-        mode: args.mode,
-        peer_control: args.peer_control.clone(),
-        peer_timeout: Duration::from_secs_f64(args.peer_timeout),
+        mode: s.mode,
+        peer_control: s.peer_control.clone(),
+        peer_timeout: s.peer_timeout,
         last: Mutex::new(None),
         events: events.clone(),
         ops: tokio::sync::Mutex::new(()),
         protected: false.into(),
         link_config: std::sync::OnceLock::new(),
     });
-    // The links are kept by tasks: the VM is served whether the secondary is there or not.
     let weak = Arc::downgrade(&group);
     let link_config = Arc::new(LinkConfig {
-        link_timeout,
-        peer_timeout: Duration::from_secs_f64(args.peer_timeout),
-        fence_on_promoted: args.on_peer_promoted == "fence",
+        link_timeout: s.link_timeout,
+        peer_timeout: s.peer_timeout,
+        fence_on_promoted: s.fence_on_promoted,
         events,
         on_change: Box::new(move || {
             if let Some(g) = weak.upgrade() {
@@ -535,6 +537,62 @@ async fn open(args: &PrimaryArgs, pool: &IoPool) -> anyhow::Result<Plan> {
         d.spawn(link_config.clone());
         watch_resync(&group, d);
     }
+    group
+}
+
+impl PrimaryGroup {
+    /// The VM's exports: one per disk.
+    pub(super) fn exports(&self) -> ExportSet {
+        let exports = ExportSet::new();
+        for d in &self.disks {
+            exports.add(Export::new(d.name.clone(), Arc::new(d.node.clone())));
+        }
+        exports
+    }
+
+    /// Every disk's node, by name (a promoted secondary serves them).
+    pub(super) fn nodes(&self) -> Vec<(String, PrimaryNode)> {
+        self.disks
+            .iter()
+            .map(|d| (d.name.clone(), d.node.clone()))
+            .collect()
+    }
+}
+
+/// Opens the disks and builds the VM's export; the links come up on their own.
+async fn open(args: &PrimaryArgs, pool: &IoPool) -> anyhow::Result<Plan> {
+    let export_listen = args
+        .export_listen
+        .clone()
+        .context("--export-listen is required")?;
+    let mut disks = Vec::new();
+    for spec in &args.disks {
+        let (uri, sync) = replica_options(spec, args.peer_control.is_some());
+        if sync == SyncMode::Checksum && args.peer_control.is_none() {
+            return Err(coloblk::UsageError(format!(
+                "disk '{}': sync=checksum needs --peer-control (the secondary's digests)",
+                spec.name
+            ))
+            .into());
+        }
+        disks.push(NewDisk {
+            name: spec.name.clone(),
+            local: spec.open(pool)?,
+            uri,
+            sync,
+        });
+    }
+    let settings = Settings {
+        mode: args.mode,
+        peer_control: args.peer_control.clone(),
+        peer_timeout: Duration::from_secs_f64(args.peer_timeout),
+        link_timeout: Duration::from_secs_f64(args.link_timeout),
+        queue_mib: args.queue_mib,
+        resync_rate: args.resync_rate,
+        fence_on_promoted: args.on_peer_promoted == "fence",
+    };
+    let group = new_group(disks, &settings);
+    let exports = group.exports();
     Ok(Plan {
         name: "coloblk primary",
         endpoints: vec![Endpoint::new(

@@ -22,6 +22,7 @@ use serde_json::json;
 use tokio::sync::broadcast;
 use tracing::info;
 
+use super::promote::{Promotable, Switch};
 use super::{DaemonArgs, Endpoint, Plan};
 use crate::control::status::{
     CheckpointReply, Failover, SecondaryCheckpoint, SecondaryDisk, SecondaryStatus, Status,
@@ -131,6 +132,19 @@ fn random_id() -> u64 {
 }
 
 impl SecondaryGroup {
+    /// Every disk's stage.
+    pub(super) fn stages(&self) -> Vec<(String, Stage)> {
+        self.disks
+            .iter()
+            .map(|d| (d.name.clone(), d.node.stage()))
+            .collect()
+    }
+
+    /// A failover was asked for.
+    pub(super) fn failed_over(&self) -> bool {
+        self.failed_over.load(Ordering::SeqCst)
+    }
+
     fn disk(&self, name: &str) -> Result<&Disk, ControlError> {
         self.disks
             .iter()
@@ -484,9 +498,15 @@ async fn open(args: &SecondaryArgs, pool: &IoPool) -> anyhow::Result<Plan> {
     }
     let replica_exports = ExportSet::new();
     let top_exports = ExportSet::new();
+    // The top exports go through a switch: a promotion puts a primary node in front of the
+    // top path with the VM's connections open.
+    let mut switches = Vec::new();
     for d in &disks {
         replica_exports.add(Export::new(d.name.clone(), Arc::new(d.node.replica())));
-        top_exports.add(Export::new(d.name.clone(), Arc::new(d.node.top())));
+        let top: Arc<dyn blockdev::BlockDev> = Arc::new(d.node.top());
+        let switch = Switch::new(top.clone());
+        top_exports.add(Export::new(d.name.clone(), switch.clone()));
+        switches.push((d.name.clone(), switch, top));
     }
     let failed_over = Arc::new(AtomicBool::new(false));
     // One payload budget for both servers: the daemon's memory is bounded as a whole.
@@ -516,6 +536,6 @@ async fn open(args: &SecondaryArgs, pool: &IoPool) -> anyhow::Result<Plan> {
     Ok(Plan {
         name: "coloblk secondary",
         endpoints: vec![replica, top],
-        group: Some((group, args.daemon.clone())),
+        group: Some((Promotable::new(group, switches), args.daemon.clone())),
     })
 }
