@@ -51,6 +51,7 @@ pub struct FaultyDev {
     /// Every request sleeps this many microseconds first; with `jitter`, a pseudo-random part
     /// of it, so that concurrent requests complete out of order.
     pub delay_us: AtomicU64,
+    /// Makes `delay_us` a pseudo-random part of itself.
     pub jitter: AtomicBool,
     /// Report `can_discard: false`.
     pub no_discard: AtomicBool,
@@ -60,6 +61,7 @@ pub struct FaultyDev {
 }
 
 impl FaultyDev {
+    /// Wraps `inner` with every fault off.
     pub fn new(inner: Arc<dyn BlockDev>) -> Self {
         FaultyDev {
             inner,

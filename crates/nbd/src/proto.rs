@@ -11,90 +11,147 @@ pub const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
 pub const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
 /// Magic of every option reply.
 pub const OPT_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
+/// Magic of every transmission-phase request header.
 pub const REQUEST_MAGIC: u32 = 0x2560_9513;
+/// Magic of a simple reply.
 pub const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
+/// Magic of a structured reply chunk.
 pub const STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
 
-/// Server handshake flags.
+/// Server handshake flag: the server speaks fixed newstyle (unknown options get an error reply).
 pub const FLAG_FIXED_NEWSTYLE: u16 = 1 << 0;
+/// Server handshake flag: the server can leave out the 124 zero bytes after NBD_OPT_EXPORT_NAME.
 pub const FLAG_NO_ZEROES: u16 = 1 << 1;
-/// Client flags.
+
+/// Client flag: the client speaks fixed newstyle.
 pub const FLAG_C_FIXED_NEWSTYLE: u32 = 1 << 0;
+/// Client flag: leave out the 124 zero bytes after NBD_OPT_EXPORT_NAME.
 pub const FLAG_C_NO_ZEROES: u32 = 1 << 1;
 
-/// Transmission flags.
+/// Transmission flag: the other flags are valid (always set).
 pub const FLAG_HAS_FLAGS: u16 = 1 << 0;
+/// Transmission flag: the export is read-only.
 pub const FLAG_READ_ONLY: u16 = 1 << 1;
+/// Transmission flag: the server takes NBD_CMD_FLUSH.
 pub const FLAG_SEND_FLUSH: u16 = 1 << 2;
+/// Transmission flag: the server takes NBD_CMD_FLAG_FUA.
 pub const FLAG_SEND_FUA: u16 = 1 << 3;
+/// Transmission flag: the export behaves like a rotating disk (a hint for schedulers).
 pub const FLAG_ROTATIONAL: u16 = 1 << 4;
+/// Transmission flag: the server takes NBD_CMD_TRIM.
 pub const FLAG_SEND_TRIM: u16 = 1 << 5;
+/// Transmission flag: the server takes NBD_CMD_WRITE_ZEROES.
 pub const FLAG_SEND_WRITE_ZEROES: u16 = 1 << 6;
+/// Transmission flag: the server takes NBD_CMD_FLAG_DF (a read's data in one chunk).
 pub const FLAG_SEND_DF: u16 = 1 << 7;
+/// Transmission flag: a flush on one connection covers writes on all of them.
 pub const FLAG_CAN_MULTI_CONN: u16 = 1 << 8;
+/// Transmission flag: the server takes NBD_CMD_CACHE.
 pub const FLAG_SEND_CACHE: u16 = 1 << 10;
+/// Transmission flag: the server takes NBD_CMD_FLAG_FAST_ZERO.
 pub const FLAG_SEND_FAST_ZERO: u16 = 1 << 11;
 
-/// Options.
+/// Option: select an export and end the handshake (no reply on failure: the server hangs up).
 pub const OPT_EXPORT_NAME: u32 = 1;
+/// Option: end the session without going into transmission.
 pub const OPT_ABORT: u32 = 2;
+/// Option: list the exports.
 pub const OPT_LIST: u32 = 3;
+/// Option: upgrade the connection to TLS.
 pub const OPT_STARTTLS: u32 = 5;
+/// Option: describe an export without selecting it.
 pub const OPT_INFO: u32 = 6;
+/// Option: describe an export, select it and end the handshake.
 pub const OPT_GO: u32 = 7;
+/// Option: use structured replies in transmission.
 pub const OPT_STRUCTURED_REPLY: u32 = 8;
+/// Option: list the metadata contexts a query matches.
 pub const OPT_LIST_META_CONTEXT: u32 = 9;
+/// Option: select the metadata contexts for block status.
 pub const OPT_SET_META_CONTEXT: u32 = 10;
 
-/// Option reply types.
+/// Option reply: done (the last reply to an option).
 pub const REP_ACK: u32 = 1;
+/// Option reply: one export of NBD_OPT_LIST.
 pub const REP_SERVER: u32 = 2;
+/// Option reply: one piece of export information (NBD_INFO_*).
 pub const REP_INFO: u32 = 3;
+/// Option reply: one metadata context, with its id.
 pub const REP_META_CONTEXT: u32 = 4;
+/// Option error: the option is unknown or not supported.
 pub const REP_ERR_UNSUP: u32 = (1 << 31) + 1;
+/// Option error: forbidden by the server's policy.
 pub const REP_ERR_POLICY: u32 = (1 << 31) + 2;
+/// Option error: the option or its payload is malformed.
 pub const REP_ERR_INVALID: u32 = (1 << 31) + 3;
+/// Option error: not possible on this platform.
 pub const REP_ERR_PLATFORM: u32 = (1 << 31) + 4;
+/// Option error: TLS must come first.
 pub const REP_ERR_TLS_REQD: u32 = (1 << 31) + 5;
+/// Option error: no such export.
 pub const REP_ERR_UNKNOWN: u32 = (1 << 31) + 6;
+/// Option error: the server is shutting down.
 pub const REP_ERR_SHUTDOWN: u32 = (1 << 31) + 7;
+/// Option error: the client must ask for block sizes (NBD_INFO_BLOCK_SIZE).
 pub const REP_ERR_BLOCK_SIZE_REQD: u32 = (1 << 31) + 8;
+/// Option error: the payload or the request is too large.
 pub const REP_ERR_TOO_BIG: u32 = (1 << 31) + 9;
 
-/// Info types (in NBD_OPT_INFO / NBD_OPT_GO).
+/// Export information: size and transmission flags.
 pub const INFO_EXPORT: u16 = 0;
+/// Export information: the export's canonical name.
 pub const INFO_NAME: u16 = 1;
+/// Export information: a description for people.
 pub const INFO_DESCRIPTION: u16 = 2;
+/// Export information: minimum, preferred and maximum block sizes.
 pub const INFO_BLOCK_SIZE: u16 = 3;
 
-/// Commands.
+/// Command: read.
 pub const CMD_READ: u16 = 0;
+/// Command: write (the payload follows the header).
 pub const CMD_WRITE: u16 = 1;
+/// Command: disconnect (no reply).
 pub const CMD_DISC: u16 = 2;
+/// Command: make completed writes durable.
 pub const CMD_FLUSH: u16 = 3;
+/// Command: discard (the content becomes unspecified).
 pub const CMD_TRIM: u16 = 4;
+/// Command: prefetch (advisory).
 pub const CMD_CACHE: u16 = 5;
+/// Command: write zeroes without a payload.
 pub const CMD_WRITE_ZEROES: u16 = 6;
+/// Command: describe allocation in the selected metadata contexts.
 pub const CMD_BLOCK_STATUS: u16 = 7;
 
-/// Command flags.
+/// Command flag: durable before the reply (force unit access).
 pub const CMD_FLAG_FUA: u16 = 1 << 0;
+/// Command flag: write zeroes without deallocating.
 pub const CMD_FLAG_NO_HOLE: u16 = 1 << 1;
+/// Command flag: send a read's data in one chunk (don't fragment).
 pub const CMD_FLAG_DF: u16 = 1 << 2;
+/// Command flag: describe just one extent in block status.
 pub const CMD_FLAG_REQ_ONE: u16 = 1 << 3;
+/// Command flag: fail write zeroes unless it is fast.
 pub const CMD_FLAG_FAST_ZERO: u16 = 1 << 4;
 
-/// Structured reply flags and types.
+/// Chunk flag: the request's last chunk.
 pub const REPLY_FLAG_DONE: u16 = 1 << 0;
+/// Chunk type: no payload (only with DONE).
 pub const REPLY_TYPE_NONE: u16 = 0;
+/// Chunk type: read data at an offset.
 pub const REPLY_TYPE_OFFSET_DATA: u16 = 1;
+/// Chunk type: a run of zeroes in a read, at an offset.
 pub const REPLY_TYPE_OFFSET_HOLE: u16 = 2;
+/// Chunk type: extents of one metadata context.
 pub const REPLY_TYPE_BLOCK_STATUS: u16 = 5;
+/// Chunk type: an error with a message.
 pub const REPLY_TYPE_ERROR: u16 = (1 << 15) + 1;
+/// Chunk type: an error with a message and the offset where it happened.
 pub const REPLY_TYPE_ERROR_OFFSET: u16 = (1 << 15) + 2;
 
-/// `base:allocation` extent flags.
+/// `base:allocation` extent flag: not allocated.
 pub const STATE_HOLE: u32 = 1 << 0;
+/// `base:allocation` extent flag: reads as zeroes.
 pub const STATE_ZERO: u32 = 1 << 1;
 
 /// The one metadata context we serve.
@@ -102,14 +159,21 @@ pub const BASE_ALLOCATION: &str = "base:allocation";
 /// Its id on the wire (any nonzero value the server picks).
 pub const BASE_ALLOCATION_ID: u32 = 1;
 
-/// Errors on the wire.
+/// Wire errno: operation not permitted (a write to a read-only export).
 pub const EPERM: u32 = 1;
+/// Wire errno: I/O error.
 pub const EIO: u32 = 5;
+/// Wire errno: out of memory.
 pub const ENOMEM: u32 = 12;
+/// Wire errno: invalid argument.
 pub const EINVAL: u32 = 22;
+/// Wire errno: no space left.
 pub const ENOSPC: u32 = 28;
+/// Wire errno: the request is too large.
 pub const EOVERFLOW: u32 = 75;
+/// Wire errno: not supported.
 pub const ENOTSUP: u32 = 95;
+/// Wire errno: the server is shutting down.
 pub const ESHUTDOWN: u32 = 108;
 
 /// Largest request payload (and read) we accept, as qemu-nbd does.
@@ -139,18 +203,25 @@ pub fn wire_errno(errno: i32) -> u32 {
 /// A transmission-phase request header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Request {
+    /// Command flags (`CMD_FLAG_*`).
     pub flags: u16,
+    /// The command (`CMD_*`).
     pub kind: u16,
+    /// Chosen by the client; the reply carries it back.
     pub cookie: u64,
+    /// Where on the export.
     pub offset: u64,
+    /// How many bytes (the payload length for a write).
     pub length: u32,
 }
 
 /// Why a request header is unusable; the connection cannot continue after any of these.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum HeaderError {
+    /// The header does not start with [`REQUEST_MAGIC`].
     #[error("bad request magic {0:#010x}")]
     BadMagic(u32),
+    /// Fewer than [`REQUEST_LEN`] bytes.
     #[error("truncated request header ({0} of 28 bytes)")]
     Truncated(usize),
 }
@@ -175,6 +246,7 @@ impl Request {
         })
     }
 
+    /// Appends the 28-byte header to `out`.
     pub fn encode(&self, out: &mut BytesMut) {
         out.put_u32(REQUEST_MAGIC);
         out.put_u16(self.flags);
@@ -218,21 +290,28 @@ pub fn option_reply(out: &mut BytesMut, option: u32, kind: u32, data: &[u8]) {
 /// The payload of NBD_OPT_INFO / NBD_OPT_GO.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InfoRequest {
+    /// The export asked about.
     pub name: String,
+    /// The information asked for (`INFO_*`).
     pub infos: Vec<u16>,
 }
 
 /// The payload of NBD_OPT_LIST_META_CONTEXT / NBD_OPT_SET_META_CONTEXT.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MetaContextRequest {
+    /// The export the contexts are for.
     pub name: String,
+    /// Context names or prefixes (`base:allocation`, `base:`).
     pub queries: Vec<String>,
 }
 
 /// A malformed option payload (answered with NBD_REP_ERR_INVALID; the session goes on).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("malformed option payload: {0}")]
-pub struct OptionError(pub &'static str);
+pub struct OptionError(
+    /// What is malformed.
+    pub &'static str,
+);
 
 fn take_string(b: &mut Bytes, what: &'static str) -> Result<String, OptionError> {
     if b.remaining() < 4 {
@@ -247,6 +326,7 @@ fn take_string(b: &mut Bytes, what: &'static str) -> Result<String, OptionError>
 }
 
 impl InfoRequest {
+    /// Parses an option payload.
     pub fn parse(mut b: Bytes) -> Result<InfoRequest, OptionError> {
         let name = take_string(&mut b, "export name length exceeds the option")?;
         if b.remaining() < 2 {
@@ -262,6 +342,7 @@ impl InfoRequest {
         Ok(InfoRequest { name, infos })
     }
 
+    /// Appends the option payload to `out`.
     pub fn encode(&self, out: &mut BytesMut) {
         out.put_u32(self.name.len() as u32);
         out.put_slice(self.name.as_bytes());
@@ -273,6 +354,7 @@ impl InfoRequest {
 }
 
 impl MetaContextRequest {
+    /// Parses an option payload.
     pub fn parse(mut b: Bytes) -> Result<MetaContextRequest, OptionError> {
         let name = take_string(&mut b, "export name length exceeds the option")?;
         if b.remaining() < 4 {
@@ -289,6 +371,7 @@ impl MetaContextRequest {
         Ok(MetaContextRequest { name, queries })
     }
 
+    /// Appends the option payload to `out`.
     pub fn encode(&self, out: &mut BytesMut) {
         out.put_u32(self.name.len() as u32);
         out.put_slice(self.name.as_bytes());

@@ -19,6 +19,7 @@ pub const DEFAULT_PORT: u16 = 10809;
 /// A parsed NBD URI: where to connect and which export to ask for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NbdUri {
+    /// Where the server listens.
     pub addr: SocketAddr,
     /// The export name (may be empty: the server's default export).
     pub export: String,
@@ -28,11 +29,14 @@ pub struct NbdUri {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid NBD URI '{uri}': {reason}")]
 pub struct UriError {
+    /// The URI as given.
     pub uri: String,
+    /// What is wrong with it.
     pub reason: String,
 }
 
 impl NbdUri {
+    /// The URI of `export` at `addr`.
     pub fn new(addr: SocketAddr, export: impl Into<String>) -> Self {
         NbdUri {
             addr,

@@ -8,8 +8,11 @@ use crate::proto::*;
 /// defaults when it sent none.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BlockSize {
+    /// Smallest request the server takes; offsets and lengths are multiples of it.
     pub min: u32,
+    /// Size the server handles best (a hint).
     pub preferred: u32,
+    /// Largest read or write payload the server takes.
     pub max: u32,
 }
 
@@ -32,6 +35,7 @@ pub struct ExportInfo {
     pub size: u64,
     /// Transmission flags (`FLAG_*` in [`crate::proto`]).
     pub flags: u16,
+    /// Block size constraints.
     pub block_size: BlockSize,
     /// Structured replies were negotiated.
     pub structured_replies: bool,
@@ -56,27 +60,42 @@ impl ExportInfo {
         self.flags & FLAG_HAS_FLAGS != 0 && self.flags & flag == flag
     }
 
+    /// Writes are refused.
     pub fn read_only(&self) -> bool {
         self.has_flag(FLAG_READ_ONLY)
     }
+
+    /// The server takes flushes.
     pub fn can_flush(&self) -> bool {
         self.has_flag(FLAG_SEND_FLUSH)
     }
+
+    /// The server takes FUA on writes, trims and write-zeroes.
     pub fn can_fua(&self) -> bool {
         self.has_flag(FLAG_SEND_FUA)
     }
+
+    /// The server takes trims.
     pub fn can_trim(&self) -> bool {
         self.has_flag(FLAG_SEND_TRIM)
     }
+
+    /// The server writes zeroes without a payload.
     pub fn can_write_zeroes(&self) -> bool {
         self.has_flag(FLAG_SEND_WRITE_ZEROES)
     }
+
+    /// The server can refuse write-zeroes that would not be fast.
     pub fn can_fast_zero(&self) -> bool {
         self.can_write_zeroes() && self.has_flag(FLAG_SEND_FAST_ZERO)
     }
+
+    /// The server takes prefetch (cache) requests.
     pub fn can_cache(&self) -> bool {
         self.has_flag(FLAG_SEND_CACHE)
     }
+
+    /// A flush on one connection covers writes on every connection to the export.
     pub fn can_multi_conn(&self) -> bool {
         self.has_flag(FLAG_CAN_MULTI_CONN)
     }

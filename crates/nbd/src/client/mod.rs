@@ -28,7 +28,7 @@
 //! trim is dropped where the server lacks it (its content is unspecified anyway), FUA becomes a
 //! flush after the write, and block status reports everything allocated when the server offers
 //! no `base:allocation` context. Requests are not aligned for the server: callers keep to
-//! [`ExportInfo::block_size`] (the block layer's [`DevInfo::min_block`]).
+//! [`ExportInfo::block_size`] (the block layer's [`DevInfo::min_block`](blockdev::DevInfo::min_block)).
 
 mod export;
 mod handshake;
@@ -109,7 +109,7 @@ impl ClientConfig {
     }
 }
 
-/// An NBD connection to one export; also a [`BlockDev`].
+/// An NBD connection to one export; also a [`BlockDev`](blockdev::BlockDev).
 ///
 /// Share it as `Arc<NbdClient>` (or `Arc<dyn BlockDev>`): every method takes `&self`, and
 /// concurrent calls are pipelined on the one connection. Dropping it closes the connection

@@ -11,10 +11,10 @@
 //! ```
 //!
 //! A client that never reads its replies, or stops half-way through a write payload, holds
-//! what it took until it goes away. Its own bounds ([`ConnBudget`]) keep that finite and its
+//! what it took until it goes away. Its own bounds (`ConnBudget`) keep that finite and its
 //! allowance keeps the others' small requests moving; so that it cannot keep the shared part
 //! from everyone's larger requests, a connection that holds budget and has moved no byte for
-//! the stall timeout while another request waits for budget is closed ([`Activity`] tells a
+//! the stall timeout while another request waits for budget is closed (`Activity` tells a
 //! stalled client from a slow one).
 
 use std::fmt;

@@ -170,21 +170,58 @@ fn handle_option(
     }
 }
 
-/// Looks up the export an option names, answering NBD_REP_ERR_UNKNOWN when there is none.
-fn known_export(
-    exports: &ExportSet,
-    name: &str,
+/// An option payload that names an export (NBD_OPT_INFO/GO, NBD_OPT_*_META_CONTEXT).
+trait ExportOption: Sized {
+    fn parse(data: Bytes) -> Result<Self, OptionError>;
+    fn export_name(&self) -> &str;
+}
+
+impl ExportOption for InfoRequest {
+    fn parse(data: Bytes) -> Result<Self, OptionError> {
+        InfoRequest::parse(data)
+    }
+    fn export_name(&self) -> &str {
+        &self.name
+    }
+}
+
+impl ExportOption for MetaContextRequest {
+    fn parse(data: Bytes) -> Result<Self, OptionError> {
+        MetaContextRequest::parse(data)
+    }
+    fn export_name(&self) -> &str {
+        &self.name
+    }
+}
+
+/// The start every option that names an export shares, in the order clients see it: a
+/// malformed payload gets NBD_REP_ERR_INVALID, then `refusal` (an option not allowed yet) gets
+/// NBD_REP_ERR_INVALID with its reason, then an unknown export gets NBD_REP_ERR_UNKNOWN. `Err`
+/// is the outcome once that error reply is in `out`.
+fn parse_for_export<T: ExportOption>(
     option: u32,
+    data: Bytes,
+    refusal: Option<&str>,
+    exports: &ExportSet,
     out: &mut BytesMut,
-) -> Result<Arc<Export>, OptionOutcome> {
-    exports.get(name).ok_or_else(|| {
-        error_reply(
+) -> Result<(T, Arc<Export>), OptionOutcome> {
+    let req = match T::parse(data) {
+        Ok(r) => r,
+        Err(e) => return Err(error_reply(out, option, REP_ERR_INVALID, &e.to_string())),
+    };
+    if let Some(why) = refusal {
+        return Err(error_reply(out, option, REP_ERR_INVALID, why));
+    }
+    let name = req.export_name();
+    match exports.get(name) {
+        Some(export) => Ok((req, export)),
+        None => Err(error_reply(
             out,
             option,
             REP_ERR_UNKNOWN,
             &format!("unknown export '{name}'"),
-        )
-    })
+        )),
+    }
 }
 
 fn info_or_go(
@@ -194,13 +231,9 @@ fn info_or_go(
     exports: &ExportSet,
     out: &mut BytesMut,
 ) -> OptionOutcome {
-    let req = match InfoRequest::parse(data) {
-        Ok(r) => r,
-        Err(e) => return error_reply(out, option, REP_ERR_INVALID, &e.to_string()),
-    };
-    let export = match known_export(exports, &req.name, option, out) {
-        Ok(e) => e,
-        Err(outcome) => return outcome,
+    let (req, export) = match parse_for_export::<InfoRequest>(option, data, None, exports, out) {
+        Ok(found) => found,
+        Err(refused) => return refused,
     };
     let mut info = |kind: u16, body: &dyn Fn(&mut BytesMut)| {
         let mut d = BytesMut::new();
@@ -245,22 +278,13 @@ fn meta_context(
     exports: &ExportSet,
     out: &mut BytesMut,
 ) -> OptionOutcome {
-    let req = match MetaContextRequest::parse(data) {
-        Ok(r) => r,
-        Err(e) => return error_reply(out, option, REP_ERR_INVALID, &e.to_string()),
-    };
-    if option == OPT_SET_META_CONTEXT && !st.structured {
-        return error_reply(
-            out,
-            option,
-            REP_ERR_INVALID,
-            "structured replies must be negotiated first",
-        );
-    }
-    let export = match known_export(exports, &req.name, option, out) {
-        Ok(e) => e,
-        Err(outcome) => return outcome,
-    };
+    let refusal = (option == OPT_SET_META_CONTEXT && !st.structured)
+        .then_some("structured replies must be negotiated first");
+    let (req, export) =
+        match parse_for_export::<MetaContextRequest>(option, data, refusal, exports, out) {
+            Ok(found) => found,
+            Err(refused) => return refused,
+        };
     let list_all = option == OPT_LIST_META_CONTEXT && req.queries.is_empty();
     let selected = list_all || req.queries.iter().any(|q| query_matches_base_allocation(q));
     if selected {
@@ -300,6 +324,48 @@ mod tests {
         let o = handle_option(OPT_GO, data.freeze(), &mut st, &exports(), &mut out);
         assert!(matches!(o, OptionOutcome::Continue));
         assert_eq!(&out[8..12], &OPT_GO.to_be_bytes());
+        assert_eq!(&out[12..16], &REP_ERR_UNKNOWN.to_be_bytes());
+    }
+
+    #[test]
+    fn options_naming_an_export_refuse_a_malformed_payload_before_the_lookup() {
+        for option in [
+            OPT_INFO,
+            OPT_GO,
+            OPT_LIST_META_CONTEXT,
+            OPT_SET_META_CONTEXT,
+        ] {
+            let mut st = Negotiation::default();
+            let mut out = BytesMut::new();
+            let garbage = Bytes::from_static(&[0, 0, 0, 9, b'x']);
+            let o = handle_option(option, garbage, &mut st, &exports(), &mut out);
+            assert!(matches!(o, OptionOutcome::Continue));
+            assert_eq!(
+                &out[12..16],
+                &REP_ERR_INVALID.to_be_bytes(),
+                "option {option}"
+            );
+        }
+    }
+
+    #[test]
+    fn list_meta_context_for_unknown_export_replies_err_unknown() {
+        let mut st = Negotiation::default();
+        let mut data = BytesMut::new();
+        MetaContextRequest {
+            name: "nope".into(),
+            queries: vec![],
+        }
+        .encode(&mut data);
+        let mut out = BytesMut::new();
+        let o = handle_option(
+            OPT_LIST_META_CONTEXT,
+            data.freeze(),
+            &mut st,
+            &exports(),
+            &mut out,
+        );
+        assert!(matches!(o, OptionOutcome::Continue));
         assert_eq!(&out[12..16], &REP_ERR_UNKNOWN.to_be_bytes());
     }
 
