@@ -327,6 +327,19 @@ mod tests {
         assert_eq!(&out[12..16], &REP_ERR_UNKNOWN.to_be_bytes());
     }
 
+    /// Answers one option in a fresh negotiation; returns the outcome and the first reply's type.
+    fn answer(option: u32, data: Bytes) -> (OptionOutcome, u32) {
+        let mut out = BytesMut::new();
+        let o = handle_option(
+            option,
+            data,
+            &mut Negotiation::default(),
+            &exports(),
+            &mut out,
+        );
+        (o, u32::from_be_bytes(out[12..16].try_into().unwrap()))
+    }
+
     #[test]
     fn options_naming_an_export_refuse_a_malformed_payload_before_the_lookup() {
         for option in [
@@ -335,38 +348,24 @@ mod tests {
             OPT_LIST_META_CONTEXT,
             OPT_SET_META_CONTEXT,
         ] {
-            let mut st = Negotiation::default();
-            let mut out = BytesMut::new();
-            let garbage = Bytes::from_static(&[0, 0, 0, 9, b'x']);
-            let o = handle_option(option, garbage, &mut st, &exports(), &mut out);
+            let (o, kind) = answer(option, Bytes::from_static(&[0, 0, 0, 9, b'x']));
             assert!(matches!(o, OptionOutcome::Continue));
-            assert_eq!(
-                &out[12..16],
-                &REP_ERR_INVALID.to_be_bytes(),
-                "option {option}"
-            );
+            assert_eq!(kind, REP_ERR_INVALID, "option {option}");
         }
     }
 
     #[test]
     fn list_meta_context_for_unknown_export_replies_err_unknown() {
-        let mut st = Negotiation::default();
         let mut data = BytesMut::new();
+        let queries = vec![];
         MetaContextRequest {
             name: "nope".into(),
-            queries: vec![],
+            queries,
         }
         .encode(&mut data);
-        let mut out = BytesMut::new();
-        let o = handle_option(
-            OPT_LIST_META_CONTEXT,
-            data.freeze(),
-            &mut st,
-            &exports(),
-            &mut out,
-        );
+        let (o, kind) = answer(OPT_LIST_META_CONTEXT, data.freeze());
         assert!(matches!(o, OptionOutcome::Continue));
-        assert_eq!(&out[12..16], &REP_ERR_UNKNOWN.to_be_bytes());
+        assert_eq!(kind, REP_ERR_UNKNOWN);
     }
 
     #[test]
