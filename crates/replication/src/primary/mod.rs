@@ -167,7 +167,7 @@ struct Inner {
     order: Arc<RangeLock>,
     resync: Arc<ResyncState>,
     /// Bytes a checksum sync has yet to compare (checkpoints wait for it).
-    comparing: AtomicU64,
+    comparing: Arc<AtomicU64>,
     /// The secondary took over: VM writes are refused (two VMs must never both write).
     fenced: AtomicBool,
     task: tokio::task::JoinHandle<()>,
@@ -203,7 +203,9 @@ impl PrimaryNode {
         let stage = Arc::new(Mutex::new(Stage::None));
         let order = Arc::new(RangeLock::default());
         let resync = Arc::new(ResyncState::default());
+        let comparing = Arc::new(AtomicU64::new(0));
         let job = Job {
+            comparing: comparing.clone(),
             local: local.clone(),
             shared: shared.clone(),
             forwarder: forwarder.clone(),
@@ -222,7 +224,7 @@ impl PrimaryNode {
                 forwarder,
                 order,
                 resync,
-                comparing: AtomicU64::new(0),
+                comparing,
                 fenced: AtomicBool::new(false),
                 task,
                 resync_task,

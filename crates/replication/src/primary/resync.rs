@@ -95,6 +95,9 @@ pub(super) struct Job {
     pub state: Arc<ResyncState>,
     /// Payload bytes per second at most.
     pub rate: Option<u64>,
+    /// Bytes a checksum sync has yet to compare: the copies wait for it, so that a range the
+    /// comparison marks is copied once, not once before and once after.
+    pub comparing: Arc<AtomicU64>,
 }
 
 /// A copy on its way: its ticket, the answers of its changes, its length.
@@ -109,7 +112,9 @@ struct Copy {
 impl Job {
     /// Whether copies can go now.
     fn ready(&self) -> bool {
-        *self.stage.lock() == Stage::Running && self.shared.usable_link().is_some()
+        *self.stage.lock() == Stage::Running
+            && self.shared.usable_link().is_some()
+            && self.comparing.load(Ordering::SeqCst) == 0
     }
 
     /// The job's task: runs until the node is dropped.
