@@ -48,6 +48,7 @@ use nbd::addr::{SocketAddr, Stream};
 use nbd::client::{ClientConfig, NbdClient};
 use qmp::{QmpClient, QmpClientError};
 use serde_json::{Value, json};
+use testutil::Rng;
 
 use common::{Proc, coloblk, pattern, run};
 
@@ -703,25 +704,12 @@ fn describe(data: &[u8]) -> String {
 // ---------------------------------------------------------------------------------------------
 // The seeded workload.
 
-/// xorshift64*: deterministic, no rand crate.
-struct Rng(u64);
+/// The workload's requests, drawn from the seeded generator.
+trait Workload {
+    fn extent(&mut self, len: u64) -> (u64, u64);
+}
 
-impl Rng {
-    fn new(seed: u64) -> Rng {
-        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-    }
-
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-
+impl Workload for Rng {
     /// A request within a disk of `len` bytes: mostly in a 2 MiB hot spot (so requests overlap
     /// across epochs and sides), sometimes at the very end of the disk; cluster-aligned,
     /// sector-aligned, byte-unaligned, straddling a cluster boundary, or large (up to 3 MiB,

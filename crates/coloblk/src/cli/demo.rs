@@ -7,7 +7,10 @@
 //!    disk equals the primary disk;
 //! 4. write more on both sides, remember what the speculative view shows;
 //! 5. kill -9 the primary, fail over the secondary, and verify that the secondary disk now
-//!    equals what the speculative view showed just before.
+//!    equals what the speculative view showed just before;
+//! 6. bring the old primary's disk back as a secondary, promote the failed-over side to
+//!    primary (the VM's connection stays open), let it re-protect with a checksum sync,
+//!    checkpoint, and verify that both disks are equal.
 
 use std::hash::Hasher;
 use std::path::{Path, PathBuf};
@@ -283,8 +286,9 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<std::process::ExitCode> {
     r.step(
         t,
         &format!(
-            "initial full sync: {} MiB covered, {} bytes sent as data (the disk is all holes)",
-            d["resync"]["done-bytes"].as_u64().unwrap_or(0) >> 20,
+            "initial {} sync: {} MiB compared, {} bytes sent (the two disks start equal)",
+            d["sync"].as_str().unwrap_or("?"),
+            d["compared"]["compared-bytes"].as_u64().unwrap_or(0) >> 20,
             d["resync"]["sent-bytes"].as_u64().unwrap_or(0)
         ),
     );
@@ -382,7 +386,6 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<std::process::ExitCode> {
 
     let t = Instant::now();
     let after_view = hash_export(&svm).await?;
-    drop(svm);
     let after_disk = hash_file(&p("secondary.raw"))?;
     ensure!(after_view == view, "the view changed during failover");
     ensure!(
@@ -391,6 +394,69 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<std::process::ExitCode> {
     );
     r.step(t, &format!("verified: secondary disk == speculative view before the failover (checksum {view:016x})"));
 
+    // The old primary's host comes back as a secondary on its old disk, and the survivor
+    // re-protects the VM (still connected to it) to it.
+    let t = Instant::now();
+    let mut old = spawn(
+        "old primary as secondary",
+        &[
+            "secondary".into(),
+            "--disk".into(),
+            format!("vm0={}", s("primary.raw")),
+            "--replica-listen".into(),
+            format!("unix:{}", s("old-replica.sock")),
+            "--export-listen".into(),
+            format!("unix:{}", s("old-top.sock")),
+            "--control".into(),
+            format!("unix:{}", s("old.qmp")),
+            "--buffer-dir".into(),
+            s("old-buffer"),
+            "--start".into(),
+        ],
+        &p("old.log"),
+    )?;
+    wait_for(&p("old.qmp"), &mut old, &p("old.log")).await?;
+    qmp(
+        &p("secondary.qmp"),
+        "replication-promote",
+        json!({
+            "replicas": [{"disk": "vm0", "uri": format!("nbd+unix:///vm0?socket={}", s("old-replica.sock"))}],
+            "peer-control": format!("unix:{}", s("old.qmp")),
+        }),
+    )
+    .await?;
+    let d = wait_protected(&p("secondary.qmp")).await?;
+    r.step(
+        t,
+        &format!(
+            "re-protected: the old primary's disk came back as a secondary; checksum sync compared {} MiB, sent {} MiB (what the failover rolled back and what was written since)",
+            d["compared"]["compared-bytes"].as_u64().unwrap_or(0) >> 20,
+            d["resync"]["sent-bytes"].as_u64().unwrap_or(0) >> 20
+        ),
+    );
+
+    let t = Instant::now();
+    let more = workload(svm.clone(), 5, write / 4, disk).await?;
+    drop(svm);
+    let cp = qmp(&p("secondary.qmp"), "replication-checkpoint", json!({})).await?;
+    let (ha, hb) = (
+        hash_file(&p("secondary.raw"))?,
+        hash_file(&p("primary.raw"))?,
+    );
+    ensure!(
+        ha == hb,
+        "after re-protection and a checkpoint the two disks differ"
+    );
+    r.step(
+        t,
+        &format!(
+            "the VM wrote {} MiB more on its kept connection; checkpoint (drain {:.2} ms); verified: both disks equal (checksum {ha:016x})",
+            more >> 20,
+            cp["drain-ms"].as_f64().unwrap_or(0.0)
+        ),
+    );
+
+    drop(old);
     drop(secondary);
     println!("demo passed in {:.2} s", r.start.elapsed().as_secs_f64());
     if args.keep {

@@ -46,6 +46,8 @@ pub struct PrimaryDisk {
     pub peer_verified: bool,
     /// Why the link is not up, if it is not.
     pub link_error: Option<String>,
+    /// The last checksum comparison with the secondary.
+    pub compared: Option<Compared>,
     /// The current (or last) resync job.
     pub resync: Resync,
     /// The link to the secondary is usable.
@@ -64,6 +66,16 @@ pub struct PrimaryDisk {
     pub dirty_clusters: u64,
     /// Bytes the secondary may lack.
     pub dirty_bytes: u64,
+}
+
+/// What a checksum comparison found.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", default)]
+pub struct Compared {
+    /// Bytes compared (read on both sides).
+    pub compared_bytes: u64,
+    /// Bytes found different (then resynced).
+    pub differing_bytes: u64,
 }
 
 /// A resync job's progress.

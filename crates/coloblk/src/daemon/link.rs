@@ -114,6 +114,8 @@ struct State {
     first_done: bool,
     /// The secondary process (instance) the bitmap is exact for.
     synced_instance: Option<u64>,
+    /// The last checksum comparison.
+    compared: Option<ChecksumReport>,
 }
 
 /// One primary disk and its link.
@@ -137,6 +139,8 @@ pub struct LinkStatus {
     pub error: Option<String>,
     /// The peer is a coloblk secondary that answered.
     pub verified: bool,
+    /// The last checksum comparison.
+    pub compared: Option<ChecksumReport>,
 }
 
 impl DiskLink {
@@ -154,6 +158,7 @@ impl DiskLink {
                 verified: false,
                 first_done: false,
                 synced_instance: None,
+                compared: None,
             }),
             changed: Notify::new(),
         })
@@ -188,6 +193,7 @@ impl DiskLink {
             link: st.link.clone(),
             error: st.error.clone(),
             verified: st.verified,
+            compared: st.compared,
         }
     }
 
@@ -415,12 +421,15 @@ impl DiskLink {
                 disk: self.name.clone(),
             };
             match self.node.checksum_sync(&digests, CHECKSUM_BLOCK).await {
-                Ok(r) => info!(
-                    disk = %self.name,
-                    compared = r.compared_bytes,
-                    differing = r.differing_bytes,
-                    "checksum comparison done"
-                ),
+                Ok(r) => {
+                    info!(
+                        disk = %self.name,
+                        compared = r.compared_bytes,
+                        differing = r.differing_bytes,
+                        "checksum comparison done"
+                    );
+                    self.state.lock().compared = Some(r);
+                }
                 Err(e) => {
                     // Unsure what differs: everything goes.
                     warn!(disk = %self.name, "checksum comparison failed ({e}); copying everything");

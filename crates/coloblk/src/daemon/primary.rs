@@ -22,7 +22,8 @@ use tracing::{info, warn};
 use super::link::{DiskLink, LinkConfig, SyncMode, Target};
 use super::{DaemonArgs, Endpoint, Plan};
 use crate::control::status::{
-    CheckpointReply, PrimaryCheckpoint, PrimaryDisk, PrimaryStatus, Resync, Status, StopReply,
+    CheckpointReply, Compared, PrimaryCheckpoint, PrimaryDisk, PrimaryStatus, Resync, Status,
+    StopReply,
 };
 use crate::control::{CheckpointRequest, ControlError, Events, Group, Role, StopRequest};
 use crate::disk_spec::DiskSpec;
@@ -247,6 +248,10 @@ impl Group for PrimaryGroup {
                     link: link.link,
                     link_error: link.error,
                     peer_verified: link.verified,
+                    compared: link.compared.map(|r| Compared {
+                        compared_bytes: r.compared_bytes,
+                        differing_bytes: r.differing_bytes,
+                    }),
                     resync: Resync {
                         active: s.resync.active,
                         total_bytes: s.resync.total_bytes,

@@ -163,7 +163,7 @@ pub fn serve(dir: &Path, exports: &[&str]) -> Served {
 
 /// Deterministic pseudo-random bytes (xorshift), so tests need no rand crate.
 pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    blockdev::fault::pattern(seed, len).to_vec()
+    testutil::pattern(seed, len).to_vec()
 }
 
 /// Waits until every disk of the primary behind control socket `qmp` (`unix:PATH`) is
