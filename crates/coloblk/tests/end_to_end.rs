@@ -206,6 +206,8 @@ fn the_demo_passes_and_reports_every_step() {
         "killed the primary (SIGKILL)",
         "failed over: overlays merged",
         "verified: secondary disk == speculative view before the failover",
+        "re-protected: the old primary's disk came back as a secondary; checksum sync compared",
+        "verified: both disks equal",
         "demo passed in",
     ] {
         assert!(text.contains(step), "missing step '{step}' in:\n{text}");
