@@ -723,3 +723,35 @@ fn a_primary_starts_degraded_and_connects_when_the_secondary_comes() {
     );
     assert!(std::fs::read(&img).unwrap() == std::fs::read(&sec).unwrap());
 }
+
+/// A checkpoint before the sync ends is refused and names the bytes left; the sync keeps to
+/// --resync-rate meanwhile.
+#[test]
+fn a_checkpoint_during_the_sync_is_refused_with_the_bytes_left() {
+    require("qemu-io");
+    let p = pair(&["--resync-rate", "1"]);
+    // Written before start: 8 MiB the resync must copy, at 1 MiB/s.
+    run(Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "write -P 7 0 8M"])
+        .arg(p.export()));
+    let out = ctl(&p.qmp(), &["start"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = ctl(&p.qmp(), &["checkpoint"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr).trim().to_string();
+    let left: u64 = err
+        .strip_prefix("coloblk ctl: disk 'vm0': checkpoint refused: ")
+        .and_then(|r| {
+            r.strip_suffix(" bytes are not yet on the secondary (the resync is copying them)")
+        })
+        .unwrap_or_else(|| panic!("{err}"))
+        .parse()
+        .unwrap();
+    assert!(left > 0 && left <= 8 * MIB, "{left}");
+    let st = status(&p);
+    assert_eq!(st["disks"][0]["resync"]["active"], true);
+}

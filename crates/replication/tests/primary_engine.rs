@@ -6,13 +6,13 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use blockdev::fault::FaultyDev;
 use blockdev::{BlockDev, MemoryDev, WriteFlags, ZeroFlags};
 use bytes::Bytes;
 use replication::primary::{
     ForwardMode, PrimaryConfig, PrimaryError, PrimaryEvent, PrimaryNode, QueueLimits,
 };
 use replication::{Mode, Stage};
+use testutil::FaultyDev;
 
 const DISK: u64 = 8 << 20;
 
@@ -44,7 +44,7 @@ fn started(config: PrimaryConfig) -> Rig {
 }
 
 fn fill(seed: u64, len: usize) -> Bytes {
-    blockdev::fault::pattern(seed, len)
+    testutil::pattern(seed, len)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -821,4 +821,92 @@ async fn the_resync_keeps_to_its_rate() {
         t.elapsed()
     );
     assert!(r.local.snapshot() == r.remote.snapshot());
+}
+
+/// A link lost in the middle of a resync: the copies that did not get through stay dirty, and
+/// a new link resumes from them; the disks end equal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resync_cut_half_way_resumes_on_the_next_link_and_ends_equal() {
+    let r = rig(PrimaryConfig {
+        link_timeout: Some(Duration::from_millis(300)),
+        ..Default::default()
+    });
+    r.local
+        .write(0, fill(40, DISK as usize), WriteFlags::default())
+        .await
+        .unwrap();
+    r.node.mark_all_dirty();
+    // The link takes a few copies, then its connection is gone (as an NBD client's is).
+    r.node
+        .set_link(Arc::new(CutAfter {
+            inner: r.remote.clone(),
+            left: 3.into(),
+        }))
+        .unwrap();
+    r.node.start(Mode::Primary).unwrap();
+    let t = Instant::now();
+    while r.node.status().link_up || r.node.resync_status().active {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "{:?}",
+            r.node.status()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let left = r.node.dirty().dirty_bytes();
+    assert!(
+        left > 0 && left < DISK,
+        "the cut came half-way: {left} bytes left"
+    );
+    // A new link (the same secondary, reachable again) finishes the job.
+    r.node.set_link(r.remote.clone()).unwrap();
+    wait_clean(&r.node).await;
+    r.node.checkpoint(false).await.unwrap();
+    assert!(r.local.snapshot() == r.remote.snapshot());
+}
+
+/// A link whose connection dies after `left` writes: every request after that fails as shut
+/// down, as an NBD client's do once its server went away.
+struct CutAfter {
+    inner: Arc<MemoryDev>,
+    left: std::sync::atomic::AtomicI64,
+}
+
+impl CutAfter {
+    fn gone(&self, op: blockdev::Op, offset: u64) -> blockdev::Result<()> {
+        if self.left.fetch_sub(1, Ordering::SeqCst) <= 0 {
+            return Err(
+                blockdev::BlockError::new(blockdev::ErrorKind::Shutdown, op, offset)
+                    .context("connection closed"),
+            );
+        }
+        Ok(())
+    }
+}
+
+#[async_trait::async_trait]
+impl BlockDev for CutAfter {
+    fn info(&self) -> blockdev::DevInfo {
+        self.inner.info()
+    }
+    async fn read(&self, offset: u64, len: usize) -> blockdev::Result<Bytes> {
+        self.inner.read(offset, len).await
+    }
+    async fn write(&self, offset: u64, data: Bytes, flags: WriteFlags) -> blockdev::Result<()> {
+        self.gone(blockdev::Op::Write, offset)?;
+        self.inner.write(offset, data, flags).await
+    }
+    async fn flush(&self) -> blockdev::Result<()> {
+        self.inner.flush().await
+    }
+    async fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> blockdev::Result<()> {
+        self.gone(blockdev::Op::WriteZeroes, offset)?;
+        self.inner.write_zeroes(offset, len, flags).await
+    }
+    async fn discard(&self, offset: u64, len: u64) -> blockdev::Result<()> {
+        self.inner.discard(offset, len).await
+    }
+    async fn block_status(&self, offset: u64, len: u64) -> blockdev::Result<blockdev::ExtentList> {
+        self.inner.block_status(offset, len).await
+    }
 }
