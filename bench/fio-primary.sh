@@ -33,8 +33,9 @@ pinned)
 *) echo "layout must be shared or pinned" >&2; exit 1 ;;
 esac
 SIZE=512M
-cargo build --release -q -p coloblk
-BIN=$PWD/target/release/coloblk
+# COLOBLK_BIN runs another build (an earlier commit, for a before/after comparison).
+[ -n "${COLOBLK_BIN:-}" ] || cargo build --release -q -p coloblk
+BIN=${COLOBLK_BIN:-$PWD/target/release/coloblk}
 W=$(mktemp -d /tmp/coloblk-bench-primary.XXXXXX)
 PIDS=()
 cleanup() { kill "${PIDS[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$W"; }

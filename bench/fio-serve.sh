@@ -9,8 +9,9 @@ cd "$(dirname "$0")/.."
 ROUNDS=${1:-3}
 SECS=${2:-5}
 SIZE=512M
-cargo build --release -q -p coloblk
-BIN=$PWD/target/release/coloblk
+# COLOBLK_BIN runs another build (an earlier commit, for a before/after comparison).
+[ -n "${COLOBLK_BIN:-}" ] || cargo build --release -q -p coloblk
+BIN=${COLOBLK_BIN:-$PWD/target/release/coloblk}
 WORK=$(mktemp -d /tmp/coloblk-bench.XXXXXX)
 cleanup() { kill "${PIDS[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$WORK"; }
 PIDS=()
