@@ -11,6 +11,7 @@ use blockdev::{BlockDev, MemoryDev, WriteFlags};
 use bytes::Bytes;
 use common::{Faulty, MIB, faulty, node_over, whole};
 use replication::Mode;
+use testutil::Rng;
 
 const K: u64 = 64 * 1024;
 const LEN: u64 = 8 * MIB;
@@ -24,15 +25,12 @@ fn old_range(off: u64, len: u64) -> Vec<u8> {
     (off..off + len).map(old_byte).collect()
 }
 
-/// xorshift64: deterministic per task, no dependency.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
+/// A random range of the disk, from a generator seeded per task.
+trait RandomRange {
+    fn range(&mut self, max_len: u64) -> (u64, u64);
+}
+
+impl RandomRange for Rng {
     fn range(&mut self, max_len: u64) -> (u64, u64) {
         let off = self.next() % LEN;
         let len = 1 + self.next() % max_len.min(LEN - off);
@@ -52,7 +50,7 @@ async fn s21_vm_reads_racing_primary_writes_always_see_the_old_data() {
     for t in 0..8u64 {
         let rep = node.replica();
         tasks.push(tokio::spawn(async move {
-            let mut rng = Rng(0x9E37_79B9 + t * 7919);
+            let mut rng = Rng::new(0x9E37_79B9 + t * 7919);
             for _ in 0..40 {
                 let (off, len) = rng.range(3 * K);
                 let data = Bytes::from(vec![200 + t as u8; len as usize]);
@@ -63,7 +61,7 @@ async fn s21_vm_reads_racing_primary_writes_always_see_the_old_data() {
     for t in 0..8u64 {
         let top = node.top();
         tasks.push(tokio::spawn(async move {
-            let mut rng = Rng(0x1234_5678 + t * 104_729);
+            let mut rng = Rng::new(0x1234_5678 + t * 104_729);
             for _ in 0..60 {
                 let (off, len) = rng.range(4 * K);
                 let got = top.read(off, len as usize).await.unwrap();

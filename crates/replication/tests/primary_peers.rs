@@ -106,7 +106,7 @@ async fn link(sock: &Path, export: &str, timeout: Duration) -> Arc<NbdClient> {
 }
 
 fn data(seed: u64, len: usize) -> Bytes {
-    blockdev::fault::pattern(seed, len)
+    testutil::pattern(seed, len)
 }
 
 /// A mixed workload of concurrent writes, zeroes and discards, many of them overlapping.

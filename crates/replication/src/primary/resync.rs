@@ -35,6 +35,11 @@ use crate::Stage;
 const CHUNK: u64 = 1 << 20;
 /// Copies on their way at once.
 const WINDOW: usize = 8;
+/// VM payload queued for the link beyond which the resync holds its next copy back.
+const VM_FIRST: u64 = 2 << 20;
+/// The longest a copy is held back for the VM's writes (a VM that writes without pause must
+/// not stop the resync for good).
+const VM_FIRST_LONGEST: Duration = Duration::from_millis(50);
 /// Pause before a pass that follows one that made no progress (a local read failing), and
 /// the longest wait before looking at the bitmap again without a kick.
 const RETRY: Duration = Duration::from_secs(1);
@@ -107,6 +112,8 @@ struct Copy {
     /// A change of it could not even be queued (the node is going away).
     lost: bool,
     len: u64,
+    /// Payload bytes it put in the forwarding queue.
+    payload: u64,
 }
 
 impl Job {
@@ -210,6 +217,16 @@ impl Job {
                     tokio::time::sleep(wait).await;
                 }
             }
+            // The VM's writes go first: while they queue up for the link, no new copy joins
+            // them (the copies on their way are at most WINDOW pieces).
+            let ours: u64 = flight.iter().map(|c| c.payload).sum();
+            let mut waited = Duration::ZERO;
+            while self.shared.stats.queued_bytes.load(Ordering::Relaxed) > ours + VM_FIRST
+                && waited < VM_FIRST_LONGEST
+            {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                waited += Duration::from_millis(1);
+            }
             let Some((offset, len)) = self.shared.dirty.next_dirty(cursor, CHUNK) else {
                 break;
             };
@@ -287,8 +304,10 @@ impl Job {
         let ticket = self.shared.dirty.begin_copy(offset, len);
         let mut acks = Vec::with_capacity(changes.len());
         let mut lost = false;
+        let mut payload = 0;
         for change in changes {
             if let Change::Write { data, .. } = &change {
+                payload += data.len() as u64;
                 self.state
                     .sent
                     .fetch_add(data.len() as u64, Ordering::Relaxed);
@@ -303,6 +322,7 @@ impl Job {
             acks,
             lost,
             len,
+            payload,
         })
     }
 

@@ -103,7 +103,7 @@ pub async fn whole(dev: &dyn BlockDev) -> Vec<u8> {
 
 /// The fault-injecting wrapper, as these tests use it: shared, with random delays (so that
 /// concurrent requests complete out of order).
-pub use blockdev::fault::FaultyDev as Faulty;
+pub use testutil::FaultyDev as Faulty;
 
 pub fn faulty(inner: Arc<dyn BlockDev>) -> Arc<Faulty> {
     let f = Faulty::new(inner);
