@@ -7,8 +7,6 @@
 mod cli;
 mod control;
 mod daemon;
-mod listen;
-mod metrics;
 
 use std::process::ExitCode;
 

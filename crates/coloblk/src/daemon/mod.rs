@@ -16,7 +16,8 @@ mod promote;
 pub mod secondary;
 pub mod serve;
 
-use crate::{listen, metrics};
+mod listen;
+mod metrics;
 
 use std::process::ExitCode;
 use std::sync::Arc;
