@@ -54,15 +54,15 @@ use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use blockdev::{BatchWrite, BlockDev, Extent, ExtentList, Result, WriteFlags, ZeroFlags};
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use libfuzzer_sys::fuzz_target;
 use nbd::client::{ClientConfig, ExportInfo, NbdClient};
 use nbd::proto::*;
+use testutil::scripted::{ALL_FLAGS, META_ID, Offer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 
 const EXPORT: &str = "disk";
 const DISK_SIZE: u64 = 1 << 20;
-const META_ID: u32 = 7;
 /// Everything must be over within this (paused-clock) time.
 const BOUND: Duration = Duration::from_secs(10);
 /// The server sends the transmission-phase bytes once the client has been silent this long.
@@ -93,80 +93,29 @@ const BATCH: [(u64, usize); 2] = [(8192, 512), (12288, 1024)];
 mod cur;
 use cur::Cur;
 
-/// What the handshake prefix (modes 1-3) negotiates.
-#[derive(Clone, Copy)]
-struct Offer {
-    structured: bool,
-    meta: bool,
-    flags: u16,
-    block_sizes: bool,
-}
-
-impl Offer {
-    fn new(ctl: u8) -> Offer {
-        let mode = ctl & MODE;
-        let mut flags = FLAG_HAS_FLAGS
-            | FLAG_SEND_FLUSH
-            | FLAG_SEND_FUA
-            | FLAG_SEND_TRIM
-            | FLAG_SEND_WRITE_ZEROES
-            | FLAG_SEND_FAST_ZERO
-            | FLAG_SEND_CACHE;
-        if ctl & READ_ONLY != 0 {
-            flags |= FLAG_READ_ONLY;
-        }
-        if ctl & NO_WRITE_ZEROES != 0 {
-            flags &= !(FLAG_SEND_WRITE_ZEROES | FLAG_SEND_FAST_ZERO);
-        }
-        if ctl & NO_FUA != 0 {
-            flags &= !FLAG_SEND_FUA;
-        }
-        if ctl & NO_FLUSH_TRIM_CACHE != 0 {
-            flags &= !(FLAG_SEND_FLUSH | FLAG_SEND_TRIM | FLAG_SEND_CACHE);
-        }
-        Offer {
-            structured: mode != 3,
-            meta: mode == 1,
-            flags,
-            block_sizes: ctl & BLOCK_SIZES != 0,
-        }
+/// What the handshake prefix (modes 1-3) negotiates: the scripted server's offer for `ctl`.
+fn offer_for(ctl: u8) -> Offer {
+    let mode = ctl & MODE;
+    let mut flags = ALL_FLAGS;
+    if ctl & READ_ONLY != 0 {
+        flags |= FLAG_READ_ONLY;
     }
-
-    /// The server's side of the handshake, all of it (the client reads it in order).
-    fn handshake(&self) -> Vec<u8> {
-        let mut out = BytesMut::new();
-        out.put_u64(NBDMAGIC);
-        out.put_u64(IHAVEOPT);
-        out.put_u16(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES);
-        if self.structured {
-            option_reply(&mut out, OPT_STRUCTURED_REPLY, REP_ACK, &[]);
-            if self.meta {
-                let mut ctx = BytesMut::new();
-                ctx.put_u32(META_ID);
-                ctx.put_slice(BASE_ALLOCATION.as_bytes());
-                option_reply(&mut out, OPT_SET_META_CONTEXT, REP_META_CONTEXT, &ctx);
-                option_reply(&mut out, OPT_SET_META_CONTEXT, REP_ACK, &[]);
-            } else {
-                option_reply(&mut out, OPT_SET_META_CONTEXT, REP_ERR_UNSUP, &[]);
-            }
-        } else {
-            option_reply(&mut out, OPT_STRUCTURED_REPLY, REP_ERR_UNSUP, &[]);
-        }
-        let mut export = BytesMut::new();
-        export.put_u16(INFO_EXPORT);
-        export.put_u64(DISK_SIZE);
-        export.put_u16(self.flags);
-        option_reply(&mut out, OPT_GO, REP_INFO, &export);
-        if self.block_sizes {
-            let mut bs = BytesMut::new();
-            bs.put_u16(INFO_BLOCK_SIZE);
-            bs.put_u32(512);
-            bs.put_u32(512);
-            bs.put_u32(512);
-            option_reply(&mut out, OPT_GO, REP_INFO, &bs);
-        }
-        option_reply(&mut out, OPT_GO, REP_ACK, &[]);
-        out.to_vec()
+    if ctl & NO_WRITE_ZEROES != 0 {
+        flags &= !(FLAG_SEND_WRITE_ZEROES | FLAG_SEND_FAST_ZERO);
+    }
+    if ctl & NO_FUA != 0 {
+        flags &= !FLAG_SEND_FUA;
+    }
+    if ctl & NO_FLUSH_TRIM_CACHE != 0 {
+        flags &= !(FLAG_SEND_FLUSH | FLAG_SEND_TRIM | FLAG_SEND_CACHE);
+    }
+    Offer {
+        size: DISK_SIZE,
+        flags,
+        block_size: (ctl & BLOCK_SIZES != 0).then_some((512, 512, 512)),
+        structured: mode != 3,
+        meta_context: (mode == 1).then_some(META_ID),
+        go_unsupported: false,
     }
 }
 
@@ -351,7 +300,7 @@ fn check_client_output(out: &[u8], info: &ExportInfo, offer: Option<Offer>) -> H
             assert_eq!(info.size, DISK_SIZE);
             assert_eq!(info.flags, offer.flags);
             assert_eq!(info.structured_replies, offer.structured);
-            assert_eq!(info.base_allocation, offer.meta.then_some(META_ID));
+            assert_eq!(info.base_allocation, offer.meta_context);
         }
         None => {
             // Each at most once, in this order, ending with GO or EXPORT_NAME.
@@ -725,7 +674,7 @@ fn check(ctl: u8, rest: &[u8], outcome: &Outcome, client_out: &[u8]) {
             assert!(!req_one || ext.0.len() == 1, "REQ_ONE gave {ext:?}");
         }
     }
-    let offer = (ctl & MODE != 0).then(|| Offer::new(ctl));
+    let offer = (ctl & MODE != 0).then(|| offer_for(ctl));
     let sent = check_client_output(client_out, &outcome.info, offer);
     let Some(offer) = offer else { return };
     let replies = reference_replies(rest, &sent, offer.structured);
@@ -767,7 +716,7 @@ fuzz_target!(|data: &[u8]| {
         .build()
         .unwrap();
     rt.block_on(async {
-        let prefix = (ctl & MODE != 0).then(|| Offer::new(ctl).handshake());
+        let prefix = (ctl & MODE != 0).then(|| offer_for(ctl).handshake());
         let (c, s) = tokio::io::duplex(1 << 16);
         let server = tokio::spawn(serve(s, prefix, rest.to_vec(), ctl & HANG_UP != 0));
         // Each step of drive() has its own bound.

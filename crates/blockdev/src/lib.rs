@@ -26,7 +26,8 @@
 
 mod error;
 mod extent;
-pub mod fault;
+#[cfg(test)]
+mod fault;
 mod image;
 mod memory;
 mod pool;

@@ -94,15 +94,7 @@ fn qemu_map(img: &Path, has_backing: bool) -> ExtentList {
 
 /// Deterministic non-repeating bytes (so misplaced data cannot match by accident).
 fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
+    testutil::pattern(seed, len).to_vec()
 }
 
 /// A byte-exact model of the device, updated alongside it.

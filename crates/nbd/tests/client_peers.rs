@@ -9,7 +9,6 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use blockdev::fault::FaultyDev;
 use blockdev::{
     BatchWrite, BlockDev, ErrorKind, Extent, ExtentList, MemoryDev, WriteFlags, ZeroFlags,
 };
@@ -17,6 +16,7 @@ use bytes::Bytes;
 use nbd::addr::SocketAddr;
 use nbd::client::{BlockSize, ClientConfig, NbdClient};
 use nbd::server::{Export, ExportSet, Listener, Server, ServerConfig};
+use testutil::FaultyDev;
 
 const KIB: u64 = 1 << 10;
 const MIB: u64 = 1 << 20;
@@ -190,17 +190,9 @@ async fn connect(sock: &Path) -> NbdClient {
 // Data helpers
 // ---------------------------------------------------------------------------------------------
 
-/// Deterministic bytes that differ for every seed and position (no zero runs).
+/// Deterministic bytes that differ for every seed and position, as a vector.
 fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8 | 1
-        })
-        .collect()
+    testutil::pattern(seed, len).to_vec()
 }
 
 /// A sparse raw file of `size` bytes with `regions` written.

@@ -12,6 +12,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use nbd::addr::SocketAddr;
 use nbd::proto::*;
 use nbd::server::{Export, ExportSet, Listener, Server, ServerConfig};
+use testutil::pattern;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 
@@ -501,13 +502,6 @@ impl Drop for RssWatch {
     fn drop(&mut self) {
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
     }
-}
-
-/// Bytes that differ from one `seed` to the next.
-fn pattern(seed: u64, len: usize) -> Bytes {
-    (0..len as u64)
-        .map(|i| (i.wrapping_mul(seed | 1) >> 3 ^ seed) as u8)
-        .collect()
 }
 
 /// A client that writes 64 KiB and reads it back, `rounds` times, checking every byte; returns

@@ -280,6 +280,7 @@ mod tests {
     use blockdev::{BlockDev, ErrorKind, Op, WriteFlags};
     use bytes::{BufMut, Bytes, BytesMut};
     use std::time::Duration;
+    use testutil::Rng;
     use tokio::io::AsyncWriteExt;
 
     #[tokio::test]
@@ -469,21 +470,6 @@ mod tests {
         );
     }
 
-    /// A little xorshift generator, so the garbage test is reproducible.
-    struct Rng(u64);
-
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            self.0
-        }
-        fn below(&mut self, n: u64) -> u64 {
-            self.next() % n
-        }
-    }
-
     /// A reply frame that is plausible enough to reach the deeper parsing paths.
     fn random_frame(rng: &mut Rng, cookies: &[u64]) -> BytesMut {
         let mut b = BytesMut::new();
@@ -511,7 +497,7 @@ mod tests {
 
     #[tokio::test]
     async fn random_reply_garbage_never_panics_or_hangs() {
-        let mut rng = Rng(0x2545_f491_4f6c_dd1d);
+        let mut rng = Rng::new(0x2545_f491_4f6c_dd1d);
         for _ in 0..300 {
             let (c, mut s) = pair(Offer::default(), config()).await;
             let mut tasks = vec![spawn_read(&c, 0, 16), spawn_read(&c, 16, 16)];
