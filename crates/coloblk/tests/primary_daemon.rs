@@ -755,3 +755,48 @@ fn a_checkpoint_during_the_sync_is_refused_with_the_bytes_left() {
     let st = status(&p);
     assert_eq!(st["disks"][0]["resync"]["active"], true);
 }
+
+/// `replication-set-replica` points a disk at another secondary: the link moves, the new
+/// secondary gets the whole disk (it is unknown), and a checkpoint then means it is equal.
+#[test]
+fn set_replica_moves_a_disk_to_another_secondary() {
+    require("qemu-io");
+    let p = pair(&["--start"]);
+    run(Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "write -P 0x6b 2M 3M"])
+        .arg(p.export()));
+    let d = p.dir.path();
+    let other = raw_image(d, "other.raw", 64 * MIB);
+    let sock = d.join("other.sock");
+    let mut peer = Proc::spawn(
+        "qemu-nbd",
+        Command::new("qemu-nbd")
+            .args(["-f", "raw", "-x", "vm0", "-k"])
+            .arg(&sock)
+            .arg(&other),
+    );
+    wait_socket(&sock, &mut peer);
+    let out = run(Command::new("python3")
+        .arg("-c")
+        .arg(
+            r#"
+import asyncio, sys
+from qemu.qmp import QMPClient
+async def main(p, uri):
+    c = QMPClient("x"); await c.connect(p)
+    print(await c.execute("replication-set-replica", {"disk": "vm0", "uri": uri}))
+asyncio.run(main(sys.argv[1], sys.argv[2]))"#,
+        )
+        .arg(d.join("primary.qmp"))
+        .arg(unix_uri("vm0", &sock)));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "{}");
+    let st = wait_protected(&p.qmp());
+    assert_eq!(st["disks"][0]["resync"]["done-bytes"], 64 * MIB);
+    let out = ctl(&p.qmp(), &["checkpoint"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(std::fs::read(p.path("primary.raw")).unwrap() == std::fs::read(&other).unwrap());
+}

@@ -10,7 +10,7 @@
 //! | `query-xen-replication-status` | QEMU: `{error, desc?}` |
 //! | `xen-colo-do-checkpoint` | QEMU: checkpoint all |
 //! | `x-colo-lost-heartbeat` | QEMU: fail over |
-//! | `replication-set-replica {disk, uri, peer-control?}` | primary: point a disk at another secondary |
+//! | `replication-set-replica {disk, uri, peer-control?, sync?}` | primary: point a disk at another secondary |
 //! | `replication-promote {replicas: [{disk, uri, sync?}], peer-control?, mode?}` | a failed-over secondary becomes a primary, protecting its disks with a new secondary |
 //! | `replication-verify` | primary: compare every disk with its secondary by digests; what differs is resynced |
 //! | `replication-digest {disk, offset, length, block}` | secondary: digests of its disk (checksum sync) |
@@ -217,6 +217,7 @@ pub trait Group: Send + Sync + 'static {
         _disk: &str,
         _uri: &str,
         _peer_control: Option<&str>,
+        _sync: Option<&str>,
     ) -> Result<(), ControlError> {
         Err(only_role(Role::Primary, "replication-set-replica"))
     }
@@ -369,11 +370,12 @@ impl<G: Group + ?Sized> Handler for Control<G> {
                 reply(g.stop(StopRequest::default()).await)
             }
             "replication-set-replica" => {
-                args.only(&["disk", "uri", "peer-control"])?;
+                args.only(&["disk", "uri", "peer-control", "sync"])?;
                 let disk = required_str(&args, "disk")?;
                 let uri = required_str(&args, "uri")?;
                 let peer = args.opt_str("peer-control")?;
-                empty(g.set_replica(disk, uri, peer).await)
+                let sync = args.opt_str("sync")?;
+                empty(g.set_replica(disk, uri, peer, sync).await)
             }
             "replication-promote" => {
                 args.only(&["replicas", "peer-control", "mode"])?;

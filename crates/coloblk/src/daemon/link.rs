@@ -105,6 +105,8 @@ pub struct LinkConfig {
 /// The keeper's state, for status.
 struct State {
     target: Target,
+    /// How the first sync with this target compares the disks.
+    sync: SyncMode,
     /// Bumped when the target changes: a link made for an older target is dropped.
     generation: u64,
     link: String,
@@ -124,8 +126,6 @@ pub struct DiskLink {
     pub name: String,
     /// The replication node.
     pub node: PrimaryNode,
-    /// How the first sync with a secondary compares the disks.
-    pub sync: SyncMode,
     state: Mutex<State>,
     changed: Notify,
 }
@@ -149,9 +149,9 @@ impl DiskLink {
         Arc::new(DiskLink {
             name,
             node,
-            sync,
             state: Mutex::new(State {
                 target,
+                sync,
                 generation: 0,
                 link: "connecting".into(),
                 error: None,
@@ -169,12 +169,19 @@ impl DiskLink {
         tokio::spawn(self.clone().run(config));
     }
 
+    /// How the first sync with the current target compares the disks.
+    pub fn sync(&self) -> SyncMode {
+        self.state.lock().sync
+    }
+
     /// Points the disk at another secondary: the link is dropped (writes are dirty from now
-    /// on) and the keeper connects to the new one as to a new secondary.
-    pub fn retarget(&self, target: Target) {
+    /// on) and the keeper connects to the new one as to a new secondary, first synced as
+    /// `sync` says.
+    pub fn retarget(&self, target: Target, sync: SyncMode) {
         {
             let mut st = self.state.lock();
             st.target = target;
+            st.sync = sync;
             st.generation += 1;
             st.first_done = false;
             st.synced_instance = None;
@@ -344,9 +351,9 @@ impl DiskLink {
         let link = NbdClient::connect_uri(&target.uri, cfg)
             .await
             .with_context(|| format!("cannot reach the secondary at {}", target.uri))?;
-        let (first_done, synced) = {
+        let (first_done, synced, sync) = {
             let st = self.state.lock();
-            (st.first_done, st.synced_instance)
+            (st.first_done, st.synced_instance, st.sync)
         };
         let mut peer = match &target.peer {
             Some(addr) => Some(self.peer_state(addr, config).await?),
@@ -358,13 +365,13 @@ impl DiskLink {
         let verified = peer.as_ref().is_some_and(|p| p.verified);
         let instance = peer.as_ref().and_then(|p| p.instance);
         let plan = match (first_done, verified) {
-            (false, true) => match self.sync {
+            (false, true) => match sync {
                 SyncMode::Checksum => Some(Plan::Checksum),
                 SyncMode::Full => Some(Plan::Full),
                 SyncMode::None => None,
             },
             // Without digests a checksum cannot be done: everything goes.
-            (false, false) => match self.sync {
+            (false, false) => match sync {
                 SyncMode::None => None,
                 _ => Some(Plan::Full),
             },

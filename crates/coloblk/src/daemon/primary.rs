@@ -244,7 +244,7 @@ impl Group for PrimaryGroup {
                     stage: s.stage.as_str().into(),
                     error: s.error,
                     protected: d.node.protected().is_ok(),
-                    sync: d.sync.as_str().into(),
+                    sync: d.sync().as_str().into(),
                     link: link.link,
                     link_error: link.error,
                     peer_verified: link.verified,
@@ -316,6 +316,7 @@ impl Group for PrimaryGroup {
         disk: &str,
         uri: &str,
         peer_control: Option<&str>,
+        sync: Option<&str>,
     ) -> Result<(), ControlError> {
         let d = self.disk(disk)?;
         uri.parse::<nbd::uri::NbdUri>()
@@ -327,15 +328,32 @@ impl Group for PrimaryGroup {
             ),
             None => self.peer_control.clone(),
         };
+        // Another secondary is another disk: nothing is assumed of it unless said so.
+        let sync = match sync {
+            Some("none") => SyncMode::None,
+            Some("full") => SyncMode::Full,
+            Some("checksum") if peer.is_some() => SyncMode::Checksum,
+            None if peer.is_some() => SyncMode::Checksum,
+            None => SyncMode::Full,
+            Some(other) => {
+                return Err(ControlError::Refused(format!(
+                    "sync={other} is not checksum, full or none (checksum needs peer-control)"
+                )));
+            }
+        };
         info!(
             disk,
             replica = uri,
+            sync = sync.as_str(),
             "pointing the disk at another secondary"
         );
-        d.retarget(Target {
-            uri: uri.to_string(),
-            peer,
-        });
+        d.retarget(
+            Target {
+                uri: uri.to_string(),
+                peer,
+            },
+            sync,
+        );
         self.protected
             .store(false, std::sync::atomic::Ordering::SeqCst);
         Ok(())

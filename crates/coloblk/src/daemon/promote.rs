@@ -156,8 +156,9 @@ impl Group for Promotable {
         disk: &str,
         uri: &str,
         peer: Option<&str>,
+        sync: Option<&str>,
     ) -> std::result::Result<(), ControlError> {
-        self.now().set_replica(disk, uri, peer).await
+        self.now().set_replica(disk, uri, peer, sync).await
     }
     async fn verify(&self) -> std::result::Result<serde_json::Value, ControlError> {
         self.now().verify().await
