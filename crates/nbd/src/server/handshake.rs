@@ -151,9 +151,17 @@ fn handle_option(
             option_reply(out, option, REP_ACK, &[]);
             OptionOutcome::Continue
         }
-        OPT_INFO | OPT_GO => info_or_go(option, data, st, exports, out),
+        OPT_INFO | OPT_GO => match parse_for_export(option, data, None, exports, out) {
+            Ok((req, export)) => info_or_go(option, &req, export, st, out),
+            Err(refused) => refused,
+        },
         OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
-            meta_context(option, data, st, exports, out)
+            let refusal = (option == OPT_SET_META_CONTEXT && !st.structured)
+                .then_some("structured replies must be negotiated first");
+            match parse_for_export(option, data, refusal, exports, out) {
+                Ok((req, export)) => meta_context(option, &req, &export, st, out),
+                Err(refused) => refused,
+            }
         }
         OPT_STARTTLS => error_reply(
             out,
@@ -224,17 +232,14 @@ fn parse_for_export<T: ExportOption>(
     }
 }
 
+/// Answers NBD_OPT_INFO or NBD_OPT_GO about a known export.
 fn info_or_go(
     option: u32,
-    data: Bytes,
+    req: &InfoRequest,
+    export: Arc<Export>,
     st: &mut Negotiation,
-    exports: &ExportSet,
     out: &mut BytesMut,
 ) -> OptionOutcome {
-    let (req, export) = match parse_for_export::<InfoRequest>(option, data, None, exports, out) {
-        Ok(found) => found,
-        Err(refused) => return refused,
-    };
     let mut info = |kind: u16, body: &dyn Fn(&mut BytesMut)| {
         let mut d = BytesMut::new();
         d.put_u16(kind);
@@ -271,20 +276,14 @@ fn info_or_go(
     }
 }
 
+/// Answers NBD_OPT_LIST_META_CONTEXT or NBD_OPT_SET_META_CONTEXT about a known export.
 fn meta_context(
     option: u32,
-    data: Bytes,
+    req: &MetaContextRequest,
+    export: &Export,
     st: &mut Negotiation,
-    exports: &ExportSet,
     out: &mut BytesMut,
 ) -> OptionOutcome {
-    let refusal = (option == OPT_SET_META_CONTEXT && !st.structured)
-        .then_some("structured replies must be negotiated first");
-    let (req, export) =
-        match parse_for_export::<MetaContextRequest>(option, data, refusal, exports, out) {
-            Ok(found) => found,
-            Err(refused) => return refused,
-        };
     let list_all = option == OPT_LIST_META_CONTEXT && req.queries.is_empty();
     let selected = list_all || req.queries.iter().any(|q| query_matches_base_allocation(q));
     if selected {
