@@ -2,8 +2,8 @@
 //! that lets a device run its cheapest calls on the caller's thread.
 //!
 //! Handing each call to a thread and back costs two context switches, which on a small machine
-//! is most of the cost of a 4 KiB write to the page cache (measured: a server doing its writes
-//! inline would reach 60% more IOPS than one that hands every write to tokio's blocking pool).
+//! is most of the cost of a 4 KiB write to the page cache (docs/BENCHMARKS.md has the
+//! figures).
 //! So the pool wakes threads sparingly: a thread that wakes drains the queue before it sleeps
 //! again, and another thread is woken only while the calls waiting per awake thread would take
 //! longer than [`TARGET_BACKLOG`] to run, judged by how long recent calls took (at most eight
@@ -260,8 +260,8 @@ fn moving_average(avg_ns: u64, sample: Duration) -> u64 {
 ///
 /// On one CPU, handing a page-cache write to a pool thread buys no parallelism and costs two
 /// context switches; worse, the woken thread tends to preempt the worker at once, so hand-offs
-/// go one write at a time and never batch (measured with the primary on one core: 22k IOPS at
-/// 4 KiB QD16 through the pool against 80k inline). The price is that a call that hangs there
+/// go one write at a time and never batch (docs/DESIGN-NOTES.md, "A process with one CPU").
+/// The price is that a call that hangs there
 /// freezes the whole process, as a crash would: the VM's disk is stuck either way. A frozen
 /// secondary is given up on by the primary's link timer; a frozen primary is for the
 /// orchestrator to detect (COLO's heartbeat), as the secondary keeps no timer on it.

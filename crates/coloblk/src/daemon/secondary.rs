@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use async_trait::async_trait;
-use blockdev::{IoPool, Qcow2, Qcow2Backing, Qcow2Options};
+use blockdev::{ImageFormat, IoPool, OpenOptions, Qcow2Backing};
 use clap::Args;
 use nbd::addr::SocketAddr;
 use nbd::server::{Export, ExportSet, Server, ServerConfig};
@@ -410,17 +410,14 @@ fn qcow2_overlay(
     path: &str,
     pool: &IoPool,
 ) -> anyhow::Result<DevOverlay> {
-    let opts = Qcow2Options {
-        backing: Qcow2Backing::None,
-        ..Default::default()
-    };
-    let dev = Qcow2::open(path, opts, pool.clone()).with_context(|| {
+    let opts = OpenOptions::new(ImageFormat::Qcow2, pool.clone()).backing(Qcow2Backing::None);
+    let dev = blockdev::open(path, opts).with_context(|| {
         format!(
             "disk '{}': cannot open the {which} overlay {path}",
             spec.name
         )
     })?;
-    Ok(DevOverlay::new(Arc::new(dev)))
+    Ok(DevOverlay::new(dev))
 }
 
 fn build_node(
