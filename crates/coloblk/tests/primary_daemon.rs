@@ -507,6 +507,8 @@ fn metrics_endpoint_serves_forwarding_counters() {
         body.contains("coloblk_replication_error{disk=\"vm0\"} 0"),
         "{body}"
     );
+    assert!(body.contains("coloblk_protected{disk=\"vm0\"} 1"), "{body}");
+    assert!(body.contains("coloblk_dirty_bytes{disk=\"vm0\"} 0"), "{body}");
 }
 
 /// Startup refusals: one clear line and a failing exit code, for an unreachable secondary,
