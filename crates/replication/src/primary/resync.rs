@@ -259,47 +259,39 @@ impl Job {
             .map_err(|e| format!("block status of the local disk: {e}"))?;
         let mut changes = Vec::new();
         let mut at = offset;
-        for e in extents.iter() {
-            let n = e.len.min(offset + len - at);
+        // The extents as (length, zero), then whatever they fell short of as data, to be safe.
+        let pieces = extents
+            .iter()
+            .map(|e| (e.len, e.zero))
+            .chain(std::iter::once((u64::MAX, false)));
+        for (n, zero) in pieces {
+            let n = n.min(offset + len - at);
             if n == 0 {
                 break;
             }
-            if e.zero {
+            changes.push(if zero {
                 let flags = ZeroFlags {
                     may_unmap: true,
                     ..Default::default()
                 };
-                changes.push(Change::Zeroes {
+                Change::Zeroes {
                     offset: at,
                     len: n,
                     flags,
-                });
+                }
             } else {
                 let data = self
                     .local
                     .read(at, n as usize)
                     .await
                     .map_err(|e| format!("reading the local disk: {e}"))?;
-                changes.push(Change::Write {
+                Change::Write {
                     offset: at,
                     data,
                     fua: false,
-                });
-            }
-            at += n;
-        }
-        if at < offset + len {
-            // The extents fell short: copy the rest as data, to be safe.
-            let data = self
-                .local
-                .read(at, (offset + len - at) as usize)
-                .await
-                .map_err(|e| format!("reading the local disk: {e}"))?;
-            changes.push(Change::Write {
-                offset: at,
-                data,
-                fua: false,
+                }
             });
+            at += n;
         }
         let ticket = self.shared.dirty.begin_copy(offset, len);
         let mut acks = Vec::with_capacity(changes.len());
