@@ -388,11 +388,7 @@ mod tests {
 
     #[tokio::test]
     async fn handshake_records_size_flags_and_block_sizes() {
-        let offer = Offer {
-            block_size: Some((512, 4096, 65536)),
-            ..Offer::default()
-        };
-        let (c, _s) = pair(offer, config()).await;
+        let (c, _s) = pair_with_block_sizes().await;
         let info = c.export_info();
         assert_eq!((info.size, info.flags), (1 << 20, ALL_FLAGS));
         assert_eq!(

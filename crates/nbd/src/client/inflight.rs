@@ -44,9 +44,8 @@ pub(super) type Outcome = std::result::Result<Reply, Failure>;
 
 /// A request on the wire, waiting for its reply.
 pub(super) struct Pending {
-    pub(super) kind: u16,
-    pub(super) offset: u64,
-    pub(super) len: u32,
+    /// The request as sent.
+    pub(super) cmd: Cmd,
     /// Read data, zero-filled up front so holes need no work.
     pub(super) data: BytesMut,
     /// Bytes of a read that chunks have covered.
@@ -128,9 +127,7 @@ impl Pending {
         slot: Option<OwnedSemaphorePermit>,
     ) -> Self {
         Pending {
-            kind: cmd.kind,
-            offset: cmd.offset,
-            len: cmd.len,
+            cmd: *cmd,
             data,
             filled: 0,
             covered: std::collections::BTreeMap::new(),
@@ -148,17 +145,17 @@ impl Pending {
 
     /// Where the range `offset..offset+n` of a chunk lies in the request.
     pub(super) fn locate(&self, offset: u64, n: u32) -> std::result::Result<usize, ConnError> {
-        match offset.checked_sub(self.offset) {
+        match offset.checked_sub(self.cmd.offset) {
             Some(rel)
                 if rel
                     .checked_add(u64::from(n))
-                    .is_some_and(|end| end <= u64::from(self.len)) =>
+                    .is_some_and(|end| end <= u64::from(self.cmd.len)) =>
             {
                 Ok(rel as usize)
             }
             _ => Err(ConnError::Protocol(format!(
                 "chunk for {n} bytes at offset {offset} lies outside the request for {} bytes at {}",
-                self.len, self.offset
+                self.cmd.len, self.cmd.offset
             ))),
         }
     }
@@ -182,13 +179,14 @@ impl Pending {
         if self.error.is_some() {
             return Ok(());
         }
-        if self.kind == CMD_READ && self.filled != u64::from(self.len) {
+        if self.cmd.kind == CMD_READ && self.filled != u64::from(self.cmd.len) {
             return Err(ConnError::Protocol(format!(
                 "read reply covers {} of {} bytes",
-                self.filled, self.len
+                self.filled, self.cmd.len
             )));
         }
-        if self.kind == CMD_BLOCK_STATUS && self.extents.as_ref().is_none_or(|e| e.total() == 0) {
+        if self.cmd.kind == CMD_BLOCK_STATUS && self.extents.as_ref().is_none_or(|e| e.total() == 0)
+        {
             return Err(ConnError::Protocol(
                 "block-status reply without extents".into(),
             ));

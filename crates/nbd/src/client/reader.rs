@@ -103,10 +103,10 @@ impl<R: AsyncRead + Unpin> ReplyReader<R> {
                 message: None,
                 offset: None,
             });
-        } else if p.kind == CMD_READ {
+        } else if p.cmd.kind == CMD_READ {
             self.r.read_exact(&mut p.data).await?;
-            p.filled = u64::from(p.len);
-        } else if p.kind == CMD_BLOCK_STATUS {
+            p.filled = u64::from(p.cmd.len);
+        } else if p.cmd.kind == CMD_BLOCK_STATUS {
             return violation("simple reply to a block-status request");
         }
         self.finish()
@@ -159,7 +159,7 @@ async fn data_chunk<R: AsyncRead + Unpin>(
     p: &mut Pending,
     len: u32,
 ) -> std::result::Result<(), ConnError> {
-    if p.kind != CMD_READ {
+    if p.cmd.kind != CMD_READ {
         return violation("data chunk for a request that is not a read");
     }
     if len <= 8 {
@@ -178,7 +178,7 @@ async fn hole_chunk<R: AsyncRead + Unpin>(
     p: &mut Pending,
     len: u32,
 ) -> std::result::Result<(), ConnError> {
-    if p.kind != CMD_READ || len != 12 {
+    if p.cmd.kind != CMD_READ || len != 12 {
         return violation(format!(
             "hole chunk of {len} bytes, or for a request that is not a read"
         ));
@@ -200,7 +200,7 @@ async fn status_chunk<R: AsyncRead + Unpin>(
     len: u32,
     meta_id: Option<u32>,
 ) -> std::result::Result<(), ConnError> {
-    if p.kind != CMD_BLOCK_STATUS || p.extents.is_some() {
+    if p.cmd.kind != CMD_BLOCK_STATUS || p.extents.is_some() {
         return violation("block-status chunk not asked for, or a second one");
     }
     if len < 12 || (len - 4) & 7 != 0 || len > MAX_STATUS_CHUNK {
@@ -214,7 +214,7 @@ async fn status_chunk<R: AsyncRead + Unpin>(
     }
     let mut body = vec![0; len as usize - 4];
     r.read_exact(&mut body).await?;
-    p.extents = Some(parse_extents(&body, u64::from(p.len)));
+    p.extents = Some(parse_extents(&body, u64::from(p.cmd.len)));
     Ok(())
 }
 

@@ -33,6 +33,24 @@ pub(super) async fn pair(offer: Offer, config: ClientConfig) -> (Arc<NbdClient>,
     (Arc::new(client), server.await.unwrap())
 }
 
+/// A client of a server that advertises transmission flags `flags` and nothing else special.
+pub(super) async fn pair_with_flags(flags: u16) -> (Arc<NbdClient>, DuplexStream) {
+    let offer = Offer {
+        flags,
+        ..Offer::default()
+    };
+    pair(offer, config()).await
+}
+
+/// A client of a server that advertises block sizes 512 (minimum), 4096 and 65536 (maximum).
+pub(super) async fn pair_with_block_sizes() -> (Arc<NbdClient>, DuplexStream) {
+    let offer = Offer {
+        block_size: Some((512, 4096, 65536)),
+        ..Offer::default()
+    };
+    pair(offer, config()).await
+}
+
 pub(super) fn spawn_read(c: &Arc<NbdClient>, offset: u64, len: usize) -> JoinHandle<Result<Bytes>> {
     let c = c.clone();
     tokio::spawn(async move { c.read(offset, len).await })

@@ -276,11 +276,7 @@ mod tests {
 
     #[tokio::test]
     async fn large_reads_and_writes_are_split_at_the_maximum_block_size() {
-        let offer = Offer {
-            block_size: Some((512, 4096, 65536)),
-            ..Offer::default()
-        };
-        let (c, mut s) = pair(offer, config()).await;
+        let (c, mut s) = pair_with_block_sizes().await;
         let c2 = c.clone();
         let data = Bytes::from((0..200_000u32).map(|i| i as u8).collect::<Vec<_>>());
         let expect = data.clone();
@@ -298,11 +294,7 @@ mod tests {
 
     #[tokio::test]
     async fn write_zeroes_without_server_support_writes_zero_buffers() {
-        let offer = Offer {
-            flags: FLAG_HAS_FLAGS | FLAG_SEND_FLUSH,
-            ..Offer::default()
-        };
-        let (c, mut s) = pair(offer, config()).await;
+        let (c, mut s) = pair_with_flags(FLAG_HAS_FLAGS | FLAG_SEND_FLUSH).await;
         let c2 = c.clone();
         let zero =
             tokio::spawn(async move { c2.write_zeroes(8192, 3000, ZeroFlags::default()).await });
@@ -353,11 +345,7 @@ mod tests {
 
     #[tokio::test]
     async fn trim_without_server_support_is_a_no_op() {
-        let offer = Offer {
-            flags: FLAG_HAS_FLAGS | FLAG_SEND_FLUSH,
-            ..Offer::default()
-        };
-        let (c, mut s) = pair(offer, config()).await;
+        let (c, mut s) = pair_with_flags(FLAG_HAS_FLAGS | FLAG_SEND_FLUSH).await;
         c.discard(0, 4096).await.unwrap();
         let c2 = c.clone();
         let flush = tokio::spawn(async move { c2.flush().await });
@@ -369,11 +357,7 @@ mod tests {
 
     #[tokio::test]
     async fn fua_without_server_support_becomes_a_flush() {
-        let offer = Offer {
-            flags: FLAG_HAS_FLAGS | FLAG_SEND_FLUSH,
-            ..Offer::default()
-        };
-        let (c, mut s) = pair(offer, config()).await;
+        let (c, mut s) = pair_with_flags(FLAG_HAS_FLAGS | FLAG_SEND_FLUSH).await;
         let c2 = c.clone();
         let write = tokio::spawn(async move {
             c2.write(0, Bytes::from_static(b"d"), WriteFlags { fua: true })
@@ -390,11 +374,7 @@ mod tests {
 
     #[tokio::test]
     async fn read_only_exports_refuse_writes_locally() {
-        let offer = Offer {
-            flags: FLAG_HAS_FLAGS | FLAG_READ_ONLY,
-            ..Offer::default()
-        };
-        let (c, _s) = pair(offer, config()).await;
+        let (c, _s) = pair_with_flags(FLAG_HAS_FLAGS | FLAG_READ_ONLY).await;
         let err = c
             .write(0, Bytes::from_static(b"x"), WriteFlags::default())
             .await
