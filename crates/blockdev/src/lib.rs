@@ -26,8 +26,6 @@
 
 mod error;
 mod extent;
-#[cfg(test)]
-mod fault;
 mod image;
 mod memory;
 mod pool;

@@ -390,7 +390,7 @@ mod tests {
     #[tokio::test]
     async fn cached_reads_return_the_bytes_and_decline_what_they_cannot_read() {
         let (_d, dev) = fresh(1 << 20).await;
-        let data = crate::fault::pattern(7, 300 * 1024);
+        let data = testutil::pattern(7, 300 * 1024);
         dev.write(1000, data.clone(), WriteFlags::default())
             .await
             .unwrap();
