@@ -617,6 +617,8 @@ fn checkpoints_are_refused_for_another_epoch_and_after_a_failover() {
     // The race itself, a few rounds: whoever wins, a checkpoint that said yes means equal.
     for round in 0..4u64 {
         let c = cluster("async");
+        // The first checkpoint makes the synced secondary a usable copy, so it may fail over.
+        c.ok("primary.qmp", "checkpoint");
         run(Command::new("qemu-io")
             .args(["-f", "raw", "-c", &format!("write -P {} 0 256k", round + 1)])
             .arg(c.vm()));
@@ -985,6 +987,121 @@ fn a_primary_whose_secondary_took_over_fences_itself() {
     c.ok("primary.qmp", "checkpoint");
     c.ok("secondary.qmp", "failover");
     // The next forwarded write fails at the fenced replica export; the primary asks its peer.
+    assert_fences_itself(&c);
+}
+
+/// The old primary is fenced also when its secondary has gone on to be promoted (it answers
+/// as a primary now, and its replica export is gone): before, the old primary kept retrying
+/// and its VM kept writing beside the new one.
+#[test]
+fn a_primary_whose_secondary_was_promoted_fences_itself() {
+    require("qemu-io");
+    let c = cluster("async");
+    c.ok("primary.qmp", "checkpoint");
+    c.ok("secondary.qmp", "failover");
+    let out = coloblk()
+        .args([
+            "ctl",
+            "--control",
+            &c.unix("secondary.qmp"),
+            "promote",
+            "--replica",
+        ])
+        .arg(format!("vm0={}", unix_uri("vm0", &c.p("nobody.sock"))))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(c.status("secondary.qmp")["role"], "primary");
+    assert_fences_itself(&c);
+}
+
+/// After set-replica the coordinated checkpoint is the new secondary's: its epoch moves and
+/// its disk becomes a usable copy; the old secondary is left alone. (Before, the checkpoint
+/// went to the secondary named at start, and the new one was never checkpointed.)
+#[test]
+fn after_set_replica_the_checkpoint_goes_to_the_new_secondary() {
+    let c = cluster("async");
+    c.ok("primary.qmp", "checkpoint");
+    let old_epoch = c.status("secondary.qmp")["epoch"].as_u64().unwrap();
+    let d = c.dir.path();
+    raw_image(d, "second.raw", DISK);
+    let u = |n: &str| format!("unix:{}", d.join(n).display());
+    let mut b2 = Proc::spawn(
+        "coloblk secondary",
+        coloblk()
+            .args(["secondary", "--disk"])
+            .arg(format!("vm0={}", d.join("second.raw").display()))
+            .args([
+                "--replica-listen",
+                &u("b2-replica.sock"),
+                "--export-listen",
+                &u("b2-top.sock"),
+            ])
+            .args(["--control", &u("b2.qmp"), "--buffer-dir"])
+            .arg(d.join("b2-buffer"))
+            .arg("--start"),
+    );
+    wait_socket(&d.join("b2.qmp"), &mut b2);
+    let st = qmp_execute(&d.join("b2.qmp"), "query-replication", "{}");
+    assert!(
+        st.contains(r#""consistent":false"#),
+        "a new daemon is no usable copy yet: {st}"
+    );
+    let args = format!(
+        r#"{{"disk": "vm0", "uri": "{}", "peer-control": "{}"}}"#,
+        unix_uri("vm0", &d.join("b2-replica.sock")),
+        u("b2.qmp")
+    );
+    assert_eq!(
+        qmp_execute(&c.p("primary.qmp"), "replication-set-replica", &args),
+        "return: {}"
+    );
+    wait_protected(&c.unix("primary.qmp"));
+    let b2_epoch = |st: &str| -> u64 {
+        let v: serde_json::Value =
+            serde_json::from_str(st.strip_prefix("return: ").unwrap()).unwrap();
+        v["epoch"].as_u64().unwrap()
+    };
+    let before = b2_epoch(&qmp_execute(&d.join("b2.qmp"), "query-replication", "{}"));
+    c.ok("primary.qmp", "checkpoint");
+    let after = qmp_execute(&d.join("b2.qmp"), "query-replication", "{}");
+    assert_eq!(b2_epoch(&after), before + 1);
+    assert!(after.contains(r#""consistent":true"#), "{after}");
+    assert_eq!(
+        c.status("secondary.qmp")["epoch"].as_u64().unwrap(),
+        old_epoch
+    );
+    let a = std::fs::read(c.p("primary.raw")).unwrap();
+    assert!(a == std::fs::read(d.join("second.raw")).unwrap());
+}
+
+/// A checkpoint without the primary's epoch (QEMU's command, an orchestrator) does not make a
+/// disk that a coloblk primary is syncing a usable copy.
+#[test]
+fn only_the_coordinated_checkpoint_makes_a_synced_disk_usable_again() {
+    let c = cluster("async");
+    let sock = c.p("secondary.qmp");
+    assert_eq!(c.status("secondary.qmp")["disks"][0]["consistent"], false);
+    assert_eq!(
+        qmp_execute(&sock, "xen-colo-do-checkpoint", "{}"),
+        "return: {}"
+    );
+    assert_eq!(c.status("secondary.qmp")["disks"][0]["consistent"], false);
+    assert!(
+        qmp_execute(&sock, "x-colo-lost-heartbeat", "{}")
+            .starts_with("error: disk vm0 is not a usable copy")
+    );
+    c.ok("primary.qmp", "checkpoint");
+    assert_eq!(c.status("secondary.qmp")["disks"][0]["consistent"], true);
+}
+
+/// After a VM write, the primary finds that its secondary took over: it says so, refuses the
+/// next VM write, and nothing of that write lands.
+fn assert_fences_itself(c: &Cluster) {
     let _ = Command::new("qemu-io")
         .args(["-f", "raw", "-c", "write -P 1 0 64k"])
         .arg(c.vm())

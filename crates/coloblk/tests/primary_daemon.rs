@@ -32,18 +32,43 @@ impl Pair {
 }
 
 fn qemu_nbd_secondary(dir: &Path, len: u64) -> Proc {
-    require("qemu-nbd");
     let img = raw_image(dir, "secondary.raw", len);
-    let sock = dir.join("secondary.sock");
+    qemu_nbd(&dir.join("secondary.sock"), &img)
+}
+
+/// qemu-nbd serving `img` as export vm0 on `sock`, listening.
+fn qemu_nbd(sock: &Path, img: &Path) -> Proc {
+    require("qemu-nbd");
     let mut p = Proc::spawn(
         "qemu-nbd",
         Command::new("qemu-nbd")
             .args(["-f", "raw", "-t", "-x", "vm0", "-k"])
-            .arg(&sock)
-            .arg(&img),
+            .arg(sock)
+            .arg(img),
     );
-    wait_socket(&sock, &mut p);
+    wait_socket(sock, &mut p);
     p
+}
+
+/// `coloblk primary` in `dir` with one disk (`disk`: the whole spec), its VM export and
+/// control socket named `export` and `control` there, listening on both.
+fn start_primary(
+    dir: &Path,
+    (export, control): (&str, &str),
+    disk: String,
+    extra: &[&str],
+) -> Proc {
+    let mut cmd = coloblk();
+    cmd.args(["primary", "--disk", &disk])
+        .arg("--export-listen")
+        .arg(format!("unix:{}", dir.join(export).display()))
+        .arg("--control")
+        .arg(format!("unix:{}", dir.join(control).display()))
+        .args(extra);
+    let mut primary = Proc::spawn("coloblk primary", &mut cmd);
+    wait_socket(&dir.join(export), &mut primary);
+    wait_socket(&dir.join(control), &mut primary);
+    primary
 }
 
 /// A primary over a fresh image forwarding to qemu-nbd over another fresh image: the disks are
@@ -57,22 +82,12 @@ fn pair_with(disk_options: &str, extra: &[&str]) -> Pair {
     let secondary = qemu_nbd_secondary(dir.path(), 64 * MIB);
     let img = raw_image(dir.path(), "primary.raw", 64 * MIB);
     let d = dir.path();
-    let mut cmd = coloblk();
-    cmd.arg("primary")
-        .arg("--disk")
-        .arg(format!(
-            "vm0={},replica=nbd+unix:///vm0?socket={}{disk_options}",
-            img.display(),
-            d.join("secondary.sock").display()
-        ))
-        .arg("--export-listen")
-        .arg(format!("unix:{}", d.join("primary.sock").display()))
-        .arg("--control")
-        .arg(format!("unix:{}", d.join("primary.qmp").display()))
-        .args(extra);
-    let mut primary = Proc::spawn("coloblk primary", &mut cmd);
-    wait_socket(&d.join("primary.sock"), &mut primary);
-    wait_socket(&d.join("primary.qmp"), &mut primary);
+    let disk = format!(
+        "vm0={},replica=nbd+unix:///vm0?socket={}{disk_options}",
+        img.display(),
+        d.join("secondary.sock").display()
+    );
+    let primary = start_primary(d, ("primary.sock", "primary.qmp"), disk, extra);
     Pair {
         dir,
         secondary,
@@ -200,29 +215,10 @@ fn the_default_full_sync_makes_a_different_secondary_equal_and_sends_only_data()
     std::io::Write::write_all(&mut f, &data).unwrap();
     drop(f);
     let sock = d.join("other.sock");
-    let mut peer = Proc::spawn(
-        "qemu-nbd",
-        Command::new("qemu-nbd")
-            .args(["-f", "raw", "-x", "vm0", "-k"])
-            .arg(&sock)
-            .arg(&sec),
-    );
-    wait_socket(&sock, &mut peer);
+    let _peer = qemu_nbd(&sock, &sec);
     let qmp = format!("unix:{}", d.join("p.qmp").display());
-    let mut primary = Proc::spawn(
-        "coloblk primary",
-        coloblk()
-            .args(["primary", "--disk"])
-            .arg(format!(
-                "vm0={},replica=nbd+unix:///vm0?socket={}",
-                pri.display(),
-                sock.display()
-            ))
-            .arg("--export-listen")
-            .arg(format!("unix:{}", d.join("p.nbd").display()))
-            .args(["--control", &qmp, "--start"]),
-    );
-    wait_socket(&d.join("p.qmp"), &mut primary);
+    let disk = format!("vm0={},replica={}", pri.display(), unix_uri("vm0", &sock));
+    let _primary = start_primary(d, ("p.nbd", "p.qmp"), disk, &["--start"]);
     let st = wait_protected(&qmp);
     assert!(
         std::fs::read(&pri).unwrap() == std::fs::read(&sec).unwrap(),
@@ -508,7 +504,10 @@ fn metrics_endpoint_serves_forwarding_counters() {
         "{body}"
     );
     assert!(body.contains("coloblk_protected{disk=\"vm0\"} 1"), "{body}");
-    assert!(body.contains("coloblk_dirty_bytes{disk=\"vm0\"} 0"), "{body}");
+    assert!(
+        body.contains("coloblk_dirty_bytes{disk=\"vm0\"} 0"),
+        "{body}"
+    );
 }
 
 /// Startup refusals: one clear line and a failing exit code, for an unreachable secondary,
@@ -617,20 +616,8 @@ fn a_primary_starts_degraded_and_connects_when_the_secondary_comes() {
     let img = raw_image(d, "primary.raw", 16 * MIB);
     let sock = d.join("secondary.sock");
     let qmp = format!("unix:{}", d.join("p.qmp").display());
-    let mut primary = Proc::spawn(
-        "coloblk primary",
-        coloblk()
-            .args(["primary", "--disk"])
-            .arg(format!(
-                "vm0={},replica=nbd+unix:///vm0?socket={}",
-                img.display(),
-                sock.display()
-            ))
-            .arg("--export-listen")
-            .arg(format!("unix:{}", d.join("p.nbd").display()))
-            .args(["--control", &qmp, "--start"]),
-    );
-    wait_socket(&d.join("p.qmp"), &mut primary);
+    let disk = format!("vm0={},replica={}", img.display(), unix_uri("vm0", &sock));
+    let _primary = start_primary(d, ("p.nbd", "p.qmp"), disk, &["--start"]);
     run(Command::new("qemu-io")
         .args(["-f", "raw", "-c", "write -P 0x41 1M 1M"])
         .arg(unix_uri("vm0", &d.join("p.nbd"))));
@@ -665,14 +652,7 @@ fn a_primary_starts_degraded_and_connects_when_the_secondary_comes() {
 
     // A secondary of another size: named, not connected.
     let wrong = raw_image(d, "wrong.raw", 32 * MIB);
-    let mut peer = Proc::spawn(
-        "qemu-nbd",
-        Command::new("qemu-nbd")
-            .args(["-f", "raw", "-x", "vm0", "-k"])
-            .arg(&sock)
-            .arg(&wrong),
-    );
-    wait_socket(&sock, &mut peer);
+    let peer = qemu_nbd(&sock, &wrong);
     let t = Instant::now();
     loop {
         let out = run(coloblk().args(["ctl", "--json", "--control", &qmp, "status"]));
@@ -700,14 +680,7 @@ fn a_primary_starts_degraded_and_connects_when_the_secondary_comes() {
 
     // The right secondary: the primary connects by itself and copies everything.
     let sec = raw_image(d, "secondary.raw", 16 * MIB);
-    let mut peer = Proc::spawn(
-        "qemu-nbd",
-        Command::new("qemu-nbd")
-            .args(["-f", "raw", "-x", "vm0", "-k"])
-            .arg(&sock)
-            .arg(&sec),
-    );
-    wait_socket(&sock, &mut peer);
+    let _peer = qemu_nbd(&sock, &sec);
     let out = ctl(&qmp, &["--timeout", "30", "wait-protected"]);
     assert!(
         out.status.success(),
@@ -770,14 +743,7 @@ fn set_replica_moves_a_disk_to_another_secondary() {
     let d = p.dir.path();
     let other = raw_image(d, "other.raw", 64 * MIB);
     let sock = d.join("other.sock");
-    let mut peer = Proc::spawn(
-        "qemu-nbd",
-        Command::new("qemu-nbd")
-            .args(["-f", "raw", "-x", "vm0", "-k"])
-            .arg(&sock)
-            .arg(&other),
-    );
-    wait_socket(&sock, &mut peer);
+    let _peer = qemu_nbd(&sock, &other);
     let out = run(Command::new("python3")
         .arg("-c")
         .arg(

@@ -910,3 +910,56 @@ impl BlockDev for CutAfter {
         self.inner.block_status(offset, len).await
     }
 }
+
+/// Digests that fail at once (a verify whose peer went away).
+struct FailingDigests;
+
+#[async_trait::async_trait]
+impl replication::primary::RemoteDigests for FailingDigests {
+    async fn digests(&self, _: u64, _: u64, _: u64) -> Result<Vec<[u8; 16]>, String> {
+        Err("the peer went away".into())
+    }
+}
+
+/// Digests that take their time (a comparison still running).
+struct SlowDigests(Arc<MemoryDev>);
+
+#[async_trait::async_trait]
+impl replication::primary::RemoteDigests for SlowDigests {
+    async fn digests(&self, offset: u64, len: u64, block: u64) -> Result<Vec<[u8; 16]>, String> {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        replication::primary::digest_blocks(self.0.as_ref(), offset, len, block)
+            .await
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// Two comparisons at once, one failing: the other still holds checkpoints back until it has
+/// compared everything. (Before, the failing one reset the shared count and a checkpoint said
+/// yes while the other had not found its difference yet.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_comparison_does_not_end_another_one_running() {
+    let r = started(PrimaryConfig::default());
+    r.remote
+        .write(DISK - 4096, fill(50, 10), WriteFlags::default())
+        .await
+        .unwrap();
+    let slow = {
+        let node = r.node.clone();
+        let remote = r.remote.clone();
+        tokio::spawn(async move { node.checksum_sync(&SlowDigests(remote), 65536).await })
+    };
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert!(r.node.checksum_sync(&FailingDigests, 65536).await.is_err());
+    assert!(
+        matches!(
+            r.node.checkpoint(false).await,
+            Err(PrimaryError::Comparing { .. })
+        ),
+        "a checkpoint while a comparison runs"
+    );
+    slow.await.unwrap().unwrap();
+    wait_clean(&r.node).await;
+    r.node.checkpoint(false).await.unwrap();
+    assert!(r.local.snapshot() == r.remote.snapshot());
+}

@@ -10,6 +10,9 @@ use serde_json::{Value, json};
 
 use crate::control::status::{CheckpointReply, PrimaryDisk, Status, StopReply};
 
+/// A control session.
+type Client = QmpClient<nbd::addr::Stream>;
+
 /// Exit codes scripts can rely on.
 pub mod exit {
     /// The command did what was asked.
@@ -150,15 +153,7 @@ fn unreachable(addr: &SocketAddr, e: QmpClientError) -> String {
 }
 
 /// Runs one command, bounded by `t`; the daemon's refusal comes out as its `desc`, verbatim.
-async fn call<S>(
-    c: &mut QmpClient<S>,
-    command: &str,
-    args: Value,
-    t: Duration,
-) -> anyhow::Result<Value>
-where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite,
-{
+async fn call(c: &mut Client, command: &str, args: Value, t: Duration) -> anyhow::Result<Value> {
     match c.execute_timeout(command, args, t).await {
         Ok(v) => Ok(v),
         Err(QmpClientError::Qmp(q)) => Err(anyhow::anyhow!("{}", q.desc)),
@@ -173,10 +168,7 @@ where
     }
 }
 
-async fn act<S>(c: &mut QmpClient<S>, args: &CtlArgs) -> anyhow::Result<()>
-where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite,
-{
+async fn act(c: &mut Client, args: &CtlArgs) -> anyhow::Result<()> {
     let (command, cmd_args) = match args.action {
         Action::WaitProtected => return wait_protected(c, args.timeout, args.json).await,
         Action::Status if args.watch && !args.json => return watch(c, args.timeout).await,
@@ -283,10 +275,7 @@ fn promote_args(args: &CtlArgs) -> anyhow::Result<Value> {
 }
 
 /// Polls a primary's status until every disk is protected, or `limit` has passed.
-async fn wait_protected<S>(c: &mut QmpClient<S>, limit: Duration, quiet: bool) -> anyhow::Result<()>
-where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite,
-{
+async fn wait_protected(c: &mut Client, limit: Duration, quiet: bool) -> anyhow::Result<()> {
     let start = std::time::Instant::now();
     loop {
         let st = call(c, "query-replication", json!({}), limit).await?;
@@ -321,10 +310,7 @@ where
 }
 
 /// `status --watch`: the table again every second, a bar under each syncing disk.
-async fn watch<S>(c: &mut QmpClient<S>, t: Duration) -> anyhow::Result<()>
-where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite,
-{
+async fn watch(c: &mut Client, t: Duration) -> anyhow::Result<()> {
     loop {
         let st = call(c, "query-replication", json!({}), t).await?;
         let st: Status =
@@ -357,10 +343,7 @@ fn bar(done: u64, total: u64, width: usize) -> String {
 }
 
 /// Polls the status and draws a progress bar until every disk has finished merging.
-async fn follow_failover<S>(c: &mut QmpClient<S>, quiet: bool, t: Duration) -> anyhow::Result<()>
-where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite,
-{
+async fn follow_failover(c: &mut Client, quiet: bool, t: Duration) -> anyhow::Result<()> {
     let bar = if quiet {
         indicatif::ProgressBar::hidden()
     } else {

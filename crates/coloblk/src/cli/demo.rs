@@ -215,6 +215,32 @@ async fn connect(sock: &Path, export: &str) -> anyhow::Result<Arc<NbdClient>> {
     ))
 }
 
+/// A secondary over `disk` in `dir`, its sockets, log and buffer named with `tag`, listening.
+async fn start_secondary(dir: &Path, disk: &str, tag: &str) -> anyhow::Result<Daemon> {
+    let s = |n: &str| dir.join(format!("{tag}{n}")).display().to_string();
+    let log = dir.join(format!("{tag}secondary.log"));
+    let mut d = spawn(
+        "secondary",
+        &[
+            "secondary".into(),
+            "--disk".into(),
+            format!("vm0={}", dir.join(disk).display()),
+            "--replica-listen".into(),
+            format!("unix:{}", s("replica.sock")),
+            "--export-listen".into(),
+            format!("unix:{}", s("top.sock")),
+            "--control".into(),
+            format!("unix:{}", s("secondary.qmp")),
+            "--buffer-dir".into(),
+            s("buffer"),
+            "--start".into(),
+        ],
+        &log,
+    )?;
+    wait_for(&dir.join(format!("{tag}secondary.qmp")), &mut d, &log).await?;
+    Ok(d)
+}
+
 pub async fn run(args: DemoArgs) -> anyhow::Result<std::process::ExitCode> {
     ensure!(args.size_mib >= 16, "--size-mib must be at least 16");
     let dir = tempfile::Builder::new().prefix("coloblk-demo.").tempdir()?;
@@ -237,25 +263,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<std::process::ExitCode> {
     for img in ["primary.raw", "secondary.raw"] {
         std::fs::File::create(p(img))?.set_len(disk)?;
     }
-    let mut secondary = spawn(
-        "secondary",
-        &[
-            "secondary".into(),
-            "--disk".into(),
-            format!("vm0={}", s("secondary.raw")),
-            "--replica-listen".into(),
-            format!("unix:{}", s("replica.sock")),
-            "--export-listen".into(),
-            format!("unix:{}", s("top.sock")),
-            "--control".into(),
-            format!("unix:{}", s("secondary.qmp")),
-            "--buffer-dir".into(),
-            s("buffer"),
-            "--start".into(),
-        ],
-        &p("secondary.log"),
-    )?;
-    wait_for(&p("secondary.qmp"), &mut secondary, &p("secondary.log")).await?;
+    let secondary = start_secondary(&d, "secondary.raw", "").await?;
     let mut primary = spawn(
         "primary",
         &[
@@ -397,31 +405,13 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<std::process::ExitCode> {
     // The old primary's host comes back as a secondary on its old disk, and the survivor
     // re-protects the VM (still connected to it) to it.
     let t = Instant::now();
-    let mut old = spawn(
-        "old primary as secondary",
-        &[
-            "secondary".into(),
-            "--disk".into(),
-            format!("vm0={}", s("primary.raw")),
-            "--replica-listen".into(),
-            format!("unix:{}", s("old-replica.sock")),
-            "--export-listen".into(),
-            format!("unix:{}", s("old-top.sock")),
-            "--control".into(),
-            format!("unix:{}", s("old.qmp")),
-            "--buffer-dir".into(),
-            s("old-buffer"),
-            "--start".into(),
-        ],
-        &p("old.log"),
-    )?;
-    wait_for(&p("old.qmp"), &mut old, &p("old.log")).await?;
+    let old = start_secondary(dir.path(), "primary.raw", "old-").await?;
     qmp(
         &p("secondary.qmp"),
         "replication-promote",
         json!({
             "replicas": [{"disk": "vm0", "uri": format!("nbd+unix:///vm0?socket={}", s("old-replica.sock"))}],
-            "peer-control": format!("unix:{}", s("old.qmp")),
+            "peer-control": format!("unix:{}", s("old-secondary.qmp")),
         }),
     )
     .await?;

@@ -54,7 +54,7 @@ impl Role {
 }
 
 /// What a checkpoint command asked for.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct CheckpointRequest {
     /// Override a sticky error (never a down link, dirty ranges or an epoch mismatch).
     pub force: bool,
@@ -63,6 +63,9 @@ pub struct CheckpointRequest {
     pub epoch: Option<u64>,
     /// Asked through QEMU's command: answer as QEMU does where QEMU has an answer.
     pub qemu: bool,
+    /// The disks a coordinating primary holds here: with `epoch`, they are usable copies
+    /// after this checkpoint.
+    pub disks: Option<Vec<String>>,
 }
 
 /// What a stop command asked for.
@@ -96,6 +99,32 @@ pub struct PromoteRequest {
     pub peer_control: Option<nbd::addr::SocketAddr>,
     /// Forwarding mode from now on.
     pub mode: replication::primary::ForwardMode,
+}
+
+/// What `replication-set-replica` asked for.
+#[derive(Debug, Clone)]
+pub struct ReplicaRequest {
+    /// The disk.
+    pub disk: String,
+    /// The new secondary's replica export.
+    pub uri: String,
+    /// The new secondary's control socket (default: the daemon's --peer-control).
+    pub peer_control: Option<String>,
+    /// How the first sync compares (`checksum`, `full` or `none`).
+    pub sync: Option<String>,
+}
+
+/// What `replication-digest` asked for.
+#[derive(Debug, Clone)]
+pub struct DigestRequest {
+    /// The disk.
+    pub disk: String,
+    /// Start of the range.
+    pub offset: u64,
+    /// Length of the range.
+    pub len: u64,
+    /// Bytes per digest.
+    pub block: u64,
 }
 
 /// Largest range one `replication-digest` covers (bounds the daemon's work per command).
@@ -212,23 +241,11 @@ pub trait Group: Send + Sync + 'static {
         Err(only_role(Role::Primary, "replication-verify"))
     }
     /// Primary: points `disk` at another secondary.
-    async fn set_replica(
-        &self,
-        _disk: &str,
-        _uri: &str,
-        _peer_control: Option<&str>,
-        _sync: Option<&str>,
-    ) -> Result<(), ControlError> {
+    async fn set_replica(&self, _req: ReplicaRequest) -> Result<(), ControlError> {
         Err(only_role(Role::Primary, "replication-set-replica"))
     }
     /// Secondary: digests of `disk`, `block` bytes each, as hex.
-    async fn digest(
-        &self,
-        _disk: &str,
-        _offset: u64,
-        _len: u64,
-        _block: u64,
-    ) -> Result<Vec<String>, ControlError> {
+    async fn digest(&self, _req: DigestRequest) -> Result<Vec<String>, ControlError> {
         Err(only_role(Role::Secondary, "replication-digest"))
     }
     /// Secondary after failover: becomes a primary (see `daemon::promote`).
@@ -339,11 +356,26 @@ impl<G: Group + ?Sized> Handler for Control<G> {
                 empty(g.start(g.role().mode()).await)
             }
             "replication-checkpoint" => {
-                args.only(&["force", "epoch"])?;
+                args.only(&["force", "epoch", "disks"])?;
+                let disks = match args.0.get("disks") {
+                    None => None,
+                    Some(Value::Array(l)) if l.iter().all(Value::is_string) => Some(
+                        l.iter()
+                            .filter_map(Value::as_str)
+                            .map(str::to_string)
+                            .collect(),
+                    ),
+                    Some(_) => {
+                        return Err(QmpError::generic(
+                            "Invalid parameter type for 'disks', expected: array of strings",
+                        ));
+                    }
+                };
                 let req = CheckpointRequest {
                     force: args.opt_bool("force")?.unwrap_or(false),
                     epoch: args.opt_u64("epoch")?,
                     qemu: false,
+                    disks,
                 };
                 reply(g.checkpoint(req).await)
             }
@@ -371,11 +403,13 @@ impl<G: Group + ?Sized> Handler for Control<G> {
             }
             "replication-set-replica" => {
                 args.only(&["disk", "uri", "peer-control", "sync"])?;
-                let disk = required_str(&args, "disk")?;
-                let uri = required_str(&args, "uri")?;
-                let peer = args.opt_str("peer-control")?;
-                let sync = args.opt_str("sync")?;
-                empty(g.set_replica(disk, uri, peer, sync).await)
+                let req = ReplicaRequest {
+                    disk: required_str(&args, "disk")?.to_string(),
+                    uri: required_str(&args, "uri")?.to_string(),
+                    peer_control: args.opt_str("peer-control")?.map(str::to_string),
+                    sync: args.opt_str("sync")?.map(str::to_string),
+                };
+                empty(g.set_replica(req).await)
             }
             "replication-promote" => {
                 args.only(&["replicas", "peer-control", "mode"])?;
@@ -388,15 +422,13 @@ impl<G: Group + ?Sized> Handler for Control<G> {
             }
             "replication-digest" => {
                 args.only(&["disk", "offset", "length", "block"])?;
-                let disk = required_str(&args, "disk")?;
-                let offset = required_u64(&args, "offset")?;
-                let len = required_u64(&args, "length")?;
-                let block = required_u64(&args, "block")?;
-                reply(
-                    g.digest(disk, offset, len, block)
-                        .await
-                        .map(|d| json!({"digests": d})),
-                )
+                let req = DigestRequest {
+                    disk: required_str(&args, "disk")?.to_string(),
+                    offset: required_u64(&args, "offset")?,
+                    len: required_u64(&args, "length")?,
+                    block: required_u64(&args, "block")?,
+                };
+                reply(g.digest(req).await.map(|d| json!({"digests": d})))
             }
             "replication-sync-begin" => {
                 args.only(&["disk"])?;

@@ -16,7 +16,7 @@
 //! | first link to this secondary | the disk's `sync=` (checksum, full or none) |
 //! | the same secondary process as before (its instance) | the dirty bitmap only: its buffer still holds everything since the last checkpoint |
 //! | another process (it restarted) | checksum: the bitmap is probably exact, but nothing proves it |
-//! | a peer without our commands (qemu-nbd, QEMU) | `full` the first time, the bitmap after |
+//! | a peer without our commands (qemu-nbd, QEMU) | `full`, every time: nothing tells what it kept |
 //!
 //! Before a checksum or full sync the secondary is told (`replication-sync-begin`) that its
 //! disk is no usable copy until the next checkpoint; a bitmap resync needs no such notice, since
@@ -44,6 +44,12 @@ const BACKOFF_MIN: Duration = Duration::from_millis(250);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// While the link is up, how often the keeper looks at it.
 const WATCH_EVERY: Duration = Duration::from_millis(500);
+/// While forwarding errors stand, how often the keeper asks the peer whether it took over.
+const PEER_CHECK_EVERY: Duration = Duration::from_secs(2);
+/// A link that stayed up this long resets the backoff (a link that drops at once does not).
+const STABLE_LINK: Duration = Duration::from_secs(5);
+/// How long the keeper waits for the secondary to finish the old connection's requests.
+const OLD_CONNECTION_GRACE: Duration = Duration::from_secs(30);
 /// The peer's status and digest queries.
 const PEER_COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
 /// Bytes per digest of a checksum sync (a multiple of the dirty bitmap's granularity).
@@ -219,10 +225,30 @@ impl DiskLink {
             client: tokio::sync::Mutex::new(p.client),
             disk: self.name.clone(),
         };
-        self.node
+        let r = self
+            .node
             .checksum_sync(&digests, CHECKSUM_BLOCK)
             .await
-            .map_err(|e| anyhow::anyhow!(e))
+            .map_err(|e| anyhow::anyhow!(e))?;
+        if r.differing_bytes > 0 {
+            // The secondary's disk held what the primary's does not: no usable copy until the
+            // resync has repaired it and a checkpoint says so.
+            let mut p = self.peer_state(&peer, config).await?;
+            p.client
+                .execute_timeout(
+                    "replication-sync-begin",
+                    json!({"disk": self.name}),
+                    PEER_COMMAND_TIMEOUT,
+                )
+                .await?;
+        }
+        self.state.lock().compared = Some(r);
+        Ok(r)
+    }
+
+    /// The control socket of the disk's current secondary, if the primary may talk to it.
+    pub fn peer(&self) -> Option<SocketAddr> {
+        self.state.lock().target.peer.clone()
     }
 
     fn set_state(&self, link: &str, error: Option<String>) {
@@ -234,6 +260,8 @@ impl DiskLink {
     async fn run(self: Arc<Self>, config: Arc<LinkConfig>) {
         let mut backoff = BACKOFF_MIN;
         let mut linked_generation = None;
+        let mut linked_at = std::time::Instant::now();
+        let mut peer_checked = std::time::Instant::now() - PEER_CHECK_EVERY;
         loop {
             if self.node.fenced() {
                 return;
@@ -246,17 +274,23 @@ impl DiskLink {
                 // Up: look again now and then; errors may mean the peer took over.
                 let _ = tokio::time::timeout(WATCH_EVERY, self.changed.notified()).await;
                 if self.node.status().error.is_some()
+                    && peer_checked.elapsed() >= PEER_CHECK_EVERY
                     && let Some(peer) = &target.peer
-                    && let Ok(Some(_)) = self.peer_state(peer, &config).await.map(|p| p.promoted)
                 {
-                    self.promoted(&config);
+                    peer_checked = std::time::Instant::now();
+                    if let Ok(Some(_)) = self.peer_state(peer, &config).await.map(|p| p.promoted) {
+                        self.promoted(&config);
+                    }
                 }
                 continue;
             }
-            match self.connect(&target, &config).await {
+            if linked_generation.is_some() && linked_at.elapsed() >= STABLE_LINK {
+                backoff = BACKOFF_MIN;
+            }
+            match self.connect(&target, generation, &config).await {
                 Ok(Connected::Linked) => {
                     linked_generation = Some(generation);
-                    backoff = BACKOFF_MIN;
+                    linked_at = std::time::Instant::now();
                     (config.on_change)();
                 }
                 Ok(Connected::Promoted) => {
@@ -268,7 +302,7 @@ impl DiskLink {
                     self.changed.notified().await;
                 }
                 Err(e) => {
-                    let e = format!("{e:#}");
+                    let e = coloblk::error_chain(e.as_ref());
                     let first = self.state.lock().error.as_ref() != Some(&e);
                     if first {
                         warn!(disk = %self.name, "secondary unreachable, retrying: {e}");
@@ -319,30 +353,68 @@ impl DiskLink {
                 verified: false,
                 instance: None,
                 promoted: None,
+                old_connection: false,
                 client: c,
             });
         }
         let status = c
             .execute_timeout("query-replication", json!({}), PEER_COMMAND_TIMEOUT)
             .await?;
-        let Status::Secondary(status) =
-            serde_json::from_value(status).context("the peer's status")?
-        else {
-            anyhow::bail!("the peer at {peer} is a primary, not a secondary");
+        let status = match serde_json::from_value(status).context("the peer's status")? {
+            Status::Secondary(s) => s,
+            // A peer that answers as a primary has been promoted: it serves the VM now.
+            Status::Primary(_) => {
+                return Ok(Peer {
+                    verified: true,
+                    instance: None,
+                    promoted: Some(()),
+                    old_connection: false,
+                    client: c,
+                });
+            }
         };
-        if !status.disks.iter().any(|d| d.name == self.name) {
+        let Some(disk) = status.disks.iter().find(|d| d.name == self.name) else {
             anyhow::bail!("the secondary at {peer} has no disk '{}'", self.name);
-        }
+        };
         Ok(Peer {
             verified: true,
             instance: Some(status.instance),
             promoted: status.failed_over.then_some(()),
+            old_connection: disk.primary_connected,
             client: c,
         })
     }
 
-    /// Connects the replica export, asks the peer, and sets the link with what must be sent.
-    async fn connect(&self, target: &Target, config: &LinkConfig) -> anyhow::Result<Connected> {
+    /// Asks the peer, connects the replica export, and sets the link with what must be sent.
+    async fn connect(
+        &self,
+        target: &Target,
+        generation: u64,
+        config: &LinkConfig,
+    ) -> anyhow::Result<Connected> {
+        // The peer first: one that took over must be found even when its replica export is
+        // gone, and requests of the old connection it still finishes must land before the new
+        // link's copies (they would overwrite them otherwise).
+        let mut peer = match &target.peer {
+            Some(addr) => {
+                let deadline = std::time::Instant::now() + OLD_CONNECTION_GRACE;
+                loop {
+                    let p = self.peer_state(addr, config).await?;
+                    if p.promoted.is_some() {
+                        return Ok(Connected::Promoted);
+                    }
+                    if !p.old_connection {
+                        break Some(p);
+                    }
+                    anyhow::ensure!(
+                        std::time::Instant::now() < deadline,
+                        "the secondary still serves an old connection of this primary"
+                    );
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+            None => None,
+        };
         let cfg = ClientConfig {
             request_timeout: Some(config.link_timeout),
             handshake_timeout: Some(config.link_timeout),
@@ -355,13 +427,6 @@ impl DiskLink {
             let st = self.state.lock();
             (st.first_done, st.synced_instance, st.sync)
         };
-        let mut peer = match &target.peer {
-            Some(addr) => Some(self.peer_state(addr, config).await?),
-            None => None,
-        };
-        if peer.as_ref().is_some_and(|p| p.promoted.is_some()) {
-            return Ok(Connected::Promoted);
-        }
         let verified = peer.as_ref().is_some_and(|p| p.verified);
         let instance = peer.as_ref().and_then(|p| p.instance);
         let plan = match (first_done, verified) {
@@ -377,7 +442,11 @@ impl DiskLink {
             },
             (true, true) if instance == synced => Some(Plan::Bitmap),
             (true, true) => Some(Plan::Checksum),
-            (true, false) => Some(Plan::Bitmap),
+            // Nothing tells what an unverified peer kept (a host crash loses its page cache).
+            (true, false) => match sync {
+                SyncMode::None => None,
+                _ => Some(Plan::Full),
+            },
         };
         if let (Some(Plan::Checksum | Plan::Full), Some(p)) = (plan, peer.as_mut())
             && p.verified
@@ -391,14 +460,20 @@ impl DiskLink {
                 .await
                 .context("telling the secondary a sync begins")?;
         }
-        if plan == Some(Plan::Full) {
-            self.node.mark_all_dirty();
-        }
-        self.node
-            .set_link(Arc::new(link))
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
         {
+            // Set the link under the state lock, for the target this connect was made for:
+            // a retarget meanwhile drops it (its plan was for another secondary).
             let mut st = self.state.lock();
+            anyhow::ensure!(
+                st.generation == generation,
+                "the disk was pointed at another secondary"
+            );
+            if plan == Some(Plan::Full) {
+                self.node.mark_all_dirty();
+            }
+            self.node
+                .set_link(Arc::new(link))
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
             st.first_done = true;
             st.synced_instance = instance;
             st.verified = verified;
@@ -459,6 +534,8 @@ struct Peer {
     verified: bool,
     instance: Option<u64>,
     promoted: Option<()>,
+    /// The secondary still serves a primary connection to this disk (an old one of ours).
+    old_connection: bool,
     client: QmpClient<Stream>,
 }
 

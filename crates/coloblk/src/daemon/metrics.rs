@@ -7,9 +7,7 @@ use std::time::Duration;
 
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use nbd::addr::{SocketAddr, Stream};
-use net::{Acceptor, Listener};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tracing::info;
 
 /// Called before each scrape to bring gauges up to date.
 pub type Refresh = Arc<dyn Fn() + Send + Sync>;
@@ -37,24 +35,14 @@ pub async fn serve(
     handle: PrometheusHandle,
     refresh: Refresh,
 ) -> anyhow::Result<()> {
-    let listener = Listener::bind(addr)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot listen on {addr} for metrics: {e}"))?;
-    info!(%addr, "metrics endpoint listening");
-    let acceptor = Acceptor::new("metrics", MAX_METRICS_CONNECTIONS);
-    tokio::spawn(async move {
-        acceptor
-            .run(&listener, |c| {
-                let (handle, refresh) = (handle.clone(), refresh.clone());
-                async move {
-                    let _ =
-                        tokio::time::timeout(EXCHANGE_TIMEOUT, answer(c.stream, &handle, &refresh))
-                            .await;
-                }
-            })
-            .await
-    });
-    Ok(())
+    super::listen::accepting(addr, "metrics", MAX_METRICS_CONNECTIONS, move |c| {
+        let (handle, refresh) = (handle.clone(), refresh.clone());
+        async move {
+            let _ =
+                tokio::time::timeout(EXCHANGE_TIMEOUT, answer(c.stream, &handle, &refresh)).await;
+        }
+    })
+    .await
 }
 
 /// Answers one HTTP request.

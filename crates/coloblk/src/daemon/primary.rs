@@ -25,7 +25,9 @@ use crate::control::status::{
     CheckpointReply, Compared, PrimaryCheckpoint, PrimaryDisk, PrimaryStatus, Resync, Status,
     StopReply,
 };
-use crate::control::{CheckpointRequest, ControlError, Events, Group, Role, StopRequest};
+use crate::control::{
+    CheckpointRequest, ControlError, Events, Group, ReplicaRequest, Role, StopRequest,
+};
 use crate::disk_spec::DiskSpec;
 
 /// How much later than the NBD client's request timeout the primary node's own link timer
@@ -163,6 +165,7 @@ impl Group for PrimaryGroup {
         let _ops = self.ops.lock().await;
         self.group.start(mode).await?;
         info!("replication started on {} disk(s)", self.disks.len());
+        self.note_protection();
         Ok(())
     }
 
@@ -174,28 +177,45 @@ impl Group for PrimaryGroup {
         // The secondary's epoch is read before the drain: a failover or a restart of the
         // secondary after this point makes its checkpoint below fail instead of answering
         // for a buffer that is not the one drained into.
-        let mut peer = match &self.peer_control {
-            Some(addr) => Some(
-                PeerCheckpoint::open(addr, self.disks.len(), self.peer_timeout)
-                    .await
-                    .map_err(|e| ControlError::Refused(format!("checkpoint refused: {e:#}")))?,
-            ),
-            None => None,
-        };
+        // Each disk's current secondary (set-replica may have moved some), with the disks it
+        // holds for this primary.
+        let mut by_peer: Vec<(SocketAddr, Vec<String>)> = Vec::new();
+        for d in &self.disks {
+            if let Some(addr) = d.peer() {
+                match by_peer.iter_mut().find(|(a, _)| *a == addr) {
+                    Some((_, names)) => names.push(d.name.clone()),
+                    None => by_peer.push((addr, vec![d.name.clone()])),
+                }
+            }
+        }
+        let mut peers = Vec::new();
+        for (addr, names) in by_peer {
+            let p = PeerCheckpoint::open(&addr, names, self.peer_timeout)
+                .await
+                .map_err(|e| {
+                    ControlError::Refused(format!(
+                        "checkpoint refused: {}",
+                        coloblk::error_chain(e.as_ref())
+                    ))
+                })?;
+            peers.push(p);
+        }
         let t = Instant::now();
         // Each disk drains and is checked again afterwards (a forward may fail meanwhile).
         self.group.checkpoint(force).await.map_err(disk_error)?;
         let drain_ms = t.elapsed().as_secs_f64() * 1000.0;
         metrics::histogram!("coloblk_checkpoint_drain_seconds").record(drain_ms / 1000.0);
         let (mut secondary_ms, mut secondary_epoch) = (None, None);
-        if let Some(peer) = peer.as_mut() {
-            let t = Instant::now();
+        let t = Instant::now();
+        for peer in peers.iter_mut() {
             let epoch = peer
                 .checkpoint()
                 .await
-                .map_err(|e| ControlError::Peer(format!("{e:#}")))?;
+                .map_err(|e| ControlError::Peer(coloblk::error_chain(e.as_ref())))?;
+            secondary_epoch.get_or_insert(epoch);
+        }
+        if !peers.is_empty() {
             secondary_ms = Some(t.elapsed().as_secs_f64() * 1000.0);
-            secondary_epoch = Some(epoch);
         }
         *self.last.lock() = Some(PrimaryCheckpoint {
             time_unix_ms: now_unix_ms(),
@@ -311,14 +331,16 @@ impl Group for PrimaryGroup {
         Ok(json!({ "disks": disks }))
     }
 
-    async fn set_replica(
-        &self,
-        disk: &str,
-        uri: &str,
-        peer_control: Option<&str>,
-        sync: Option<&str>,
-    ) -> Result<(), ControlError> {
+    async fn set_replica(&self, req: ReplicaRequest) -> Result<(), ControlError> {
+        let (disk, uri) = (req.disk.as_str(), req.uri.as_str());
+        let (peer_control, sync) = (req.peer_control.as_deref(), req.sync.as_deref());
         let d = self.disk(disk)?;
+        if d.node.fenced() {
+            return Err(ControlError::Refused(format!(
+                "disk '{disk}' is fenced: its secondary took over, this primary may not write \
+                 (promote that secondary, or start this disk anew as its secondary)"
+            )));
+        }
         uri.parse::<nbd::uri::NbdUri>()
             .map_err(|e| ControlError::Refused(format!("invalid replica URI: {e}")))?;
         let peer = match peer_control {
@@ -399,12 +421,18 @@ impl Group for PrimaryGroup {
 struct PeerCheckpoint {
     client: qmp::QmpClient<nbd::addr::Stream>,
     epoch: u64,
+    /// The disks of this primary the secondary holds: they become usable copies there.
+    disks: Vec<String>,
 }
 
 impl PeerCheckpoint {
     /// Connects and reads the secondary's epoch; refuses a secondary whose disks are not all
     /// running (failed over, stopped, not started).
-    async fn open(addr: &SocketAddr, disks: usize, timeout: Duration) -> anyhow::Result<Self> {
+    async fn open(
+        addr: &SocketAddr,
+        disks: Vec<String>,
+        timeout: Duration,
+    ) -> anyhow::Result<Self> {
         let mut client = qmp::QmpClient::connect(
             format!("the secondary's control socket {addr}"),
             addr.connect(),
@@ -420,11 +448,11 @@ impl PeerCheckpoint {
         let Status::Secondary(status) = status else {
             anyhow::bail!("the peer at {addr} is a primary, not a secondary");
         };
-        if status.disks.len() < disks {
-            anyhow::bail!(
-                "the secondary at {addr} has {} disk(s), this primary {disks}",
-                status.disks.len()
-            );
+        if let Some(missing) = disks
+            .iter()
+            .find(|n| !status.disks.iter().any(|d| &d.name == *n))
+        {
+            anyhow::bail!("the secondary at {addr} has no disk '{missing}'");
         }
         for d in &status.disks {
             if d.stage != "running" {
@@ -438,6 +466,7 @@ impl PeerCheckpoint {
         Ok(PeerCheckpoint {
             client,
             epoch: status.epoch,
+            disks,
         })
     }
 
@@ -447,7 +476,7 @@ impl PeerCheckpoint {
             .client
             .execute_timeout(
                 "replication-checkpoint",
-                json!({"epoch": self.epoch}),
+                json!({"epoch": self.epoch, "disks": self.disks}),
                 PEER_COMMAND_TIMEOUT,
             )
             .await?;
@@ -502,8 +531,8 @@ pub(super) struct NewDisk {
     pub sync: SyncMode,
 }
 
-/// Builds a primary group over `disks` and starts their link keepers: the VM is served whether
-/// the secondary is there or not.
+/// Builds a primary group over `disks`; [`PrimaryGroup::start_links`] then starts their link
+/// keepers (the VM is served whether the secondary is there or not).
 pub(super) fn new_group(disks: Vec<NewDisk>, s: &Settings) -> Arc<PrimaryGroup> {
     let config = PrimaryConfig {
         mode: s.mode,
@@ -555,15 +584,20 @@ pub(super) fn new_group(disks: Vec<NewDisk>, s: &Settings) -> Arc<PrimaryGroup> 
             }
         }),
     });
-    let _ = group.link_config.set(link_config.clone());
-    for d in &group.disks {
-        d.spawn(link_config.clone());
-        watch_resync(&group, d);
-    }
+    let _ = group.link_config.set(link_config);
     group
 }
 
 impl PrimaryGroup {
+    /// Starts every disk's link keeper.
+    pub(super) fn start_links(self: &Arc<Self>) {
+        let config = self.link_config.get().expect("set by new_group").clone();
+        for d in &self.disks {
+            d.spawn(config.clone());
+            watch_resync(self, d);
+        }
+    }
+
     /// The VM's exports: one per disk.
     pub(super) fn exports(&self) -> ExportSet {
         let exports = ExportSet::new();
@@ -615,6 +649,7 @@ async fn open(args: &PrimaryArgs, pool: &IoPool) -> anyhow::Result<Plan> {
         fence_on_promoted: args.on_peer_promoted == "fence",
     };
     let group = new_group(disks, &settings);
+    group.start_links();
     let exports = group.exports();
     Ok(Plan {
         name: "coloblk primary",
@@ -634,11 +669,12 @@ fn watch_resync(group: &Arc<PrimaryGroup>, disk: &Arc<DiskLink>) {
     tokio::spawn(async move {
         loop {
             match rx.recv().await {
-                Ok(ReplicationEvent::ResyncDone { .. } | ReplicationEvent::LinkLost { .. }) => {
+                Ok(ReplicationEvent::ResyncDone { .. } | ReplicationEvent::LinkLost { .. })
+                | Err(broadcast::error::RecvError::Lagged(_)) => {
                     let Some(g) = weak.upgrade() else { return };
                     g.note_protection();
                 }
-                Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                Ok(_) => {}
                 Err(broadcast::error::RecvError::Closed) => return,
             }
         }

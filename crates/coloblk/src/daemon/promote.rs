@@ -30,58 +30,64 @@ use super::primary::{NewDisk, Settings, new_group};
 use super::secondary::SecondaryGroup;
 use crate::control::status::{CheckpointReply, Status, StopReply};
 use crate::control::{
-    CheckpointRequest, ControlError, Group, PromoteRequest, Role, StopRequest, forward_events,
+    CheckpointRequest, ControlError, DigestRequest, Group, PromoteRequest, ReplicaRequest, Role,
+    StopRequest, forward_events,
 };
 use std::time::Duration;
 
-/// A device whose target can change under open connections.
+/// A device whose target can change under open connections. Every request holds the switch
+/// (shared) until it completes, so a change waits for the requests on their way through the
+/// old target: none of them can land after the new target's first sync passed its range.
 pub struct Switch {
-    target: RwLock<Arc<dyn BlockDev>>,
+    target: tokio::sync::RwLock<Arc<dyn BlockDev>>,
+    /// Both targets serve the same disk: its facts do not change with them.
+    info: DevInfo,
 }
 
 impl Switch {
     /// A switch to `target`.
     pub fn new(target: Arc<dyn BlockDev>) -> Arc<Self> {
         Arc::new(Switch {
-            target: RwLock::new(target),
+            info: target.info(),
+            target: tokio::sync::RwLock::new(target),
         })
     }
 
-    fn get(&self) -> Arc<dyn BlockDev> {
-        self.target.read().clone()
-    }
-
-    /// Sends every request from now on to `target`.
-    pub fn set(&self, target: Arc<dyn BlockDev>) {
-        *self.target.write() = target;
+    /// Sends every request from now on to `target`, once those on their way have completed.
+    pub async fn set(&self, target: Arc<dyn BlockDev>) {
+        *self.target.write().await = target;
     }
 }
 
 #[async_trait]
 impl BlockDev for Switch {
     fn info(&self) -> DevInfo {
-        self.get().info()
+        self.info
     }
     async fn read(&self, offset: u64, len: usize) -> Result<Bytes> {
-        self.get().read(offset, len).await
+        self.target.read().await.read(offset, len).await
     }
     async fn write(&self, offset: u64, data: Bytes, flags: WriteFlags) -> Result<()> {
-        self.get().write(offset, data, flags).await
+        self.target.read().await.write(offset, data, flags).await
     }
     async fn write_batch(&self, writes: Vec<BatchWrite>) -> Vec<Result<()>> {
-        self.get().write_batch(writes).await
+        self.target.read().await.write_batch(writes).await
     }
     async fn flush(&self) -> Result<()> {
-        self.get().flush().await
+        self.target.read().await.flush().await
     }
     async fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
-        self.get().write_zeroes(offset, len, flags).await
+        self.target
+            .read()
+            .await
+            .write_zeroes(offset, len, flags)
+            .await
     }
     async fn discard(&self, offset: u64, len: u64) -> Result<()> {
-        self.get().discard(offset, len).await
+        self.target.read().await.discard(offset, len).await
     }
     async fn block_status(&self, offset: u64, len: u64) -> Result<ExtentList> {
-        self.get().block_status(offset, len).await
+        self.target.read().await.block_status(offset, len).await
     }
 }
 
@@ -151,26 +157,14 @@ impl Group for Promotable {
     async fn shutdown(&self) {
         self.now().shutdown().await
     }
-    async fn set_replica(
-        &self,
-        disk: &str,
-        uri: &str,
-        peer: Option<&str>,
-        sync: Option<&str>,
-    ) -> std::result::Result<(), ControlError> {
-        self.now().set_replica(disk, uri, peer, sync).await
+    async fn set_replica(&self, req: ReplicaRequest) -> std::result::Result<(), ControlError> {
+        self.now().set_replica(req).await
     }
     async fn verify(&self) -> std::result::Result<serde_json::Value, ControlError> {
         self.now().verify().await
     }
-    async fn digest(
-        &self,
-        disk: &str,
-        offset: u64,
-        len: u64,
-        block: u64,
-    ) -> std::result::Result<Vec<String>, ControlError> {
-        self.now().digest(disk, offset, len, block).await
+    async fn digest(&self, req: DigestRequest) -> std::result::Result<Vec<String>, ControlError> {
+        self.now().digest(req).await
     }
     async fn sync_begin(&self, disk: &str) -> std::result::Result<(), ControlError> {
         self.now().sync_begin(disk).await
@@ -244,9 +238,11 @@ impl Group for Promotable {
         primary.start(Mode::Primary).await?;
         for (name, node) in primary.nodes() {
             if let Some((_, switch, _)) = self.switches.iter().find(|(n, _, _)| *n == name) {
-                switch.set(Arc::new(node));
+                switch.set(Arc::new(node)).await;
             }
         }
+        // The links come up once every request goes through the new primary nodes.
+        primary.start_links();
         if let Some(qmp) = self.qmp.lock().clone() {
             primary.attach(qmp.clone());
             for (disk, rx) in primary.events() {

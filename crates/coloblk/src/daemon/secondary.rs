@@ -28,7 +28,9 @@ use crate::control::status::{
     CheckpointReply, Failover, SecondaryCheckpoint, SecondaryDisk, SecondaryStatus, Status,
     StopReply,
 };
-use crate::control::{CheckpointRequest, ControlError, Events, Group, Role, StopRequest};
+use crate::control::{
+    CheckpointRequest, ControlError, DigestRequest, Events, Group, Role, StopRequest,
+};
 use crate::disk_spec::DiskSpec;
 
 #[derive(Args, Debug, Clone)]
@@ -76,7 +78,8 @@ struct Disk {
     past_copies: std::sync::atomic::AtomicU64,
     /// After a stop no copy happens any more and the hidden overlay only shrinks.
     stopped: std::sync::atomic::AtomicBool,
-    /// A usable copy: false from a primary's sync-begin until the next checkpoint.
+    /// A usable copy: false when the daemon starts (a restarted daemon lost its buffer) and
+    /// from a primary's sync-begin, until a checkpoint that says the disk is equal.
     consistent: AtomicBool,
 }
 
@@ -116,6 +119,10 @@ pub struct SecondaryGroup {
     failed_over: Arc<AtomicBool>,
     /// Random per process (see the status).
     instance: u64,
+    /// A coloblk primary has spoken to this daemon (a sync-begin or an epoch checkpoint): from
+    /// then on only its coordinated checkpoints make a disk a usable copy. Before, as with a
+    /// QEMU primary that says nothing of syncs, any checkpoint does (the operator vouches).
+    coloblk_primary: AtomicBool,
     /// The replica exports' server: whether the primary is connected.
     replica: Arc<Server>,
     /// Control operations run one at a time (a failover must not land inside a checkpoint).
@@ -209,9 +216,18 @@ impl Group for SecondaryGroup {
         self.disks.iter().for_each(Disk::close_epoch);
         let t = Instant::now();
         self.group.checkpoint(req.force).await?;
-        // The overlays are empty and the primary (or the operator) says both sides are equal
-        // now: every disk is a usable copy again.
-        for d in &self.disks {
+        // The overlays are empty. A coordinated checkpoint (with the epoch) is the primary's
+        // word that its disks here are equal to its own: those are usable copies now. Without
+        // a coloblk primary, any checkpoint is the operator's word, as with QEMU.
+        if req.epoch.is_some() {
+            self.coloblk_primary.store(true, Ordering::SeqCst);
+        }
+        let vouched = |name: &str| match (&req.epoch, &req.disks) {
+            (Some(_), Some(names)) => names.iter().any(|n| n == name),
+            (Some(_), None) => true,
+            (None, _) => !self.coloblk_primary.load(Ordering::SeqCst),
+        };
+        for d in self.disks.iter().filter(|d| vouched(&d.name)) {
             d.consistent.store(true, Ordering::SeqCst);
         }
         let ms = t.elapsed().as_secs_f64() * 1000.0;
@@ -255,12 +271,17 @@ impl Group for SecondaryGroup {
                 note: Some("already failed over: nothing to do".into()),
             });
         }
+        // Refused only where a merge would really run, and only once a coloblk primary has
+        // spoken: a QEMU primary says nothing of syncs, and there the operator vouches (after a
+        // restart this daemon cannot tell the two apart until its primary speaks; the
+        // persistent state will).
         if failover
             && !req.force
-            && let Some(d) = self
-                .disks
-                .iter()
-                .find(|d| !d.consistent.load(Ordering::SeqCst))
+            && self.coloblk_primary.load(Ordering::SeqCst)
+            && let Some(d) = self.disks.iter().find(|d| {
+                matches!(d.node.stage(), Stage::Running | Stage::FailoverFailed)
+                    && !d.consistent.load(Ordering::SeqCst)
+            })
         {
             return Err(ControlError::NotUsable(d.name.clone()));
         }
@@ -329,13 +350,8 @@ impl Group for SecondaryGroup {
         self.events.attach(server);
     }
 
-    async fn digest(
-        &self,
-        disk: &str,
-        offset: u64,
-        len: u64,
-        block: u64,
-    ) -> Result<Vec<String>, ControlError> {
+    async fn digest(&self, req: DigestRequest) -> Result<Vec<String>, ControlError> {
+        let (disk, offset, len, block) = (req.disk.as_str(), req.offset, req.len, req.block);
         let d = self.disk(disk)?;
         let disk_len = d.node.disk().len();
         if !(4096..=(16 << 20)).contains(&block) || !block.is_power_of_two() {
@@ -362,7 +378,10 @@ impl Group for SecondaryGroup {
     }
 
     async fn sync_begin(&self, disk: &str) -> Result<(), ControlError> {
+        // Not inside a checkpoint: one that ends after this must not call the disk usable.
+        let _ops = self.ops.lock().await;
         let d = self.disk(disk)?;
+        self.coloblk_primary.store(true, Ordering::SeqCst);
         if d.consistent.swap(false, Ordering::SeqCst) {
             tracing::warn!(
                 disk,
@@ -490,7 +509,7 @@ async fn open(args: &SecondaryArgs, pool: &IoPool) -> anyhow::Result<Plan> {
             node,
             past_copies: 0.into(),
             stopped: false.into(),
-            consistent: true.into(),
+            consistent: false.into(),
         });
     }
     let replica_exports = ExportSet::new();
@@ -517,6 +536,7 @@ async fn open(args: &SecondaryArgs, pool: &IoPool) -> anyhow::Result<Plan> {
         epoch: AtomicU64::new(first_epoch()),
         failed_over: failed_over.clone(),
         instance: random_id(),
+        coloblk_primary: false.into(),
         replica: replica_server.clone(),
         ops: tokio::sync::Mutex::new(()),
     });

@@ -22,6 +22,8 @@ pub type Digest = [u8; 16];
 
 /// Bytes compared per round trip to the secondary.
 const WINDOW: u64 = 16 << 20;
+/// Bytes read and hashed at a time (a daemon's memory stays small while it compares).
+const READ_CHUNK: u64 = 1 << 20;
 
 /// Where the secondary's digests come from (its control socket, in the daemon).
 #[async_trait]
@@ -50,9 +52,9 @@ pub async fn digest_blocks(
     let mut out = Vec::with_capacity(len.div_ceil(block.max(1)) as usize);
     let end = offset + len;
     let mut at = offset;
-    // Reads of up to a window at once, hashed a block at a time.
+    // Reads of a chunk (or a block, if larger) at a time, hashed a block at a time.
     while at < end {
-        let n = (end - at).min(WINDOW.max(block));
+        let n = (end - at).min(READ_CHUNK.max(block));
         let data = dev.read(at, n as usize).await?;
         for chunk in data.chunks(block as usize) {
             let hash = blake3::hash(chunk);
@@ -66,13 +68,15 @@ pub async fn digest_blocks(
 }
 
 /// The comparison proper: window by window, the local digests computed while the remote ones
-/// are on their way; `left` counts down the bytes not yet compared.
+/// are on their way; each window compared is taken off `left` (which the caller raised by the
+/// disk's length: several comparisons may run at once, each counts down its own share).
 pub(super) async fn compare(
     local: &Arc<dyn BlockDev>,
     remote: &dyn RemoteDigests,
     dirty: &DirtyBitmap,
     block: u64,
     left: &AtomicU64,
+    own: &AtomicU64,
 ) -> Result<ChecksumReport, String> {
     let len = local.len();
     let block = block
@@ -106,10 +110,8 @@ pub(super) async fn compare(
         }
         at += n;
         report.compared_bytes += n;
-        left.store(
-            (len - at).max(if at < len { 1 } else { 0 }),
-            Ordering::SeqCst,
-        );
+        left.fetch_sub(n, Ordering::SeqCst);
+        own.fetch_sub(n, Ordering::SeqCst);
     }
     Ok(report)
 }

@@ -108,6 +108,9 @@ pub struct Shared {
     /// The link failed or hung: stop waiting for it and record writes as dirty instead.
     pub link_down: AtomicBool,
     pub error: Mutex<Option<String>>,
+    /// A failure no dirty range describes (a flush the secondary refused: its kernel may
+    /// have dropped written pages) happened since start: a resync cannot repair the error.
+    pub unrepairable: AtomicBool,
     pub dirty: DirtyBitmap,
     pub stats: ForwardStats,
     pub events: broadcast::Sender<PrimaryEvent>,
@@ -118,8 +121,9 @@ impl Shared {
     /// Records a failure: sticky error, counted, an event, and the range marked dirty.
     pub fn fail(&self, range: Option<(u64, u64)>, err: &str, link_lost: bool) {
         self.stats.forward_errors.fetch_add(1, Ordering::Relaxed);
-        if let Some((o, l)) = range {
-            self.dirty.mark(o, l);
+        match range {
+            Some((o, l)) => self.dirty.mark(o, l),
+            None => self.unrepairable.store(true, Ordering::SeqCst),
         }
         let first = {
             let mut e = self.error.lock();

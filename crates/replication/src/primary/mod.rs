@@ -189,6 +189,7 @@ impl PrimaryNode {
             link: Mutex::new(None),
             link_down: false.into(),
             error: Mutex::new(None),
+            unrepairable: false.into(),
             dirty: DirtyBitmap::new(local.len(), config.dirty_granularity),
             stats: ForwardStats::default(),
             events,
@@ -320,6 +321,10 @@ impl PrimaryNode {
         }
         self.check_start_mode(mode)?;
         *self.inner.shared.error.lock() = None;
+        self.inner
+            .shared
+            .unrepairable
+            .store(false, Ordering::SeqCst);
         *stage = Stage::Running;
         drop(stage);
         self.inner.resync.kick();
@@ -451,16 +456,22 @@ impl PrimaryNode {
         block: u64,
     ) -> Result<ChecksumReport, String> {
         let len = self.inner.local.len();
-        self.inner.comparing.store(len.max(1), Ordering::SeqCst);
+        // This comparison's share of the bytes left; what it did not count down (it failed
+        // part-way) is taken off at the end. Another comparison running meanwhile keeps its own.
+        let mine = AtomicU64::new(len);
+        self.inner.comparing.fetch_add(len, Ordering::SeqCst);
         let r = checksum::compare(
             &self.inner.local,
             remote,
             &self.inner.shared.dirty,
             block,
             &self.inner.comparing,
+            &mine,
         )
         .await;
-        self.inner.comparing.store(0, Ordering::SeqCst);
+        self.inner
+            .comparing
+            .fetch_sub(mine.load(Ordering::SeqCst), Ordering::SeqCst);
         self.inner.resync.kick();
         r
     }
@@ -517,12 +528,13 @@ impl PrimaryNode {
                     // (sticky error, dirty range), never returned to the VM.
                     let _ = ack.await;
                 }
-                drop(guard);
-                if let Err(e) = local_result {
-                    // The secondary may now hold what the primary does not.
+                if local_result.is_err() {
+                    // The secondary may now hold what the primary does not: marked before the
+                    // range is released, so no check sees it clean meanwhile.
                     self.mark_dirty(range);
-                    return Err(e);
                 }
+                drop(guard);
+                local_result?;
             }
         }
         Ok(())

@@ -181,7 +181,9 @@ impl Job {
         if left == 0 {
             // Every range a failed forward marked is on the secondary now: the error that
             // made checkpoints wait is repaired.
-            if let Some(e) = self.shared.error.lock().take() {
+            if !self.shared.unrepairable.load(Ordering::SeqCst)
+                && let Some(e) = self.shared.error.lock().take()
+            {
                 info!("forwarding error repaired by the resync: {e}");
             }
             info!(
@@ -265,9 +267,12 @@ impl Job {
             .map(|e| (e.len, e.zero))
             .chain(std::iter::once((u64::MAX, false)));
         for (n, zero) in pieces {
+            if at == offset + len {
+                break;
+            }
             let n = n.min(offset + len - at);
             if n == 0 {
-                break;
+                continue;
             }
             changes.push(if zero {
                 let flags = ZeroFlags {
