@@ -14,6 +14,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUTAGE=${1:-30}
+PARTS=${PARTS:-1234}   # which of the four parts to run
 BIN=target/release/coloblk
 cargo build --release -q -p coloblk
 eval "$(scripts/get-qemu-colo target/qemu-colo)"
@@ -51,6 +52,8 @@ qemu_nbd_target() { # NAME: a fresh 4 GiB target served by qemu-nbd on $W/NAME.s
     wait_sock "$W/$1.sock"
 }
 
+part() { [[ "$PARTS" == *"$1"* ]]; }
+if part 1; then
 echo "## 1. initial full sync, 4 GiB disk with 1 GiB of data, into qemu-nbd"
 qemu_nbd_target t1
 t=$(now)
@@ -109,6 +112,9 @@ for name, t in (("coloblk sync=full", ours), ("nbdcopy", nbdc), ("QEMU 7.2 block
 print(f"coloblk sent {sent / 2**20:.0f} MiB as data (the rest as write-zeroes)")
 EOF
 
+fi
+
+if part 2; then
 echo
 echo "## 2. checksum sync of two 4 GiB disks (coloblk secondary, --peer-control)"
 checksum_run() { # LABEL: s.raw must be in place
@@ -144,9 +150,14 @@ for i in $(seq 0 63); do
 done
 checksum_run "64 MiB differ"
 t=$(now)
-cat "$W/p.raw" >/dev/null & cat "$W/s.raw" >/dev/null & wait
+cat "$W/p.raw" >/dev/null & R1=$!
+cat "$W/s.raw" >/dev/null & R2=$!
+wait "$R1" "$R2"
 echo "reading both images (page cache, two readers): $(since "$t") s"
 
+fi
+
+if part 3; then
 echo
 echo "## 3. resync after a ${OUTAGE} s secondary outage under fio (4 KiB random writes, 2 GiB)"
 cp --sparse=always "$W/p.raw" "$W/s.raw"
@@ -186,11 +197,15 @@ echo "dirty at the restart $((dirty / MIB)) MiB; protected again after $secs s;"
 wait "$FIO" || true
 kill "$P" "$S"; wait "$P" "$S" 2>/dev/null || true
 
+fi
+
+if part 4; then
 echo
 echo "## 4. the VM's fio (4 KiB random writes, QD16, 10 s) during a full sync against without"
 vm_fio() { # URI -> IOPS
     fio --name=vm --ioengine=nbd --uri="$1" --rw=randwrite --bs=4k --iodepth=16 --size=1g \
         --time_based --runtime=10 --output-format=json 2>/dev/null |
+        sed -n '/^{/,$p' | # fio's nbd engine says "connected" on stdout first
         python3 -c "import json,sys; print(round(json.load(sys.stdin)['jobs'][0]['write']['iops']))"
 }
 fresh_pair() { # NAME SYNC: a primary over a copy of p.raw forwarding into a fresh qemu-nbd
@@ -211,3 +226,4 @@ echo "|---|---|"
 echo "| no sync running | $base |"
 echo "| during a full sync | $during ($(echo "scale=0; 100 * $during / $base" | bc)%) |"
 echo "(the sync had $left MiB left when fio ended)"
+fi

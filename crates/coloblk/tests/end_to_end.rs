@@ -74,23 +74,25 @@ fn start_secondary_with(dir: &Path, extra: &[&str]) -> Proc {
 
 /// A secondary over the `secondary.raw` already in `dir`.
 fn spawn_secondary(dir: &Path, extra: &[&str]) -> Proc {
-    let u = |n: &str| format!("unix:{}", dir.join(n).display());
+    spawn_secondary_named(dir, "secondary.raw", "", extra)
+}
+
+/// A secondary over `disk` in `dir`, its sockets and buffer named with `tag` (`TAGreplica.sock`,
+/// `TAGtop.sock`, `TAGsecondary.qmp`, `TAGbuffer`), listening.
+fn spawn_secondary_named(dir: &Path, disk: &str, tag: &str, extra: &[&str]) -> Proc {
+    let u = |n: &str| format!("unix:{}", dir.join(format!("{tag}{n}")).display());
     let mut s = Proc::spawn(
         "coloblk secondary",
         coloblk()
             .args(["secondary", "--disk"])
-            .arg(format!("vm0={}", dir.join("secondary.raw").display()))
-            .args([
-                "--replica-listen",
-                &u("replica.sock"),
-                "--export-listen",
-                &u("top.sock"),
-            ])
+            .arg(format!("vm0={}", dir.join(disk).display()))
+            .args(["--replica-listen", &u("replica.sock")])
+            .args(["--export-listen", &u("top.sock")])
             .args(["--control", &u("secondary.qmp"), "--buffer-dir"])
-            .arg(dir.join("buffer"))
+            .arg(dir.join(format!("{tag}buffer")))
             .args(extra),
     );
-    wait_socket(&dir.join("secondary.qmp"), &mut s);
+    wait_socket(&dir.join(format!("{tag}secondary.qmp")), &mut s);
     s
 }
 
@@ -820,21 +822,8 @@ fn the_whole_cycle_fails_over_reprotects_and_fails_back() {
             .args(["-f", "raw", "-c", cmd])
             .arg(uri));
     };
-    let secondary = |disk: &str, tag: &str| {
-        let mut p = Proc::spawn(
-            "coloblk secondary",
-            coloblk()
-                .args(["secondary", "--disk"])
-                .arg(format!("vm0={}", d.join(disk).display()))
-                .args(["--replica-listen", &u(&format!("{tag}-replica.sock"))])
-                .args(["--export-listen", &u(&format!("{tag}-top.sock"))])
-                .args(["--control", &u(&format!("{tag}.qmp")), "--buffer-dir"])
-                .arg(d.join(format!("{tag}-buffer")))
-                .arg("--start"),
-        );
-        wait_socket(&d.join(format!("{tag}.qmp")), &mut p);
-        p
-    };
+    let secondary =
+        |disk: &str, tag: &str| spawn_secondary_named(d, disk, &format!("{tag}-"), &["--start"]);
     let ctl_ok = |qmp: &str, args: &[&str]| {
         let out = coloblk()
             .args(["ctl", "--control", &u(qmp)])
@@ -864,7 +853,7 @@ fn the_whole_cycle_fails_over_reprotects_and_fails_back() {
                 nbd("b-replica.sock")
             ))
             .args(["--export-listen", &u("a-vm.sock"), "--control", &u("a.qmp")])
-            .args(["--peer-control", &u("b.qmp"), "--start"]),
+            .args(["--peer-control", &u("b-secondary.qmp"), "--start"]),
     );
     wait_socket(&d.join("a.qmp"), &mut a);
     wait_protected(&u("a.qmp"));
@@ -876,7 +865,7 @@ fn the_whole_cycle_fails_over_reprotects_and_fails_back() {
     // Kill A; fail over B: B's disk is the checkpoint (the 0x22 write rolled back).
     let _ = a.child.kill();
     let _ = a.child.wait();
-    assert!(ctl_ok("b.qmp", &["failover"]).contains("failover done"));
+    assert!(ctl_ok("b-secondary.qmp", &["failover"]).contains("failover done"));
     assert_eq!(first_difference(&read("b.raw"), &at_checkpoint_1), None);
     // The VM runs on B now, and writes.
     write(&nbd("b-top.sock"), "write -P 0x33 8M 1M");
@@ -884,16 +873,16 @@ fn the_whole_cycle_fails_over_reprotects_and_fails_back() {
     // A's host comes back as a secondary on its old disk; B re-protects to it.
     let _a2 = secondary("a.raw", "a2");
     ctl_ok(
-        "b.qmp",
+        "b-secondary.qmp",
         &[
             "promote",
             "--replica",
             &format!("vm0={}", nbd("a2-replica.sock")),
             "--peer-control",
-            &u("a2.qmp"),
+            &u("a2-secondary.qmp"),
         ],
     );
-    let st = wait_protected(&u("b.qmp"));
+    let st = wait_protected(&u("b-secondary.qmp"));
     assert_eq!(st["role"], "primary");
     assert_eq!(st["disks"][0]["sync"], "checksum");
     // What differs: the rolled-back 1 MiB on A and the 1 MiB written on B since.
@@ -901,7 +890,7 @@ fn the_whole_cycle_fails_over_reprotects_and_fails_back() {
     // Sent as payload: at most those bytes (the rolled-back range may go as data: the merge
     // wrote its old zeroes, so the file holds them allocated).
     assert!(st["disks"][0]["resync"]["sent-bytes"].as_u64().unwrap() <= 2 * MIB);
-    ctl_ok("b.qmp", &["checkpoint"]);
+    ctl_ok("b-secondary.qmp", &["checkpoint"]);
     let at_checkpoint_2 = read("b.raw");
     assert_eq!(first_difference(&read("a.raw"), &at_checkpoint_2), None);
     assert!(
@@ -919,7 +908,7 @@ fn the_whole_cycle_fails_over_reprotects_and_fails_back() {
     write(&nbd("b-top.sock"), "write -P 0x44 12M 1M");
     let _ = b.child.kill();
     let _ = b.child.wait();
-    assert!(ctl_ok("a2.qmp", &["failover"]).contains("failover done"));
+    assert!(ctl_ok("a2-secondary.qmp", &["failover"]).contains("failover done"));
     assert_eq!(first_difference(&read("a.raw"), &at_checkpoint_2), None);
 }
 
@@ -1030,23 +1019,8 @@ fn after_set_replica_the_checkpoint_goes_to_the_new_secondary() {
     let d = c.dir.path();
     raw_image(d, "second.raw", DISK);
     let u = |n: &str| format!("unix:{}", d.join(n).display());
-    let mut b2 = Proc::spawn(
-        "coloblk secondary",
-        coloblk()
-            .args(["secondary", "--disk"])
-            .arg(format!("vm0={}", d.join("second.raw").display()))
-            .args([
-                "--replica-listen",
-                &u("b2-replica.sock"),
-                "--export-listen",
-                &u("b2-top.sock"),
-            ])
-            .args(["--control", &u("b2.qmp"), "--buffer-dir"])
-            .arg(d.join("b2-buffer"))
-            .arg("--start"),
-    );
-    wait_socket(&d.join("b2.qmp"), &mut b2);
-    let st = qmp_execute(&d.join("b2.qmp"), "query-replication", "{}");
+    let _b2 = spawn_secondary_named(d, "second.raw", "b2-", &["--start"]);
+    let st = qmp_execute(&d.join("b2-secondary.qmp"), "query-replication", "{}");
     assert!(
         st.contains(r#""consistent":false"#),
         "a new daemon is no usable copy yet: {st}"
@@ -1054,7 +1028,7 @@ fn after_set_replica_the_checkpoint_goes_to_the_new_secondary() {
     let args = format!(
         r#"{{"disk": "vm0", "uri": "{}", "peer-control": "{}"}}"#,
         unix_uri("vm0", &d.join("b2-replica.sock")),
-        u("b2.qmp")
+        u("b2-secondary.qmp")
     );
     assert_eq!(
         qmp_execute(&c.p("primary.qmp"), "replication-set-replica", &args),
@@ -1066,9 +1040,13 @@ fn after_set_replica_the_checkpoint_goes_to_the_new_secondary() {
             serde_json::from_str(st.strip_prefix("return: ").unwrap()).unwrap();
         v["epoch"].as_u64().unwrap()
     };
-    let before = b2_epoch(&qmp_execute(&d.join("b2.qmp"), "query-replication", "{}"));
+    let before = b2_epoch(&qmp_execute(
+        &d.join("b2-secondary.qmp"),
+        "query-replication",
+        "{}",
+    ));
     c.ok("primary.qmp", "checkpoint");
-    let after = qmp_execute(&d.join("b2.qmp"), "query-replication", "{}");
+    let after = qmp_execute(&d.join("b2-secondary.qmp"), "query-replication", "{}");
     assert_eq!(b2_epoch(&after), before + 1);
     assert!(after.contains(r#""consistent":true"#), "{after}");
     assert_eq!(

@@ -799,7 +799,7 @@ async fn a_write_that_fails_part_way_on_a_full_disk_is_dirty_until_resynced() {
     }
 }
 
-/// `resync_rate` caps the resync: 4 MiB at 8 MiB/s cannot end before about 3/8 s (the first
+/// `resync_rate` caps the resync: 8 MiB at 8 MiB/s cannot end before about 3/4 s (the first
 /// piece goes at once), however fast the link.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_resync_keeps_to_its_rate() {
@@ -808,7 +808,7 @@ async fn the_resync_keeps_to_its_rate() {
         ..Default::default()
     });
     r.local
-        .write(0, fill(30, 4 << 20), WriteFlags::default())
+        .write(0, fill(30, 8 << 20), WriteFlags::default())
         .await
         .unwrap();
     r.node.mark_all_dirty();
@@ -816,8 +816,8 @@ async fn the_resync_keeps_to_its_rate() {
     r.node.start(Mode::Primary).unwrap();
     wait_clean(&r.node).await;
     assert!(
-        t.elapsed() >= Duration::from_millis(300),
-        "4 MiB at 8 MiB/s took {:?}",
+        t.elapsed() >= Duration::from_millis(600),
+        "8 MiB at 8 MiB/s took {:?}",
         t.elapsed()
     );
     assert!(r.local.snapshot() == r.remote.snapshot());

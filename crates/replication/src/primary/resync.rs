@@ -32,9 +32,9 @@ use super::range_lock::RangeLock;
 use crate::Stage;
 
 /// Largest copy: big enough to stream, small enough not to hold a range lock for long.
-const CHUNK: u64 = 1 << 20;
+const CHUNK: u64 = 2 << 20;
 /// Copies on their way at once.
-const WINDOW: usize = 8;
+const WINDOW: usize = 16;
 /// VM payload queued for the link beyond which the resync holds its next copy back.
 const VM_FIRST: u64 = 2 << 20;
 /// The longest a copy is held back for the VM's writes (a VM that writes without pause must
