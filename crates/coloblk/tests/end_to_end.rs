@@ -115,6 +115,13 @@ fn cluster_with(mode: &str, secondary_args: &[&str]) -> Cluster {
 /// A primary (default sync, started) over the `primary.raw` already in `dir`, forwarding to
 /// the secondary there, once it is protected.
 fn spawn_primary(d: &Path, mode: &str) -> Proc {
+    spawn_primary_named(d, ("primary.raw", ""), "", mode)
+}
+
+/// A primary over `disk` in `d`, its sockets named with `tag` (`TAGprimary.sock`,
+/// `TAGprimary.qmp`), forwarding to the secondary whose sockets are named with `to`, started,
+/// once it is protected.
+fn spawn_primary_named(d: &Path, (disk, tag): (&str, &str), to: &str, mode: &str) -> Proc {
     let u = |n: &str| format!("unix:{}", d.join(n).display());
     let mut p = Proc::spawn(
         "coloblk primary",
@@ -122,26 +129,17 @@ fn spawn_primary(d: &Path, mode: &str) -> Proc {
             .args(["primary", "--disk"])
             .arg(format!(
                 "vm0={},replica=nbd+unix:///vm0?socket={}",
-                d.join("primary.raw").display(),
-                d.join("replica.sock").display()
+                d.join(disk).display(),
+                d.join(format!("{to}replica.sock")).display()
             ))
-            .args([
-                "--export-listen",
-                &u("primary.sock"),
-                "--control",
-                &u("primary.qmp"),
-            ])
-            .args([
-                "--peer-control",
-                &u("secondary.qmp"),
-                "--mode",
-                mode,
-                "--start",
-            ]),
+            .args(["--export-listen", &u(&format!("{tag}primary.sock"))])
+            .args(["--control", &u(&format!("{tag}primary.qmp"))])
+            .args(["--peer-control", &u(&format!("{to}secondary.qmp"))])
+            .args(["--mode", mode, "--start"]),
     );
-    wait_socket(&d.join("primary.qmp"), &mut p);
-    // The primary knows nothing of the secondary's disk at start: its full sync comes first.
-    wait_protected(&u("primary.qmp"));
+    wait_socket(&d.join(format!("{tag}primary.qmp")), &mut p);
+    // The primary knows nothing of the secondary's disk at start: its first sync comes first.
+    wait_protected(&u(&format!("{tag}primary.qmp")));
     p
 }
 
@@ -296,9 +294,7 @@ fn killing_the_primary_under_load_then_failover_keeps_the_speculative_view() {
         "secondary disk differs from the view before failover"
     );
     // The view is the disk now, and takes writes.
-    run(Command::new("qemu-io")
-        .args(["-f", "raw", "-c", "write -P 0x7e 0 64k"])
-        .arg(c.view()));
+    qemu_io(&c.view(), "write -P 0x7e 0 64k");
     let disk = std::fs::read(c.p("secondary.raw")).unwrap();
     assert!(disk[..65536].iter().all(|&b| b == 0x7e));
 }
@@ -314,12 +310,11 @@ fn qemu_quorum_and_nbd_write_into_our_secondary() {
     let d = dir.path();
     let local = raw_image(d, "qemu-local.raw", DISK);
     // Same starting content on both sides, written before replication matters.
-    run(Command::new("qemu-io")
-        .args(["-f", "raw", "-c", "write -P 0x11 0 8M"])
-        .arg(&local));
-    run(Command::new("qemu-io")
-        .args(["-f", "raw", "-c", "write -P 0x11 0 8M"])
-        .arg(unix_uri("vm0", &d.join("replica.sock"))));
+    qemu_io(&local.display().to_string(), "write -P 0x11 0 8M");
+    qemu_io(
+        &unix_uri("vm0", &d.join("replica.sock")),
+        "write -P 0x11 0 8M",
+    );
     let u = |n: &str| format!("unix:{}", d.join(n).display());
     let ctl = |a: &str| run(coloblk().args(["ctl", "--control", &u("secondary.qmp"), a]));
     ctl("checkpoint");
@@ -388,9 +383,7 @@ fn secondary_status_and_metrics_count_copies_and_checkpoints() {
             "write -P 3 0 4k",
         ])
         .arg(unix_uri("vm0", &d.join("replica.sock"))));
-    run(Command::new("qemu-io")
-        .args(["-f", "raw", "-c", "write -P 4 4M 128k"])
-        .arg(unix_uri("vm0", &d.join("top.sock"))));
+    qemu_io(&unix_uri("vm0", &d.join("top.sock")), "write -P 4 4M 128k");
     let qmp = format!("unix:{}", d.join("secondary.qmp").display());
     let table = String::from_utf8(run(coloblk().args(["ctl", "--control", &qmp, "status"])).stdout)
         .unwrap();
@@ -399,9 +392,10 @@ fn secondary_status_and_metrics_count_copies_and_checkpoints() {
                 vm0   running  128.0 KiB  192.0 KiB  3           -         -\n";
     assert_eq!(table, want);
     run(coloblk().args(["ctl", "--control", &qmp, "checkpoint"]));
-    run(Command::new("qemu-io")
-        .args(["-f", "raw", "-c", "write -P 5 0 64k"])
-        .arg(unix_uri("vm0", &d.join("replica.sock"))));
+    qemu_io(
+        &unix_uri("vm0", &d.join("replica.sock")),
+        "write -P 5 0 64k",
+    );
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
@@ -431,9 +425,7 @@ fn a_failed_coordinated_checkpoint_says_why_and_changes_nothing() {
         let idle = rss_kib(p, "VmRSS:");
         assert!(idle < 32 * 1024, "idle {name} RSS {idle} KiB");
     }
-    run(Command::new("qemu-io")
-        .args(["-f", "raw", "-c", "write -P 9 0 64k"])
-        .arg(c.vm()));
+    qemu_io(&c.vm(), "write -P 9 0 64k");
     let out = c.ctl("primary.qmp", "checkpoint");
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
@@ -474,9 +466,7 @@ fn checkpoint_and_failover_raise_qmp_events() {
     let d = dir.path();
     let _s = start_secondary(d);
     let replica = unix_uri("vm0", &d.join("replica.sock"));
-    run(Command::new("qemu-io")
-        .args(["-f", "raw", "-c", "write -P 1 0 4M"])
-        .arg(&replica));
+    qemu_io(&replica, "write -P 1 0 4M");
     let script = r#"
 import asyncio, sys
 from qemu.qmp import QMPClient, EventListener
@@ -532,9 +522,7 @@ fn stop_then_start_on_a_primary_really_starts_and_checkpoints_mean_equal_disks()
     require("qemu-io");
     let c = cluster("async");
     c.ok("primary.qmp", "stop");
-    run(Command::new("qemu-io")
-        .args(["-f", "raw", "-c", "write -P 0x51 1M 64k"])
-        .arg(c.vm()));
+    qemu_io(&c.vm(), "write -P 0x51 1M 64k");
     let out = c.ctl("primary.qmp", "checkpoint");
     assert_eq!(out.status.code(), Some(1));
     assert_eq!(
@@ -544,9 +532,7 @@ fn stop_then_start_on_a_primary_really_starts_and_checkpoints_mean_equal_disks()
     );
     c.ok("primary.qmp", "start");
     assert_eq!(c.status("primary.qmp")["disks"][0]["stage"], "running");
-    run(Command::new("qemu-io")
-        .args(["-f", "raw", "-c", "write -P 0x52 2M 64k"])
-        .arg(c.vm()));
+    qemu_io(&c.vm(), "write -P 0x52 2M 64k");
     wait_protected(&c.unix("primary.qmp"));
     c.ok("primary.qmp", "checkpoint");
     let a = std::fs::read(c.p("primary.raw")).unwrap();
@@ -585,9 +571,7 @@ fn checkpoints_are_refused_for_another_epoch_and_after_a_failover() {
     );
     c.ok("primary.qmp", "checkpoint");
     assert_eq!(c.status("secondary.qmp")["epoch"], epoch + 1);
-    run(Command::new("qemu-io")
-        .args(["-f", "raw", "-c", "write -P 0x61 0 64k"])
-        .arg(c.vm()));
+    qemu_io(&c.vm(), "write -P 0x61 0 64k");
     c.ok("secondary.qmp", "failover");
     // Refused for the first reason found: the forwarded write hit the fenced replica export
     // (link down), or the secondary's stage.
@@ -621,9 +605,7 @@ fn checkpoints_are_refused_for_another_epoch_and_after_a_failover() {
         let c = cluster("async");
         // The first checkpoint makes the synced secondary a usable copy, so it may fail over.
         c.ok("primary.qmp", "checkpoint");
-        run(Command::new("qemu-io")
-            .args(["-f", "raw", "-c", &format!("write -P {} 0 256k", round + 1)])
-            .arg(c.vm()));
+        qemu_io(&c.vm(), &format!("write -P {} 0 256k", round + 1));
         let checkpoint = c.ctl_spawn("primary.qmp", "checkpoint");
         std::thread::sleep(Duration::from_millis(round * 3));
         c.ok("secondary.qmp", "failover");
@@ -653,9 +635,7 @@ fn a_restarted_primary_syncs_before_its_first_checkpoint() {
     let _ = c.secondary.child.kill();
     let _ = c.secondary.child.wait();
     // Written while the secondary is gone: only the primary has it.
-    run(Command::new("qemu-io")
-        .args(["-f", "raw", "-c", "write -P 0x71 4M 4M"])
-        .arg(c.vm()));
+    qemu_io(&c.vm(), "write -P 0x71 4M 4M");
     for f in ["replica.sock", "top.sock", "secondary.qmp"] {
         let _ = std::fs::remove_file(c.p(f));
     }
@@ -691,9 +671,7 @@ fn sigterm_after_failover_flushes_the_live_export_and_exits_0() {
     // The first checkpoint makes the synced secondary a usable copy.
     c.ok("primary.qmp", "checkpoint");
     c.ok("secondary.qmp", "failover");
-    run(Command::new("qemu-io")
-        .args(["-f", "raw", "-c", "write -P 0x3c 128k 64k"])
-        .arg(c.view()));
+    qemu_io(&c.view(), "write -P 0x3c 128k 64k");
     signal(&c.secondary, "TERM");
     let st = c.secondary.child.wait().unwrap();
     assert!(st.success(), "secondary exited with {st}");
@@ -780,9 +758,7 @@ fn a_secondary_under_sync_refuses_failover_until_the_next_checkpoint() {
 fn verify_finds_a_silently_changed_secondary_block_and_the_resync_repairs_it() {
     require("qemu-io");
     let c = cluster("async");
-    run(Command::new("qemu-io")
-        .args(["-f", "raw", "-c", "write -P 0x5a 0 1M"])
-        .arg(c.vm()));
+    qemu_io(&c.vm(), "write -P 0x5a 0 1M");
     c.ok("primary.qmp", "checkpoint");
     {
         use std::io::{Seek, SeekFrom, Write};
@@ -818,9 +794,7 @@ fn the_whole_cycle_fails_over_reprotects_and_fails_back() {
     let u = |n: &str| format!("unix:{}", d.join(n).display());
     let nbd = |sock: &str| unix_uri("vm0", &d.join(sock));
     let write = |uri: &str, cmd: &str| {
-        run(Command::new("qemu-io")
-            .args(["-f", "raw", "-c", cmd])
-            .arg(uri));
+        qemu_io(uri, cmd);
     };
     let secondary =
         |disk: &str, tag: &str| spawn_secondary_named(d, disk, &format!("{tag}-"), &["--start"]);
@@ -843,24 +817,11 @@ fn the_whole_cycle_fails_over_reprotects_and_fails_back() {
     raw_image(d, "a.raw", DISK);
     raw_image(d, "b.raw", DISK);
     let mut b = secondary("b.raw", "b");
-    let mut a = Proc::spawn(
-        "coloblk primary",
-        coloblk()
-            .args(["primary", "--disk"])
-            .arg(format!(
-                "vm0={},replica={}",
-                d.join("a.raw").display(),
-                nbd("b-replica.sock")
-            ))
-            .args(["--export-listen", &u("a-vm.sock"), "--control", &u("a.qmp")])
-            .args(["--peer-control", &u("b-secondary.qmp"), "--start"]),
-    );
-    wait_socket(&d.join("a.qmp"), &mut a);
-    wait_protected(&u("a.qmp"));
-    write(&nbd("a-vm.sock"), "write -P 0x11 0 2M");
-    ctl_ok("a.qmp", &["checkpoint"]);
+    let mut a = spawn_primary_named(d, ("a.raw", "a-"), "b-", "async");
+    write(&nbd("a-primary.sock"), "write -P 0x11 0 2M");
+    ctl_ok("a-primary.qmp", &["checkpoint"]);
     let at_checkpoint_1 = read("a.raw");
-    write(&nbd("a-vm.sock"), "write -P 0x22 4M 1M");
+    write(&nbd("a-primary.sock"), "write -P 0x22 4M 1M");
 
     // Kill A; fail over B: B's disk is the checkpoint (the 0x22 write rolled back).
     let _ = a.child.kill();

@@ -223,3 +223,11 @@ pub fn qmp_execute(path: &Path, command: &str, args: &str) -> String {
 pub fn signal(p: &Proc, sig: &str) {
     run(Command::new("kill").args([&format!("-{sig}"), &p.child.id().to_string()]));
 }
+
+/// Runs one qemu-io command on `uri` (an NBD URI), asserting success.
+#[allow(dead_code)]
+pub fn qemu_io(uri: &str, cmd: &str) {
+    run(Command::new("qemu-io")
+        .args(["-f", "raw", "-c", cmd])
+        .arg(uri));
+}
