@@ -56,6 +56,12 @@ pub fn unique_names(specs: &[DiskSpec]) -> Result<(), crate::UsageError> {
     Ok(())
 }
 
+/// Parses a forwarding mode: `async` or `sync`.
+pub fn forward_mode(s: &str) -> Result<replication::primary::ForwardMode, String> {
+    replication::primary::ForwardMode::from_name(s)
+        .ok_or_else(|| format!("unknown mode '{s}' (async or sync)"))
+}
+
 /// Parses a number of seconds that must be positive and finite (a timeout).
 pub fn positive_seconds(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {

@@ -438,8 +438,22 @@ fn table(rows: &[Vec<String>]) -> String {
     out
 }
 
-fn cells(v: &[&str]) -> Vec<String> {
-    v.iter().map(|s| s.to_string()).collect()
+/// A table's header: DISK and STAGE, the role's columns, ERROR.
+fn header(rest: &[&str]) -> Vec<String> {
+    ["DISK", "STAGE"]
+        .iter()
+        .chain(rest)
+        .chain(&["ERROR"])
+        .map(|s| s.to_string())
+        .collect()
+}
+
+/// A disk's row: its name and stage, then the role's columns.
+fn row<const N: usize>(name: &str, stage: &str, rest: [String; N]) -> Vec<String> {
+    [name.to_string(), stage.to_string()]
+        .into_iter()
+        .chain(rest)
+        .collect()
 }
 
 fn ago(time_unix_ms: u64) -> i64 {
@@ -451,83 +465,72 @@ fn ago(time_unix_ms: u64) -> i64 {
 
 /// A readable table of `query-replication`.
 pub fn render_status(st: &Status) -> String {
-    match st {
+    let (head, rows, last) = match st {
         Status::Primary(p) => {
-            let mut out = format!("role: primary   mode: {}\n", p.mode);
-            let mut rows = vec![cells(&[
-                "DISK",
-                "STAGE",
-                "LINK",
-                "SYNC",
-                "QUEUE",
-                "FORWARDED",
-                "DIRTY",
-                "ERROR",
-            ])];
-            for d in &p.disks {
-                rows.push(vec![
-                    d.name.clone(),
-                    d.stage.clone(),
-                    if d.link_up { "up" } else { "down" }.into(),
-                    sync_state(d),
-                    format!("{} req / {}", d.queue_requests, bytes(d.queue_bytes)),
-                    bytes(d.forwarded_bytes),
-                    bytes(d.dirty_bytes),
-                    or_dash(&d.error),
-                ]);
-            }
-            out += &table(&rows);
-            if let Some(l) = &p.last_checkpoint {
-                out += &format!(
-                    "last checkpoint: {} ms ago, drain {:.2} ms",
+            let mut rows = vec![header(&["LINK", "SYNC", "QUEUE", "FORWARDED", "DIRTY"])];
+            rows.extend(p.disks.iter().map(|d| {
+                row(
+                    &d.name,
+                    &d.stage,
+                    [
+                        if d.link_up { "up" } else { "down" }.into(),
+                        sync_state(d),
+                        format!("{} req / {}", d.queue_requests, bytes(d.queue_bytes)),
+                        bytes(d.forwarded_bytes),
+                        bytes(d.dirty_bytes),
+                        or_dash(&d.error),
+                    ],
+                )
+            }));
+            let last = p.last_checkpoint.map(|l| {
+                let secondary = l
+                    .secondary_ms
+                    .map(|s| format!(", secondary {s:.2} ms"))
+                    .unwrap_or_default();
+                format!(
+                    "last checkpoint: {} ms ago, drain {:.2} ms{secondary}",
                     ago(l.time_unix_ms),
                     l.drain_ms
-                );
-                if let Some(s) = l.secondary_ms {
-                    out += &format!(", secondary {s:.2} ms");
-                }
-                out.push('\n');
-            }
-            out
+                )
+            });
+            (format!("role: primary   mode: {}", p.mode), rows, last)
         }
         Status::Secondary(s) => {
-            let mut out = "role: secondary\n".to_string();
-            let mut rows = vec![cells(&[
-                "DISK",
-                "STAGE",
-                "ACTIVE",
-                "HIDDEN",
-                "CBW COPIES",
-                "FAILOVER",
-                "ERROR",
-            ])];
-            for d in &s.disks {
+            let mut rows = vec![header(&["ACTIVE", "HIDDEN", "CBW COPIES", "FAILOVER"])];
+            rows.extend(s.disks.iter().map(|d| {
                 let f = &d.failover;
                 let progress = match f.total_bytes {
                     0 => "-".into(),
                     t => format!("{}%", f.done_bytes * 100 / t),
                 };
-                rows.push(vec![
-                    d.name.clone(),
-                    d.stage.clone(),
-                    bytes(d.active_bytes),
-                    bytes(d.hidden_bytes),
-                    d.cbw_copies.to_string(),
-                    progress,
-                    or_dash(&d.error),
-                ]);
-            }
-            out += &table(&rows);
-            if let Some(l) = &s.last_checkpoint {
-                out += &format!(
-                    "last checkpoint: {} ms ago, took {:.2} ms\n",
+                row(
+                    &d.name,
+                    &d.stage,
+                    [
+                        bytes(d.active_bytes),
+                        bytes(d.hidden_bytes),
+                        d.cbw_copies.to_string(),
+                        progress,
+                        or_dash(&d.error),
+                    ],
+                )
+            }));
+            let last = s.last_checkpoint.map(|l| {
+                format!(
+                    "last checkpoint: {} ms ago, took {:.2} ms",
                     ago(l.time_unix_ms),
                     l.duration_ms
-                );
-            }
-            out
+                )
+            });
+            ("role: secondary".to_string(), rows, last)
         }
+    };
+    let mut out = head + "\n" + &table(&rows);
+    if let Some(l) = last {
+        out += &l;
+        out.push('\n');
     }
+    out
 }
 
 #[cfg(test)]

@@ -311,7 +311,7 @@ fn promote_request(args: &Args) -> Result<PromoteRequest, QmpError> {
         None => None,
     };
     let mode = match args.opt_str("mode")? {
-        Some(m) => m.parse().map_err(|e: String| bad(&e))?,
+        Some(m) => crate::disk_spec::forward_mode(m).map_err(|e| bad(&e))?,
         None => replication::primary::ForwardMode::Async,
     };
     Ok(PromoteRequest {

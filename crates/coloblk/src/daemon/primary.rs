@@ -64,7 +64,8 @@ pub struct PrimaryArgs {
 
     /// async: a write completes when the local write is done and the forward follows
     /// (checkpoints drain); sync: it also waits for the secondary, as QEMU does.
-    #[arg(long, value_name = "MODE", default_value = "async")]
+    #[arg(long, value_name = "MODE", default_value = "async",
+          value_parser = crate::disk_spec::forward_mode)]
     pub mode: ForwardMode,
 
     /// The secondary's control socket: replication-checkpoint then drains here and checkpoints
@@ -290,11 +291,7 @@ impl Group for PrimaryGroup {
             })
             .collect();
         Status::Primary(PrimaryStatus {
-            mode: match self.mode {
-                ForwardMode::Async => "async",
-                ForwardMode::Sync => "sync",
-            }
-            .into(),
+            mode: self.mode.name().into(),
             disks,
             last_checkpoint: *self.last.lock(),
         })

@@ -57,14 +57,22 @@ pub enum ForwardMode {
     Async,
 }
 
-impl std::str::FromStr for ForwardMode {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "sync" => Ok(ForwardMode::Sync),
-            "async" => Ok(ForwardMode::Async),
-            _ => Err(format!("unknown mode '{s}' (async or sync)")),
+impl ForwardMode {
+    /// Every mode, by its name on command lines and in status.
+    pub const ALL: [(&'static str, ForwardMode); 2] =
+        [("async", ForwardMode::Async), ("sync", ForwardMode::Sync)];
+
+    /// The mode's name.
+    pub fn name(self) -> &'static str {
+        match self {
+            ForwardMode::Async => "async",
+            ForwardMode::Sync => "sync",
         }
+    }
+
+    /// The mode called `name`.
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.iter().find(|(n, _)| *n == name).map(|(_, m)| *m)
     }
 }
 
