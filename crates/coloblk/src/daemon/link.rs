@@ -16,6 +16,7 @@
 //! | first link to this secondary | the disk's `sync=` (checksum, full or none) |
 //! | the same secondary process as before (its instance) | the dirty bitmap only: its buffer still holds everything since the last checkpoint |
 //! | another process (it restarted) | checksum: the bitmap is probably exact, but nothing proves it |
+//! | the same process, still holding an old connection after 30 s | checksum (its requests may still land) |
 //! | a peer without our commands (qemu-nbd, QEMU) | `full`, every time: nothing tells what it kept |
 //!
 //! Before a checksum or full sync the secondary is told (`replication-sync-begin`) that its
@@ -395,6 +396,10 @@ impl DiskLink {
         // The peer first: one that took over must be found even when its replica export is
         // gone, and requests of the old connection it still finishes must land before the new
         // link's copies (they would overwrite them otherwise).
+        // An old connection the secondary never saw close (its end went silent in a network
+        // partition, say) must not keep the link down for good: past the grace, the link comes
+        // up with a full comparison, which does not trust the bitmap.
+        let mut unsure = false;
         let mut peer = match &target.peer {
             Some(addr) => {
                 let deadline = std::time::Instant::now() + OLD_CONNECTION_GRACE;
@@ -403,13 +408,10 @@ impl DiskLink {
                     if p.promoted.is_some() {
                         return Ok(Connected::Promoted);
                     }
-                    if !p.old_connection {
+                    if !p.old_connection || std::time::Instant::now() >= deadline {
+                        unsure = p.old_connection;
                         break Some(p);
                     }
-                    anyhow::ensure!(
-                        std::time::Instant::now() < deadline,
-                        "the secondary still serves an old connection of this primary"
-                    );
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             }
@@ -440,7 +442,7 @@ impl DiskLink {
                 SyncMode::None => None,
                 _ => Some(Plan::Full),
             },
-            (true, true) if instance == synced => Some(Plan::Bitmap),
+            (true, true) if instance == synced && !unsure => Some(Plan::Bitmap),
             (true, true) => Some(Plan::Checksum),
             // Nothing tells what an unverified peer kept (a host crash loses its page cache).
             (true, false) => match sync {
