@@ -51,8 +51,17 @@ const PEER_CHECK_EVERY: Duration = Duration::from_secs(2);
 const STABLE_LINK: Duration = Duration::from_secs(5);
 /// How long the keeper waits for the secondary to finish the old connection's requests.
 const OLD_CONNECTION_GRACE: Duration = Duration::from_secs(30);
-/// The peer's status and digest queries.
-const PEER_COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
+/// The peer's status, digest and checkpoint commands.
+pub(super) const PEER_COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A control session with a secondary: connected, greeted and negotiated within `timeout`.
+pub(super) async fn peer_session(
+    addr: &SocketAddr,
+    timeout: Duration,
+) -> anyhow::Result<QmpClient<Stream>> {
+    let label = format!("the secondary's control socket {addr}");
+    Ok(QmpClient::connect(label, addr.connect(), timeout).await?)
+}
 /// Bytes per digest of a checksum sync (a multiple of the dirty bitmap's granularity).
 const CHECKSUM_BLOCK: u64 = 64 << 10;
 
@@ -337,12 +346,7 @@ impl DiskLink {
 
     /// Asks the peer's control socket what it is.
     async fn peer_state(&self, peer: &SocketAddr, config: &LinkConfig) -> anyhow::Result<Peer> {
-        let mut c = QmpClient::connect(
-            format!("the secondary's control socket {peer}"),
-            peer.connect(),
-            config.peer_timeout,
-        )
-        .await?;
+        let mut c = peer_session(peer, config.peer_timeout).await?;
         let commands = c
             .execute_timeout("query-commands", json!({}), PEER_COMMAND_TIMEOUT)
             .await?;

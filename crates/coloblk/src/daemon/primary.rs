@@ -19,7 +19,7 @@ use serde_json::json;
 use tokio::sync::broadcast;
 use tracing::{info, warn};
 
-use super::link::{DiskLink, LinkConfig, SyncMode, Target};
+use super::link::{DiskLink, LinkConfig, PEER_COMMAND_TIMEOUT, SyncMode, Target, peer_session};
 use super::{DaemonArgs, Endpoint, Plan};
 use crate::control::status::{
     CheckpointReply, Compared, PrimaryCheckpoint, PrimaryDisk, PrimaryStatus, Resync, Status,
@@ -33,8 +33,6 @@ use crate::disk_spec::DiskSpec;
 /// How much later than the NBD client's request timeout the primary node's own link timer
 /// fires.
 const LINK_TIMER_GRACE: Duration = Duration::from_secs(1);
-/// The secondary's checkpoint (emptying its overlays) and its status query.
-const PEER_COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
 
 #[derive(Args, Debug, Clone)]
 #[command(after_help = "Example:\n  \
@@ -430,12 +428,7 @@ impl PeerCheckpoint {
         disks: Vec<String>,
         timeout: Duration,
     ) -> anyhow::Result<Self> {
-        let mut client = qmp::QmpClient::connect(
-            format!("the secondary's control socket {addr}"),
-            addr.connect(),
-            timeout,
-        )
-        .await?;
+        let mut client = peer_session(addr, timeout).await?;
         let status = client
             .execute_timeout("query-replication", json!({}), PEER_COMMAND_TIMEOUT)
             .await
