@@ -117,16 +117,17 @@ fi
 if part 2; then
 echo
 echo "## 2. checksum sync of two 4 GiB disks (coloblk secondary, --peer-control)"
-checksum_run() { # LABEL: s.raw must be in place
+checksum_run() { # LABEL [PRIMARY_IMAGE SECONDARY_IMAGE]: default p.raw and s.raw
+    local pimg=${2:-$W/p.raw} simg=${3:-$W/s.raw}
     rm -f "$W"/c*.sock "$W"/c*.qmp
-    "$BIN" secondary --disk "d=$W/s.raw" --replica-listen "unix:$W/cr.sock" \
+    "$BIN" secondary --disk "d=$simg" --replica-listen "unix:$W/cr.sock" \
         --export-listen "unix:$W/ct.sock" --control "unix:$W/cs.qmp" --buffer-dir "$W/buf" \
         --start 2>/dev/null & PIDS+=($!)
     local S=$!
     wait_sock "$W/cs.qmp"
     local t
     t=$(now)
-    "$BIN" primary --disk "d=$W/p.raw,replica=nbd+unix:///d?socket=$W/cr.sock" \
+    "$BIN" primary --disk "d=$pimg,replica=nbd+unix:///d?socket=$W/cr.sock" \
         --peer-control "unix:$W/cs.qmp" --export-listen "unix:$W/cp.nbd" \
         --control "unix:$W/cp.qmp" --start 2>/dev/null & PIDS+=($!)
     local P=$!
@@ -138,7 +139,7 @@ checksum_run() { # LABEL: s.raw must be in place
     st=$(status "$W/cp.qmp")
     echo "| $1 | $secs | $(echo "$st" | field "d['compared']['differing-bytes'] >> 20") | $(echo "$st" | field "d['resync']['sent-bytes'] >> 20") |"
     kill "$P" "$S"; wait "$P" "$S" 2>/dev/null || true
-    cmp -s "$W/p.raw" "$W/s.raw" || { echo "checksum sync left the disks different" >&2; exit 1; }
+    cmp -s "$pimg" "$simg" || { echo "checksum sync left the disks different" >&2; exit 1; }
 }
 cp --sparse=always "$W/p.raw" "$W/s.raw"
 echo "| disks | seconds | differing MiB | sent MiB |"
@@ -154,6 +155,20 @@ cat "$W/p.raw" >/dev/null & R1=$!
 cat "$W/s.raw" >/dev/null & R2=$!
 wait "$R1" "$R2"
 echo "reading both images (page cache, two readers): $(since "$t") s"
+# Dense: 2 GiB of data on each side, equal; no hole to skip, every byte read and hashed.
+for i in $(seq 0 31); do
+    dd if="$W/piece" of="$W/pd.raw" bs=1M seek=$((i * 64)) conv=notrunc status=none
+done
+cp "$W/pd.raw" "$W/sd.raw"
+echo "| disks | seconds | differing MiB | sent MiB |"
+echo "|---|---|---|---|"
+checksum_run "equal, 2 GiB dense" "$W/pd.raw" "$W/sd.raw"
+t=$(now)
+cat "$W/pd.raw" >/dev/null & R1=$!
+cat "$W/sd.raw" >/dev/null & R2=$!
+wait "$R1" "$R2"
+echo "reading both dense images (page cache, two readers): $(since "$t") s"
+rm -f "$W/pd.raw" "$W/sd.raw"
 
 fi
 

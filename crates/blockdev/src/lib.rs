@@ -117,6 +117,14 @@ pub trait BlockDev: Send + Sync + 'static {
     /// Reads `len` bytes at `offset`.
     async fn read(&self, offset: u64, len: usize) -> Result<Bytes>;
 
+    /// Reads `len` bytes at `offset` into `buf`, whose allocation is reused where the driver
+    /// can (a copy loop that recycles its buffers saves the kernel's page faults and zeroing
+    /// of a fresh allocation per read); the default reads as [`BlockDev::read`] does.
+    async fn read_reusing(&self, offset: u64, len: usize, buf: Vec<u8>) -> Result<Vec<u8>> {
+        drop(buf);
+        Ok(Vec::from(self.read(offset, len).await?))
+    }
+
     /// Writes `data` at `offset`.
     async fn write(&self, offset: u64, data: Bytes, flags: WriteFlags) -> Result<()>;
 

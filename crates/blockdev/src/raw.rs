@@ -141,6 +141,36 @@ fn read_cached(file: &File, supported: &AtomicBool, offset: u64, len: usize) -> 
     Some(buf.freeze())
 }
 
+/// Reads `len` bytes at `offset` into a new buffer that is not zeroed first: the read fills
+/// it, and zeroing a large buffer cost as much CPU as the read itself.
+fn read_new(file: &File, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
+    let mut buf = Vec::with_capacity(len);
+    while buf.len() < len {
+        let at = offset + buf.len() as u64;
+        // Appends what it read to `buf` (its spare capacity, never beyond).
+        match rustix::io::pread(file, rustix::buffer::spare_capacity(&mut buf), at) {
+            Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            Ok(_) => {}
+            Err(Errno::INTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    buf.truncate(len);
+    Ok(buf)
+}
+
+/// Reads `len` bytes at `offset` into `buf`: what it held is overwritten, so only the part it
+/// grows by is zeroed first (nothing, when a copy loop hands back buffers of one size).
+fn read_fill(file: &File, offset: u64, len: usize, mut buf: Vec<u8>) -> std::io::Result<Vec<u8>> {
+    if buf.is_empty() {
+        return read_new(file, offset, len);
+    }
+    buf.truncate(len);
+    buf.resize(len, 0);
+    file.read_exact_at(&mut buf, offset)?;
+    Ok(buf)
+}
+
 /// A buffer of `len` bytes whose start is aligned for O_DIRECT, carved out of a larger one.
 fn aligned_buffer(len: usize) -> BytesMut {
     let mut buf = BytesMut::zeroed(len + DIRECT_ALIGN);
@@ -230,14 +260,30 @@ impl BlockDev for RawFile {
         let direct = self.direct;
         self.pool
             .run(Op::Read, offset, move || {
-                let mut buf = if direct {
-                    aligned_buffer(len)
-                } else {
-                    BytesMut::zeroed(len)
-                };
+                if !direct {
+                    return read_new(&file, offset, len)
+                        .map(Bytes::from)
+                        .map_err(|e| BlockError::from_io(e, Op::Read, offset));
+                }
+                let mut buf = aligned_buffer(len);
                 file.read_exact_at(&mut buf, offset)
                     .map_err(|e| BlockError::from_io(e, Op::Read, offset))?;
                 Ok(buf.freeze())
+            })
+            .await
+            .map_err(|e| self.named(e))
+    }
+
+    async fn read_reusing(&self, offset: u64, len: usize, buf: Vec<u8>) -> Result<Vec<u8>> {
+        if self.direct {
+            return Ok(Vec::from(self.read(offset, len).await?));
+        }
+        check_range(Op::Read, offset, len as u64, self.info.len).map_err(|e| self.named(e))?;
+        let file = self.file.clone();
+        self.pool
+            .run(Op::Read, offset, move || {
+                read_fill(&file, offset, len, buf)
+                    .map_err(|e| BlockError::from_io(e, Op::Read, offset))
             })
             .await
             .map_err(|e| self.named(e))
@@ -385,6 +431,30 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(&dev.read(4094, 7).await.unwrap()[..], b"\0hello\0");
+    }
+
+    // A recycled buffer holds an earlier read's bytes and may be longer or shorter than the
+    // next read: none of its old content may show, and the last bytes of the file read whole.
+    #[tokio::test]
+    async fn reads_into_recycled_buffers_return_exactly_the_range() {
+        let (_d, dev) = fresh(1 << 20).await;
+        let data = testutil::pattern(3, 1 << 20);
+        dev.write(0, data.clone(), WriteFlags::default())
+            .await
+            .unwrap();
+        let stale = vec![0xee; 300 << 10];
+        for (offset, len, buf) in [
+            (0, 100 << 10, stale.clone()),           // shorter than the buffer
+            (5, 500 << 10, stale.clone()),           // longer than the buffer
+            ((1 << 20) - 4096, 4096, stale.clone()), // the file's last bytes
+            (7, 1000, Vec::new()),                   // a fresh buffer
+            (7, 1000, Vec::with_capacity(1 << 20)),  // empty, with room
+        ] {
+            let got = dev.read_reusing(offset as u64, len, buf).await.unwrap();
+            assert_eq!(got, &data[offset..offset + len], "{offset}+{len}");
+        }
+        let past = dev.read_reusing((1 << 20) - 10, 20, stale).await;
+        assert_eq!(past.unwrap_err().kind, ErrorKind::OutOfRange);
     }
 
     #[tokio::test]

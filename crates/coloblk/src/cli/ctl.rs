@@ -305,7 +305,10 @@ async fn wait_protected(c: &mut Client, limit: Duration, quiet: bool) -> anyhow:
                 .collect();
             anyhow::bail!("not protected after {limit:?}: {}", left.join("; "));
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        // Woken by the daemon's next event (REPLICATION_PROTECTED among them), so the wait
+        // ends when protection does, not at the next poll; a second at most between looks.
+        let left = limit.saturating_sub(start.elapsed());
+        let _ = tokio::time::timeout(left.min(Duration::from_secs(1)), c.next_event()).await;
     }
 }
 
