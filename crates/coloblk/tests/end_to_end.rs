@@ -1068,3 +1068,174 @@ fn assert_fences_itself(c: &Cluster) {
         "a fenced write landed"
     );
 }
+
+/// A primary killed with -9 under fio forgets its queue and its dirty bitmap, but not its write
+/// log: restarted on the same disk, it finds the secondary in the generation of their last
+/// checkpoint, copies only the logged extents (no comparison of the disk), and the next
+/// checkpoint finds the disks equal.
+#[test]
+fn a_primary_killed_under_fio_resyncs_its_write_log_and_ends_equal() {
+    require("fio");
+    let mut c = cluster("async");
+    c.ok("primary.qmp", "checkpoint");
+    // fio writes 8 MiB in the middle of the 64 MiB disk: two 4 MiB extents of the log.
+    let mut vm = Command::new("fio")
+        .args(["--name=load", "--ioengine=nbd", "--rw=randwrite", "--bs=4k"])
+        .args(["--iodepth=16", "--offset=24M", "--size=8M", "--time_based"])
+        .args(["--runtime=10"])
+        .arg(format!("--uri={}", c.vm()))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    let mut primary = c.primary.take().unwrap();
+    let _ = primary.child.kill();
+    let _ = primary.child.wait();
+    let _ = vm.kill();
+    let _ = vm.wait();
+    for f in ["primary.sock", "primary.qmp"] {
+        let _ = std::fs::remove_file(c.p(f));
+    }
+    c.primary = Some(spawn_primary(c.dir.path(), "async"));
+    let st = c.status("primary.qmp");
+    let d = &st["disks"][0];
+    assert_eq!(
+        d["compared"],
+        serde_json::Value::Null,
+        "no comparison: {st}"
+    );
+    let sent = d["resync"]["sent-bytes"].as_u64().unwrap();
+    assert!(sent <= 8 * MIB, "sent {sent} bytes for an 8 MiB log");
+    c.ok("primary.qmp", "checkpoint");
+    let a = std::fs::read(c.p("primary.raw")).unwrap();
+    let b = std::fs::read(c.p("secondary.raw")).unwrap();
+    assert_eq!(
+        first_difference(&a, &b),
+        None,
+        "disks differ after the resync"
+    );
+    assert!(
+        a[24 * MIB as usize..32 * MIB as usize]
+            .iter()
+            .any(|&x| x != 0)
+    );
+}
+
+/// A secondary killed with -9 comes back knowing its disk is no usable copy (its buffer is
+/// gone, and it cannot tell which of the epoch's writes reached it): failover is refused
+/// until the primary, which finds it in their generation, has resynced and checkpointed.
+#[test]
+fn a_restarted_secondary_is_no_usable_copy_until_resynced_and_checkpointed() {
+    require("qemu-io");
+    let mut c = cluster("async");
+    qemu_io(&c.vm(), "write -P 0x31 0 1M");
+    c.ok("primary.qmp", "checkpoint");
+    let _ = c.secondary.child.kill();
+    let _ = c.secondary.child.wait();
+    qemu_io(&c.vm(), "write -P 0x32 8M 1M");
+    for f in ["replica.sock", "top.sock", "secondary.qmp"] {
+        let _ = std::fs::remove_file(c.p(f));
+    }
+    // Not started: the primary cannot resync it yet, and failover must still be refused.
+    c.secondary = spawn_secondary(c.dir.path(), &[]);
+    let st = c.status("secondary.qmp");
+    assert_eq!(st["disks"][0]["consistent"], false, "{st}");
+    c.ok("secondary.qmp", "start");
+    let out = c.ctl("secondary.qmp", "failover");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("not a usable copy"),
+        "{err}"
+    );
+    let st = wait_protected(&c.unix("primary.qmp"));
+    // The last comparison is still the first sync's (nothing differed then): a comparison now
+    // would have found the 1 MiB written while the secondary was away. The log's 4 MiB extent
+    // went instead.
+    let d = &st["disks"][0];
+    assert_eq!(d["compared"]["differing-bytes"], 0, "{st}");
+    assert_eq!(d["resync"]["done-bytes"], 4 * MIB, "{st}");
+    c.ok("primary.qmp", "checkpoint");
+    assert_eq!(c.status("secondary.qmp")["disks"][0]["consistent"], true);
+    let a = std::fs::read(c.p("primary.raw")).unwrap();
+    let b = std::fs::read(c.p("secondary.raw")).unwrap();
+    assert_eq!(
+        first_difference(&a, &b),
+        None,
+        "disks differ after the resync"
+    );
+    assert!(
+        b[8 * MIB as usize..9 * MIB as usize]
+            .iter()
+            .all(|&x| x == 0x32)
+    );
+}
+
+/// The state names its image and is checked whole: a damaged state file or one of another
+/// image stops the daemon with the path and the reason, and nothing is served.
+#[test]
+fn a_damaged_or_foreign_state_is_refused_with_its_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let image = raw_image(d, "p.raw", DISK);
+    let state = d.join("p.raw.coloblk");
+    let start = |extra: &[&str]| {
+        coloblk()
+            .args(["primary", "--disk"])
+            .arg(format!(
+                "vm0={},replica=nbd+unix:///vm0?socket={}",
+                image.display(),
+                d.join("none.sock").display()
+            ))
+            .args([
+                "--export-listen",
+                &format!("unix:{}", d.join("p.sock").display()),
+            ])
+            .args(["--control", &format!("unix:{}", d.join("p.qmp").display())])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    // A first run writes the state (the primary serves, then is stopped).
+    let mut p = Proc::spawn(
+        "coloblk primary",
+        coloblk()
+            .args(["primary", "--disk"])
+            .arg(format!(
+                "vm0={},replica=nbd+unix:///vm0?socket={},sync=full",
+                image.display(),
+                d.join("none.sock").display()
+            ))
+            .args([
+                "--export-listen",
+                &format!("unix:{}", d.join("p.sock").display()),
+            ])
+            .args(["--control", &format!("unix:{}", d.join("p.qmp").display())]),
+    );
+    wait_socket(&d.join("p.qmp"), &mut p);
+    signal(&p, "TERM");
+    assert!(p.child.wait().unwrap().success());
+    let good = std::fs::read(state.join("state")).unwrap();
+    let mut bad = good.clone();
+    let n = bad.len();
+    bad[n - 3] ^= 0x20;
+    std::fs::write(state.join("state"), &bad).unwrap();
+    let out = start(&[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains(&state.join("state").display().to_string()) && err.contains("damaged"),
+        "{err}"
+    );
+    assert!(!d.join("p.sock").exists(), "nothing is served");
+    // Another image where this one was: the state is not its own.
+    std::fs::write(state.join("state"), &good).unwrap();
+    let other = raw_image(d, "q.raw", DISK);
+    std::fs::rename(&other, &image).unwrap();
+    let out = start(&[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("belongs to another image"),
+        "{err}"
+    );
+}

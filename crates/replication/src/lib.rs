@@ -9,6 +9,7 @@ pub mod group;
 pub mod primary;
 pub mod secondary;
 mod stage;
+pub mod state;
 
 pub use error::ReplicationError;
 pub use events::ReplicationEvent;

@@ -77,6 +77,10 @@ pub struct CtlArgs {
     #[arg(long)]
     force: bool,
 
+    /// With `discard-changes`: the disk whose own changes are discarded.
+    #[arg(long, value_name = "NAME")]
+    disk: Option<String>,
+
     #[arg(value_enum)]
     action: Action,
 }
@@ -105,6 +109,10 @@ enum Action {
     /// orchestrator does before its first checkpoint. Exit 1 after --timeout, saying how far
     /// each disk got.
     WaitProtected,
+    /// On a secondary after a split brain (both sides served as a primary after their last
+    /// shared generation): discard this side's own changes to --disk; the primary's next
+    /// connection overwrites them with a checksum sync.
+    DiscardChanges,
 }
 
 /// A positive, finite number of seconds.
@@ -189,6 +197,13 @@ async fn act(c: &mut Client, args: &CtlArgs) -> anyhow::Result<()> {
         Action::Stop => ("replication-stop", json!({})),
         Action::Verify => ("replication-verify", json!({})),
         Action::Promote => ("replication-promote", promote_args(args)?),
+        Action::DiscardChanges => {
+            let disk = args
+                .disk
+                .clone()
+                .context("discard-changes needs --disk NAME")?;
+            ("replication-discard-changes", json!({ "disk": disk }))
+        }
     };
     let reply = call(c, command, cmd_args, args.command_timeout).await?;
     if args.json {

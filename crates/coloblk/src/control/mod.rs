@@ -66,6 +66,9 @@ pub struct CheckpointRequest {
     /// The disks a coordinating primary holds here: with `epoch`, they are usable copies
     /// after this checkpoint.
     pub disks: Option<Vec<String>>,
+    /// Per disk, the primary's generation: the secondary records it as the one its disk is
+    /// equal in (persistent state).
+    pub generations: Vec<(String, replication::state::Gen)>,
 }
 
 /// What a stop command asked for.
@@ -258,6 +261,17 @@ pub trait Group: Send + Sync + 'static {
     async fn sync_begin(&self, _disk: &str) -> Result<(), ControlError> {
         Err(only_role(Role::Secondary, "replication-sync-begin"))
     }
+    /// Either role: what `disk`'s persistent state says of it (generations).
+    fn generations(&self, disk: &str) -> Result<replication::state::GenView, ControlError> {
+        Err(ControlError::Refused(format!(
+            "no persistent state for disk '{disk}' here"
+        )))
+    }
+    /// Secondary: the operator discards `disk`'s own changes (split-brain resolution): the
+    /// next primary to connect overwrites them.
+    fn discard_changes(&self, _disk: &str) -> Result<(), ControlError> {
+        Err(only_role(Role::Secondary, "replication-discard-changes"))
+    }
 }
 
 /// Dispatches QMP commands to a [`Group`].
@@ -282,6 +296,8 @@ pub const COMMANDS: &[&str] = &[
     "replication-promote",
     "replication-digest",
     "replication-sync-begin",
+    "replication-generations",
+    "replication-discard-changes",
 ];
 
 fn promote_request(args: &Args) -> Result<PromoteRequest, QmpError> {
@@ -356,7 +372,27 @@ impl<G: Group + ?Sized> Handler for Control<G> {
                 empty(g.start(g.role().mode()).await)
             }
             "replication-checkpoint" => {
-                args.only(&["force", "epoch", "disks"])?;
+                args.only(&["force", "epoch", "disks", "generations"])?;
+                let generations = match args.0.get("generations") {
+                    None => Vec::new(),
+                    Some(Value::Object(m)) => m
+                        .iter()
+                        .map(|(k, v)| {
+                            v.as_str()
+                                .ok_or_else(|| "not a string".to_string())
+                                .and_then(str::parse)
+                                .map(|g| (k.clone(), g))
+                                .map_err(|e| {
+                                    QmpError::generic(format!("generation of disk '{k}': {e}"))
+                                })
+                        })
+                        .collect::<Result<_, _>>()?,
+                    Some(_) => {
+                        return Err(QmpError::generic(
+                            "Invalid parameter type for 'generations', expected: object",
+                        ));
+                    }
+                };
                 let disks = match args.0.get("disks") {
                     None => None,
                     Some(Value::Array(l)) if l.iter().all(Value::is_string) => Some(
@@ -376,6 +412,7 @@ impl<G: Group + ?Sized> Handler for Control<G> {
                     epoch: args.opt_u64("epoch")?,
                     qemu: false,
                     disks,
+                    generations,
                 };
                 reply(g.checkpoint(req).await)
             }
@@ -434,6 +471,17 @@ impl<G: Group + ?Sized> Handler for Control<G> {
                 args.only(&["disk"])?;
                 let disk = required_str(&args, "disk")?;
                 empty(g.sync_begin(disk).await)
+            }
+            "replication-generations" => {
+                args.only(&["disk"])?;
+                let disk = required_str(&args, "disk")?;
+                reply(g.generations(disk))
+            }
+            "replication-discard-changes" => {
+                args.only(&["disk"])?;
+                let disk = required_str(&args, "disk")?;
+                tracing::warn!(disk, "the operator discards this disk's own changes");
+                empty(g.discard_changes(disk))
             }
             "xen-set-replication" => {
                 args.only(&["enable", "primary", "failover"])?;

@@ -33,6 +33,7 @@ use nbd::client::{ClientConfig, NbdClient};
 use parking_lot::Mutex;
 use qmp::QmpClient;
 use replication::primary::{ChecksumReport, Digest, PrimaryNode, RemoteDigests};
+use replication::state::{GenView, Outcome, decide};
 use serde_json::json;
 use tokio::sync::Notify;
 use tracing::{info, warn};
@@ -142,6 +143,8 @@ pub struct DiskLink {
     pub name: String,
     /// The replication node.
     pub node: PrimaryNode,
+    /// The disk's persistent state (generations, write log).
+    pub disk_state: Option<super::state::DiskState>,
     state: Mutex<State>,
     changed: Notify,
 }
@@ -161,10 +164,17 @@ pub struct LinkStatus {
 
 impl DiskLink {
     /// A disk whose keeper is not running yet.
-    pub fn new(name: String, node: PrimaryNode, sync: SyncMode, target: Target) -> Arc<Self> {
+    pub fn new(
+        name: String,
+        node: PrimaryNode,
+        sync: SyncMode,
+        target: Target,
+        disk_state: Option<super::state::DiskState>,
+    ) -> Arc<Self> {
         Arc::new(DiskLink {
             name,
             node,
+            disk_state,
             state: Mutex::new(State {
                 target,
                 sync,
@@ -435,7 +445,37 @@ impl DiskLink {
         };
         let verified = peer.as_ref().is_some_and(|p| p.verified);
         let instance = peer.as_ref().and_then(|p| p.instance);
+        let outcome = self.compare_generations(peer.as_mut()).await?;
+        match &outcome {
+            Some(Outcome::PeerNewer(g)) => {
+                warn!(disk = %self.name, "the secondary failed over from generation {g}: it is newer than this disk");
+                return Ok(Connected::Promoted);
+            }
+            Some(Outcome::SplitBrain(g)) => {
+                config.events.emit(
+                    "REPLICATION_SPLIT_BRAIN",
+                    json!({"disk": self.name, "generation": g.to_string()}),
+                );
+                anyhow::bail!(
+                    "split brain: both disks served as a primary after their last shared                      generation {g}; nothing is copied. Run replication-discard-changes                      (coloblk ctl discard-changes --disk {}) on the side whose changes are to be                      discarded",
+                    self.name
+                );
+            }
+            _ => {}
+        }
         let plan = match (first_done, verified) {
+            // The secondary's disk is this one's as of the last checkpoint (its state says so):
+            // the write log and the dirty bitmap name everything that may differ.
+            _ if outcome == Some(Outcome::Bitmap) && !unsure => {
+                if let Some(log) = self.node.write_log() {
+                    for (o, l) in log.ranges() {
+                        self.node.dirty().mark(o, l);
+                    }
+                }
+                Some(Plan::Bitmap)
+            }
+            // An old primary rejoining: its writes after the failover point are void.
+            _ if outcome == Some(Outcome::Rejoin) => Some(Plan::Checksum),
             (false, true) => match sync {
                 SyncMode::Checksum => Some(Plan::Checksum),
                 SyncMode::Full => Some(Plan::Full),
@@ -526,6 +566,43 @@ impl DiskLink {
             }
         }
         Ok(Connected::Linked)
+    }
+}
+
+impl DiskLink {
+    /// What the generations of both disks say this connection must do; none when either side
+    /// keeps no state (then the sync mode and what this process saw decide).
+    async fn compare_generations(
+        &self,
+        peer: Option<&mut Peer>,
+    ) -> anyhow::Result<Option<Outcome>> {
+        let (Some(st), Some(p)) = (&self.disk_state, peer) else {
+            return Ok(None);
+        };
+        if !p.verified {
+            return Ok(None);
+        }
+        let theirs = match p
+            .client
+            .execute_timeout(
+                "replication-generations",
+                json!({"disk": self.name}),
+                PEER_COMMAND_TIMEOUT,
+            )
+            .await
+        {
+            Ok(v) => serde_json::from_value::<GenView>(v)
+                .context("the secondary's generations are not readable")?,
+            // An older secondary, or one without state: nothing proves a relation.
+            Err(e) => {
+                info!(disk = %self.name, "the secondary gives no generations ({e})");
+                return Ok(None);
+            }
+        };
+        let ours = super::state::view(st);
+        let outcome = decide(&ours, &theirs);
+        info!(disk = %self.name, ?outcome, ours = ?ours, theirs = ?theirs, "generations compared");
+        Ok(Some(outcome))
     }
 }
 

@@ -15,6 +15,7 @@ pub mod primary;
 mod promote;
 pub mod secondary;
 pub mod serve;
+mod state;
 
 mod listen;
 mod metrics;

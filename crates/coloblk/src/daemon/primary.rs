@@ -2,6 +2,7 @@
 //! the secondary's replica exports; a checkpoint drains and, with `--peer-control`,
 //! checkpoints the secondary in the epoch it drained into.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -55,6 +56,12 @@ pub struct PrimaryArgs {
     #[arg(long = "disk", value_name = "SPEC", required = true,
           value_parser = crate::disk_spec::primary_disk)]
     pub disks: Vec<DiskSpec>,
+
+    /// Where each disk's persistent state lives (DIR/NAME): its generations and the write
+    /// log that names what the secondary may lack after a crash. Default: IMAGE.coloblk
+    /// beside each image.
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
 
     /// Where the VM reaches its disks over NBD: unix:PATH or tcp:HOST:PORT.
     #[arg(long, value_name = "ADDR", required = true)]
@@ -156,6 +163,15 @@ fn now_unix_ms() -> u64 {
 
 #[async_trait]
 impl Group for PrimaryGroup {
+    fn generations(&self, disk: &str) -> Result<replication::state::GenView, ControlError> {
+        match &self.disk(disk)?.disk_state {
+            Some(st) => Ok(super::state::view(st)),
+            None => Err(ControlError::Refused(format!(
+                "no persistent state for disk '{disk}' here"
+            ))),
+        }
+    }
+
     fn role(&self) -> Role {
         Role::Primary
     }
@@ -199,6 +215,20 @@ impl Group for PrimaryGroup {
                 })?;
             peers.push(p);
         }
+        // Each disk's generation goes with the checkpoint; its write log starts a new epoch
+        // before the drain, so that what it clears afterwards is what the drain covered.
+        let mut marks = Vec::new();
+        for d in &self.disks {
+            let Some(st) = &d.disk_state else { continue };
+            if let Some(g) = st.lock().state().view.current {
+                for p in peers.iter_mut().filter(|p| p.disks.contains(&d.name)) {
+                    p.generations.insert(d.name.clone(), json!(g.to_string()));
+                }
+            }
+            if let Some(log) = d.node.write_log() {
+                marks.push((d, log.clone(), log.checkpoint_begin()));
+            }
+        }
         let t = Instant::now();
         // Each disk drains and is checked again afterwards (a forward may fail meanwhile).
         self.group.checkpoint(force).await.map_err(disk_error)?;
@@ -215,6 +245,20 @@ impl Group for PrimaryGroup {
         }
         if !peers.is_empty() {
             secondary_ms = Some(t.elapsed().as_secs_f64() * 1000.0);
+        }
+        // Both sides are equal as of the drain: the secondary's disk is in our generation
+        // (base), and the log forgets what the drain covered. Failing to save this only
+        // leaves more to resync after a crash, never less.
+        for (d, log, mark) in marks {
+            let peer_has_it = peers.iter().any(|p| p.generations.contains_key(&d.name));
+            if let Some(st) = d.disk_state.as_ref().filter(|_| peer_has_it)
+                && let Err(e) = st.lock().update(|s| s.view.base = s.view.current)
+            {
+                warn!(disk = %d.name, "checkpoint done, but its generation cannot be saved: {e}");
+            }
+            if peer_has_it && let Err(e) = log.checkpoint_done(mark).await {
+                warn!(disk = %d.name, "checkpoint done, but the write log cannot be trimmed: {e}");
+            }
         }
         *self.last.lock() = Some(PrimaryCheckpoint {
             time_unix_ms: now_unix_ms(),
@@ -418,6 +462,8 @@ struct PeerCheckpoint {
     epoch: u64,
     /// The disks of this primary the secondary holds: they become usable copies there.
     disks: Vec<String>,
+    /// Their generations, which the secondary records as the ones it is equal in.
+    generations: serde_json::Map<String, serde_json::Value>,
 }
 
 impl PeerCheckpoint {
@@ -457,6 +503,7 @@ impl PeerCheckpoint {
             client,
             epoch: status.epoch,
             disks,
+            generations: serde_json::Map::new(),
         })
     }
 
@@ -466,7 +513,12 @@ impl PeerCheckpoint {
             .client
             .execute_timeout(
                 "replication-checkpoint",
-                json!({"epoch": self.epoch, "disks": self.disks}),
+                if self.generations.is_empty() {
+                    json!({"epoch": self.epoch, "disks": self.disks})
+                } else {
+                    json!({"epoch": self.epoch, "disks": self.disks,
+                           "generations": self.generations})
+                },
                 PEER_COMMAND_TIMEOUT,
             )
             .await?;
@@ -519,11 +571,13 @@ pub(super) struct NewDisk {
     pub local: Arc<dyn blockdev::BlockDev>,
     pub uri: String,
     pub sync: SyncMode,
+    /// Its persistent state (none for a disk kept only in memory).
+    pub state: Option<super::state::DiskState>,
 }
 
 /// Builds a primary group over `disks`; [`PrimaryGroup::start_links`] then starts their link
 /// keepers (the VM is served whether the secondary is there or not).
-pub(super) fn new_group(disks: Vec<NewDisk>, s: &Settings) -> Arc<PrimaryGroup> {
+pub(super) fn new_group(disks: Vec<NewDisk>, s: &Settings) -> anyhow::Result<Arc<PrimaryGroup>> {
     let config = PrimaryConfig {
         mode: s.mode,
         queue: QueueLimits {
@@ -541,13 +595,16 @@ pub(super) fn new_group(disks: Vec<NewDisk>, s: &Settings) -> Arc<PrimaryGroup> 
     let mut group = ReplicationGroup::new();
     for d in disks {
         let node = PrimaryNode::new(d.local, config.clone());
+        if let Some(st) = &d.state {
+            super::state::attach_primary(&node, st, &d.name)?;
+        }
         info!(disk = %d.name, replica = %d.uri, sync = d.sync.as_str(), "disk ready");
         group.add(d.name.clone(), Arc::new(node.clone()));
         let target = Target {
             uri: d.uri,
             peer: s.peer_control.clone(),
         };
-        links.push(DiskLink::new(d.name, node, d.sync, target));
+        links.push(DiskLink::new(d.name, node, d.sync, target, d.state));
     }
     let events = Arc::new(Events::default());
     let group = Arc::new(PrimaryGroup {
@@ -575,7 +632,7 @@ pub(super) fn new_group(disks: Vec<NewDisk>, s: &Settings) -> Arc<PrimaryGroup> 
         }),
     });
     let _ = group.link_config.set(link_config);
-    group
+    Ok(group)
 }
 
 impl PrimaryGroup {
@@ -622,11 +679,14 @@ async fn open(args: &PrimaryArgs, pool: &IoPool) -> anyhow::Result<Plan> {
             ))
             .into());
         }
+        let local = spec.open(pool)?;
+        let state = super::state::open(spec, args.state_dir.as_deref(), local.len())?;
         disks.push(NewDisk {
             name: spec.name.clone(),
-            local: spec.open(pool)?,
+            local,
             uri,
             sync,
+            state: Some(state),
         });
     }
     let settings = Settings {
@@ -638,7 +698,7 @@ async fn open(args: &PrimaryArgs, pool: &IoPool) -> anyhow::Result<Plan> {
         resync_rate: args.resync_rate,
         fence_on_promoted: args.on_peer_promoted == "fence",
     };
-    let group = new_group(disks, &settings);
+    let group = new_group(disks, &settings)?;
     group.start_links();
     let exports = group.exports();
     Ok(Plan {

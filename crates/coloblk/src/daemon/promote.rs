@@ -169,6 +169,15 @@ impl Group for Promotable {
     async fn sync_begin(&self, disk: &str) -> std::result::Result<(), ControlError> {
         self.now().sync_begin(disk).await
     }
+    fn generations(
+        &self,
+        disk: &str,
+    ) -> std::result::Result<replication::state::GenView, ControlError> {
+        self.now().generations(disk)
+    }
+    fn discard_changes(&self, disk: &str) -> std::result::Result<(), ControlError> {
+        self.now().discard_changes(disk)
+    }
 
     async fn promote(&self, req: PromoteRequest) -> std::result::Result<(), ControlError> {
         let _ops = self.ops.lock().await;
@@ -213,6 +222,7 @@ impl Group for Promotable {
                 local: top.clone(),
                 uri: r.uri.clone(),
                 sync,
+                state: self.secondary.disk_state(name),
             });
         }
         if let Some(r) = req
@@ -234,7 +244,8 @@ impl Group for Promotable {
             resync_rate: None,
             fence_on_promoted: true,
         };
-        let primary = new_group(disks, &settings);
+        let primary = new_group(disks, &settings)
+            .map_err(|e| ControlError::Refused(coloblk::error_chain(e.as_ref())))?;
         primary.start(Mode::Primary).await?;
         for (name, node) in primary.nodes() {
             if let Some((_, switch, _)) = self.switches.iter().find(|(n, _, _)| *n == name) {

@@ -66,6 +66,12 @@ pub struct SecondaryArgs {
     #[arg(long, value_name = "BYTES", default_value_t = 65536)]
     pub cluster_size: u64,
 
+    /// Where each disk's persistent state lives (DIR/NAME): the generation in which it was
+    /// last equal to its primary's, and whether it failed over. Default: IMAGE.coloblk beside
+    /// each image.
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+
     #[command(flatten)]
     pub daemon: DaemonArgs,
 }
@@ -81,6 +87,8 @@ struct Disk {
     /// A usable copy: false when the daemon starts (a restarted daemon lost its buffer) and
     /// from a primary's sync-begin, until a checkpoint that says the disk is equal.
     consistent: AtomicBool,
+    /// The disk's persistent state: the generation it was last equal to its primary in.
+    state: super::state::DiskState,
 }
 
 impl Disk {
@@ -158,6 +166,11 @@ impl SecondaryGroup {
             .find(|d| d.name == name)
             .ok_or_else(|| ControlError::Refused(format!("no disk '{name}' on this secondary")))
     }
+
+    /// The persistent state of disk `name` (a promotion hands it to the primary it builds).
+    pub(super) fn disk_state(&self, name: &str) -> Option<super::state::DiskState> {
+        self.disk(name).ok().map(|d| d.state.clone())
+    }
 }
 
 /// A random first epoch, leaving room below 2^53 for a million checkpoints.
@@ -229,6 +242,23 @@ impl Group for SecondaryGroup {
         };
         for d in self.disks.iter().filter(|d| vouched(&d.name)) {
             d.consistent.store(true, Ordering::SeqCst);
+            // The primary's generation: the one this disk is equal in, from now on.
+            if let Some((_, g)) = req.generations.iter().find(|(n, _)| *n == d.name) {
+                let g = *g;
+                d.state
+                    .lock()
+                    .update(|s| {
+                        s.view.synced_at = Some(g);
+                        s.view.current = Some(g);
+                        s.view.base = None;
+                        s.view.was_primary = false;
+                        s.view.discard = false;
+                        s.view.promoted_from = None;
+                    })
+                    .map_err(|e| {
+                        ControlError::Refused(format!("disk '{}': saving its state: {e}", d.name))
+                    })?;
+            }
         }
         let ms = t.elapsed().as_secs_f64() * 1000.0;
         metrics::histogram!("coloblk_checkpoint_seconds").record(ms / 1000.0);
@@ -300,9 +330,32 @@ impl Group for SecondaryGroup {
             // Raised before the merge starts, so it comes before the merge's own events.
             self.events.emit("FAILOVER_STARTED", json!({}));
         }
+        if will_merge {
+            // Before the merge touches the disk: from here it has left the pair (a generation
+            // of its own, failed over from the one it was equal in), and until the merge ends
+            // it is half-merged (a restart refuses to serve it).
+            for d in &self.disks {
+                d.state
+                    .lock()
+                    .update(|s| {
+                        s.view.promoted_from = s.view.synced_at.or(s.view.current);
+                        s.view.current = Some(replication::state::Gen::new());
+                        s.view.synced_at = None;
+                        s.merging = true;
+                    })
+                    .map_err(|e| {
+                        ControlError::Refused(format!("disk '{}': saving its state: {e}", d.name))
+                    })?;
+            }
+        }
         self.group.stop(failover).await?;
         if failover {
             self.failed_over.store(true, Ordering::SeqCst);
+            for d in &self.disks {
+                if let Err(e) = d.state.lock().update(|s| s.merging = false) {
+                    tracing::error!(disk = %d.name, "the merge is done but cannot be recorded: {e}");
+                }
+            }
         }
         Ok(StopReply::default())
     }
@@ -377,11 +430,29 @@ impl Group for SecondaryGroup {
         Ok(digests.iter().map(|d| hex(d)).collect())
     }
 
+    fn generations(&self, disk: &str) -> Result<replication::state::GenView, ControlError> {
+        Ok(super::state::view(&self.disk(disk)?.state))
+    }
+
+    fn discard_changes(&self, disk: &str) -> Result<(), ControlError> {
+        self.disk(disk)?
+            .state
+            .lock()
+            .update(|s| s.view.discard = true)
+            .map_err(|e| ControlError::Refused(format!("disk '{disk}': saving its state: {e}")))
+    }
+
     async fn sync_begin(&self, disk: &str) -> Result<(), ControlError> {
         // Not inside a checkpoint: one that ends after this must not call the disk usable.
         let _ops = self.ops.lock().await;
         let d = self.disk(disk)?;
         self.coloblk_primary.store(true, Ordering::SeqCst);
+        // On disk before the first copy lands: a restart mid-sync must not find the disk
+        // called equal in the old generation.
+        d.state
+            .lock()
+            .update(|s| s.view.synced_at = None)
+            .map_err(|e| ControlError::Refused(format!("disk '{disk}': saving its state: {e}")))?;
         if d.consistent.swap(false, Ordering::SeqCst) {
             tracing::warn!(
                 disk,
@@ -500,8 +571,24 @@ async fn open(args: &SecondaryArgs, pool: &IoPool) -> anyhow::Result<Plan> {
         .context("--export-listen is required")?;
     let mut disks: Vec<Disk> = Vec::new();
     let mut group = ReplicationGroup::new();
+    let mut managed = false;
     for spec in &args.disks {
         let node = build_node(spec, args, pool)?;
+        let state = super::state::open(spec, args.state_dir.as_deref(), node.disk().len())?;
+        if state.lock().state().merging {
+            anyhow::bail!(
+                "disk '{}': a failover merge into {} began and did not finish; its buffers are                  gone, so the disk is half-merged and is not served. Copy the disk from the                  primary, or remove {} to serve it as it is",
+                spec.name,
+                spec.path.display(),
+                state.lock().path().display()
+            );
+        }
+        if state.lock().state().view.synced_at.is_some() {
+            // A coloblk primary made this disk a copy before the restart: until it syncs
+            // again, the disk is no usable copy (the buffer of the epoch is gone).
+            managed = true;
+            tracing::warn!(disk = %spec.name, "restarted: not a usable copy until the primary resyncs and checkpoints");
+        }
         group.add(spec.name.clone(), Arc::new(node.clone()));
         info!(disk = %spec.name, path = %spec.path.display(), len = node.disk().len(), "disk ready");
         disks.push(Disk {
@@ -510,6 +597,7 @@ async fn open(args: &SecondaryArgs, pool: &IoPool) -> anyhow::Result<Plan> {
             past_copies: 0.into(),
             stopped: false.into(),
             consistent: false.into(),
+            state,
         });
     }
     let replica_exports = ExportSet::new();
@@ -536,7 +624,7 @@ async fn open(args: &SecondaryArgs, pool: &IoPool) -> anyhow::Result<Plan> {
         epoch: AtomicU64::new(first_epoch()),
         failed_over: failed_over.clone(),
         instance: random_id(),
-        coloblk_primary: false.into(),
+        coloblk_primary: managed.into(),
         replica: replica_server.clone(),
         ops: tokio::sync::Mutex::new(()),
     });

@@ -160,6 +160,12 @@ pub struct PrimaryStatus {
     pub resync: ResyncStatus,
 }
 
+/// The persistent write log and what to do at the first write served without the secondary.
+struct WriteLog {
+    log: Arc<crate::state::ExtentLog>,
+    alone: Box<dyn Fn() -> Result<(), String> + Send + Sync>,
+}
+
 /// The primary node. Cloning shares it.
 #[derive(Clone)]
 pub struct PrimaryNode {
@@ -178,6 +184,8 @@ struct Inner {
     comparing: Arc<AtomicU64>,
     /// The secondary took over: VM writes are refused (two VMs must never both write).
     fenced: AtomicBool,
+    /// The persistent write log, when the daemon keeps state.
+    log: std::sync::OnceLock<WriteLog>,
     task: tokio::task::JoinHandle<()>,
     resync_task: tokio::task::JoinHandle<()>,
 }
@@ -235,6 +243,7 @@ impl PrimaryNode {
                 resync,
                 comparing,
                 fenced: AtomicBool::new(false),
+                log: std::sync::OnceLock::new(),
                 task,
                 resync_task,
             }),
@@ -252,6 +261,25 @@ impl PrimaryNode {
         self.inner.shared.link_down.store(false, Ordering::SeqCst);
         self.inner.resync.kick();
         Ok(())
+    }
+
+    /// Records every VM write in `log` before it reaches the local disk (so a restarted
+    /// primary knows what its secondary may lack), and calls `alone` before a write is served
+    /// without a usable link (the daemon moves its generation then). Set once, before start.
+    pub fn set_write_log(
+        &self,
+        log: Arc<crate::state::ExtentLog>,
+        alone: impl Fn() -> Result<(), String> + Send + Sync + 'static,
+    ) {
+        let _ = self.inner.log.set(WriteLog {
+            log,
+            alone: Box::new(alone),
+        });
+    }
+
+    /// The persistent write log, if one is set.
+    pub fn write_log(&self) -> Option<&Arc<crate::state::ExtentLog>> {
+        self.inner.log.get().map(|l| &l.log)
     }
 
     /// Drops the link (the secondary is being replaced): writes are recorded as dirty until
@@ -507,6 +535,20 @@ impl PrimaryNode {
         let guard = match range {
             Some((o, l)) => Some(self.inner.order.lock(o, l).await),
             None => None,
+        };
+        // In the log before the local write starts, held until the change is handed on.
+        let _logged = match (self.inner.log.get(), range) {
+            (Some(wl), Some((o, l))) => {
+                let fail = |e: String| {
+                    BlockError::new(blockdev::ErrorKind::Io(None), blockdev::Op::Write, o)
+                        .context(format!("the write log: {e}"))
+                };
+                if !self.forwarding() || self.inner.shared.usable_link().is_none() {
+                    (wl.alone)().map_err(fail)?;
+                }
+                Some(wl.log.record(o, l).await.map_err(|e| fail(e.to_string()))?)
+            }
+            _ => None,
         };
         if !self.forwarding() {
             // Dirty whatever the outcome: a failed write may have changed part of the range.
