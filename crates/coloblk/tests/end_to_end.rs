@@ -1179,11 +1179,12 @@ fn a_damaged_or_foreign_state_is_refused_with_its_path() {
     let d = dir.path();
     let image = raw_image(d, "p.raw", DISK);
     let state = d.join("p.raw.coloblk");
-    let start = |extra: &[&str]| {
-        coloblk()
-            .args(["primary", "--disk"])
+    // A primary of `image` whose secondary is absent (it serves anyway).
+    let primary = |spec: &str| {
+        let mut c = coloblk();
+        c.args(["primary", "--disk"])
             .arg(format!(
-                "vm0={},replica=nbd+unix:///vm0?socket={}",
+                "vm0={},replica=nbd+unix:///vm0?socket={}{spec}",
                 image.display(),
                 d.join("none.sock").display()
             ))
@@ -1191,27 +1192,12 @@ fn a_damaged_or_foreign_state_is_refused_with_its_path() {
                 "--export-listen",
                 &format!("unix:{}", d.join("p.sock").display()),
             ])
-            .args(["--control", &format!("unix:{}", d.join("p.qmp").display())])
-            .args(extra)
-            .output()
-            .unwrap()
+            .args(["--control", &format!("unix:{}", d.join("p.qmp").display())]);
+        c
     };
+    let start = || primary("").output().unwrap();
     // A first run writes the state (the primary serves, then is stopped).
-    let mut p = Proc::spawn(
-        "coloblk primary",
-        coloblk()
-            .args(["primary", "--disk"])
-            .arg(format!(
-                "vm0={},replica=nbd+unix:///vm0?socket={},sync=full",
-                image.display(),
-                d.join("none.sock").display()
-            ))
-            .args([
-                "--export-listen",
-                &format!("unix:{}", d.join("p.sock").display()),
-            ])
-            .args(["--control", &format!("unix:{}", d.join("p.qmp").display())]),
-    );
+    let mut p = Proc::spawn("coloblk primary", &mut primary(",sync=full"));
     wait_socket(&d.join("p.qmp"), &mut p);
     signal(&p, "TERM");
     assert!(p.child.wait().unwrap().success());
@@ -1220,7 +1206,7 @@ fn a_damaged_or_foreign_state_is_refused_with_its_path() {
     let n = bad.len();
     bad[n - 3] ^= 0x20;
     std::fs::write(state.join("state"), &bad).unwrap();
-    let out = start(&[]);
+    let out = start();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{err}");
     assert!(
@@ -1232,7 +1218,7 @@ fn a_damaged_or_foreign_state_is_refused_with_its_path() {
     std::fs::write(state.join("state"), &good).unwrap();
     let other = raw_image(d, "q.raw", DISK);
     std::fs::rename(&other, &image).unwrap();
-    let out = start(&[]);
+    let out = start();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         !out.status.success() && err.contains("belongs to another image"),
