@@ -471,6 +471,8 @@ impl DiskLink {
                     for (o, l) in log.ranges() {
                         self.node.dirty().mark(o, l);
                     }
+                    // The log holds every write since the last checkpoint's flush.
+                    self.node.covers_unflushed();
                 }
                 Some(Plan::Bitmap)
             }
@@ -516,6 +518,7 @@ impl DiskLink {
             );
             if plan == Some(Plan::Full) {
                 self.node.mark_all_dirty();
+                self.node.covers_unflushed();
             }
             self.node
                 .set_link(Arc::new(link))
@@ -557,6 +560,8 @@ impl DiskLink {
                         "checksum comparison done"
                     );
                     self.state.lock().compared = Some(r);
+                    // Every block was compared: whatever a refused flush lost was found.
+                    self.node.covers_unflushed();
                 }
                 Err(e) => {
                     // Unsure what differs: everything goes.

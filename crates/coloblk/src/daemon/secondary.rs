@@ -338,9 +338,12 @@ impl Group for SecondaryGroup {
                 d.state
                     .lock()
                     .update(|s| {
-                        s.view.promoted_from = s.view.synced_at.or(s.view.current);
-                        s.view.current = Some(replication::state::Gen::new());
-                        s.view.synced_at = None;
+                        // A retry of a failed merge keeps where the first attempt left from.
+                        if !s.merging {
+                            s.view.promoted_from = s.view.synced_at.or(s.view.current);
+                            s.view.current = Some(replication::state::Gen::new());
+                            s.view.synced_at = None;
+                        }
                         s.merging = true;
                     })
                     .map_err(|e| {
@@ -351,10 +354,26 @@ impl Group for SecondaryGroup {
         self.group.stop(failover).await?;
         if failover {
             self.failed_over.store(true, Ordering::SeqCst);
+        }
+        if will_merge {
+            // The merge runs on after this reply: a disk is recorded whole when its stage
+            // says the merge is done, and not before.
             for d in &self.disks {
-                if let Err(e) = d.state.lock().update(|s| s.merging = false) {
-                    tracing::error!(disk = %d.name, "the merge is done but cannot be recorded: {e}");
-                }
+                let (node, state, name) = (d.node.clone(), d.state.clone(), d.name.clone());
+                tokio::spawn(async move {
+                    loop {
+                        match node.stage() {
+                            Stage::Done => break,
+                            Stage::Failover => {}
+                            // Failed: still half-merged (a retry may finish it).
+                            _ => return,
+                        }
+                        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                    }
+                    if let Err(e) = state.lock().update(|s| s.merging = false) {
+                        tracing::error!(disk = %name, "the merge is done but cannot be recorded: {e}");
+                    }
+                });
             }
         }
         Ok(StopReply::default())

@@ -301,6 +301,18 @@ impl PrimaryNode {
         self.inner.resync.kick();
     }
 
+    /// Says that the dirty bitmap now covers every write the secondary may lack, including
+    /// writes it acknowledged before a flush it refused (the write log's ranges since the
+    /// last checkpoint were marked, or a whole-disk comparison or copy was planned): the
+    /// resync then repairs a flush failure too, as it repairs a failed write.
+    pub fn covers_unflushed(&self) {
+        self.inner
+            .shared
+            .unrepairable
+            .store(false, Ordering::SeqCst);
+        self.inner.resync.kick();
+    }
+
     /// Progress of the current (or last) resync.
     pub fn resync_status(&self) -> ResyncStatus {
         self.inner

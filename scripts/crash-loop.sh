@@ -1,0 +1,122 @@
+#!/usr/bin/env bash
+# Kills a daemon with -9 at random moments, again and again, and checks after each restart that
+# the pair recovers by itself and ends with byte-equal disks.
+#
+#   scripts/crash-loop.sh primary|secondary|merge [ITERATIONS] [SEED]   (default 100)
+#
+# primary:   kill -9 the primary under fio, during a checkpoint, or during the resync that
+#            follows its previous restart; restart it on the same disk; wait until protected;
+#            checkpoint; the two images must be equal.
+# secondary: the same, killing the secondary.
+# merge:     kill -9 the secondary during a failover merge: its restart must refuse to serve
+#            the half-merged disk (and say so), never serve it as if it were complete.
+# Prints one line per iteration and a summary; exits 1 at the first failure.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+WHO=${1:?primary, secondary or merge}
+N=${2:-100}
+RANDOM=${3:-$$}
+BIN=${COLOBLK_BIN:-$PWD/target/release/coloblk}
+[ -n "${COLOBLK_BIN:-}" ] || cargo build --release -q -p coloblk
+W=$(mktemp -d /tmp/coloblk-crash.XXXXXX)
+PIDS=()
+cleanup() { kill -9 "${PIDS[@]}" 2>/dev/null || true; wait 2>/dev/null || true; [ -n "${KEEP:-}" ] || rm -rf "$W"; echo "work dir $W" >&2; }
+trap cleanup EXIT
+cd "$W"
+wait_sock() { for _ in $(seq 400); do [ -S "$1" ] && return 0; sleep 0.025; done; echo "no $1" >&2; return 1; }
+ms() { sleep "$(printf '0.%03d' $((RANDOM % 1000)))"; }
+ctl() { "$BIN" ctl --timeout 60 --command-timeout 60 --control "unix:$1" "${@:2}"; }
+
+start_secondary() {
+    rm -f r.sock t.sock s.qmp
+    "$BIN" secondary --disk d=s.raw --replica-listen unix:r.sock --export-listen unix:t.sock \
+        --control unix:s.qmp --buffer-dir buf --start 2>>s.log & S=$!; PIDS+=($S)
+    wait_sock s.qmp
+}
+start_primary() {
+    rm -f p.sock p.qmp
+    "$BIN" primary --disk "d=p.raw,replica=nbd+unix:///d?socket=$W/r.sock" \
+        --peer-control unix:s.qmp --export-listen unix:p.sock --control unix:p.qmp --start \
+        2>>p.log & P=$!; PIDS+=($P)
+    wait_sock p.qmp
+}
+load() { # fio random writes until killed (or its server dies)
+    fio --name=l --ioengine=nbd --uri="nbd+unix:///d?socket=$W/p.sock" --rw=randwrite \
+        --bs=4k,64k --iodepth=16 --size=$SIZE --time_based --runtime=30 \
+        --randseed=$RANDOM >/dev/null 2>&1 & F=$!
+}
+check_equal() {
+    ctl p.qmp wait-protected >/dev/null
+    ctl p.qmp checkpoint >/dev/null
+    cmp -s p.raw s.raw || { echo "iteration $1: the disks differ after recovery" >&2; cmp p.raw s.raw | head -1 >&2; exit 1; }
+}
+
+SIZE=64M; [ "$WHO" = merge ] && SIZE=512M
+truncate -s $SIZE p.raw s.raw
+start_secondary
+start_primary
+ctl p.qmp wait-protected >/dev/null
+moments=(load checkpoint resync)
+for i in $(seq "$N"); do
+    if [ "$WHO" = merge ]; then
+        load; ms; kill "$F" 2>/dev/null || true; wait "$F" 2>/dev/null || true
+        ctl p.qmp checkpoint >/dev/null
+        # The speculative VM's writes since the checkpoint: 448 MiB to merge; what a finished
+        # merge must leave is the view as it is now.
+        qemu-io -f raw -c "write -P $((i % 250 + 1)) 0 448M" "nbd+unix:///d?socket=$W/t.sock" >/dev/null
+        nbdcopy "nbd+unix:///d?socket=$W/t.sock" view.raw
+        kill -9 "$P"; wait "$P" 2>/dev/null || true
+        ctl s.qmp failover >/dev/null 2>&1 & C=$!
+        # Kill as soon as the merge runs (or at once, a tenth of the time).
+        if [ $((RANDOM % 10)) != 0 ]; then
+            for _ in $(seq 200); do
+                ctl s.qmp --json status 2>/dev/null | grep -q '"stage": "\(failover\|done\)"' && break
+            done
+        fi
+        kill -9 "$S"; wait "$S" 2>/dev/null || true; wait "$C" 2>/dev/null || true
+        rm -f r.sock t.sock s.qmp
+        if "$BIN" secondary --disk d=s.raw --replica-listen unix:r.sock --export-listen unix:t.sock \
+            --control unix:s.qmp --buffer-dir buf --start 2>err.log & S=$!; then PIDS+=($S); fi
+        sleep 0.5
+        if kill -0 "$S" 2>/dev/null; then
+            kill "$S"; wait "$S" 2>/dev/null || true
+            if grep -q '"promoted-from": "' s.raw.coloblk/state; then
+                # The merge had finished before the kill: a plain disk, served, the whole view.
+                cmp -s s.raw view.raw || { echo "iteration $i: a restart serves a disk that is not the merged view" >&2; exit 1; }
+                outcome="merged before the kill (the disk is the view)"
+            else
+                # Killed before the failover began: still the primary's copy.
+                cmp -s s.raw p.raw || { echo "iteration $i: killed before failover, the disk is not the primary's" >&2; exit 1; }
+                outcome="killed before the merge began (the disk is the primary's)"
+            fi
+        else
+            grep -q "half-merged" err.log || { echo "iteration $i: restart neither served a merged disk nor refused a half-merged one:" >&2; cat err.log >&2; exit 1; }
+            outcome="refused as half-merged"
+        fi
+        # A new pair for the next iteration.
+        rm -rf s.raw.coloblk p.raw.coloblk buf view.raw; cp p.raw s.raw
+        start_secondary; start_primary; ctl p.qmp wait-protected >/dev/null
+        echo "iteration $i: killed during the failover merge: $outcome"
+        continue
+    fi
+    moment=${moments[$((RANDOM % 3))]}
+    case $moment in
+    load) load; ms ;;
+    checkpoint) load; ms; ctl p.qmp checkpoint >/dev/null 2>&1 & C=$!; sleep "0.00$((RANDOM % 10))" ;;
+    resync) # kill once under load, restart, and kill again while the restart resyncs
+        load; ms
+        if [ "$WHO" = primary ]; then kill -9 "$P"; wait "$P" 2>/dev/null || true; start_primary
+        else kill -9 "$S"; wait "$S" 2>/dev/null || true; start_secondary; fi
+        sleep "0.0$((RANDOM % 10))" ;;
+    esac
+    if [ "$WHO" = primary ]; then kill -9 "$P"; wait "$P" 2>/dev/null || true
+    else kill -9 "$S"; wait "$S" 2>/dev/null || true; fi
+    [ "$moment" = checkpoint ] && { wait "$C" 2>/dev/null || true; }
+    kill "$F" 2>/dev/null || true; wait "$F" 2>/dev/null || true
+    if [ "$WHO" = primary ]; then start_primary; else start_secondary; fi
+    # Half the time, more writes while the pair heals.
+    if [ $((RANDOM % 2)) = 0 ]; then load; ms; kill "$F" 2>/dev/null || true; wait "$F" 2>/dev/null || true; fi
+    check_equal "$i"
+    echo "iteration $i: $WHO killed during $moment: recovered, disks equal"
+done
+echo "$N iterations of kill -9 of the $WHO: every one recovered"
