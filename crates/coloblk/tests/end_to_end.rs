@@ -1226,3 +1226,134 @@ fn a_damaged_or_foreign_state_is_refused_with_its_path() {
         "{err}"
     );
 }
+
+/// Split brain: A (primary) writes alone while B is gone, then B is failed over and written
+/// too. When B, promoted, meets A's disk again (A back as a secondary), the generations show
+/// that both served after their last shared one: nothing is copied, the link says why, until
+/// the operator discards A's changes; then B's checksum sync makes A's disk B's.
+#[test]
+fn a_split_brain_is_refused_until_one_side_is_discarded() {
+    require("qemu-io");
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let u = |n: &str| format!("unix:{}", d.join(n).display());
+    let nbd = |sock: &str| unix_uri("vm0", &d.join(sock));
+    let ctl = |qmp: &str, args: &[&str]| {
+        coloblk()
+            .args(["ctl", "--control", &u(qmp)])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let ok = |qmp: &str, args: &[&str]| {
+        let out = ctl(qmp, args);
+        assert!(
+            out.status.success(),
+            "ctl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    raw_image(d, "a.raw", DISK);
+    raw_image(d, "b.raw", DISK);
+    let mut b = spawn_secondary_named(d, "b.raw", "b-", &["--start"]);
+    let mut a = spawn_primary_named(d, ("a.raw", "a-"), "b-", "async");
+    qemu_io(&nbd("a-primary.sock"), "write -P 0x11 0 2M");
+    ok("a-primary.qmp", &["checkpoint"]);
+    // B goes away; once A knows, it serves alone (a new generation), then dies. (Writes A
+    // served before it noticed are those in flight at the failover: void, as in any COLO
+    // failover.)
+    let _ = b.child.kill();
+    let _ = b.child.wait();
+    qemu_io(&nbd("a-primary.sock"), "write -P 0x21 6M 4k");
+    for _ in 0..100 {
+        let out = coloblk()
+            .args(["ctl", "--json", "--control", &u("a-primary.qmp"), "status"])
+            .output()
+            .unwrap();
+        let st: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        if st["disks"][0]["link-up"] == false {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    qemu_io(&nbd("a-primary.sock"), "write -P 0x22 4M 1M");
+    let _ = a.child.kill();
+    let _ = a.child.wait();
+    // B comes back and is failed over (forced: a restarted secondary is no usable copy), and
+    // the VM writes on B.
+    for f in ["b-replica.sock", "b-top.sock", "b-secondary.qmp"] {
+        let _ = std::fs::remove_file(d.join(f));
+    }
+    let _b = spawn_secondary_named(d, "b.raw", "b-", &["--start"]);
+    ok("b-secondary.qmp", &["failover", "--force"]);
+    qemu_io(&nbd("b-top.sock"), "write -P 0x33 8M 1M");
+    // A's host comes back as a secondary on its old disk; B, promoted, meets it.
+    let _a2 = spawn_secondary_named(d, "a.raw", "a2-", &["--start"]);
+    let a_before = std::fs::read(d.join("a.raw")).unwrap();
+    ok(
+        "b-secondary.qmp",
+        &[
+            "promote",
+            "--replica",
+            &format!("vm0={}", nbd("a2-replica.sock")),
+            "--peer-control",
+            &u("a2-secondary.qmp"),
+        ],
+    );
+    let mut said = String::new();
+    for _ in 0..100 {
+        let out = coloblk()
+            .args([
+                "ctl",
+                "--json",
+                "--control",
+                &u("b-secondary.qmp"),
+                "status",
+            ])
+            .output()
+            .unwrap();
+        let st: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        said = st["disks"][0]["link-error"]
+            .as_str()
+            .unwrap_or("")
+            .to_string();
+        if said.contains("split brain") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        said.contains("split brain") && said.contains("discard-changes"),
+        "{said}"
+    );
+    assert_eq!(
+        first_difference(&std::fs::read(d.join("a.raw")).unwrap(), &a_before),
+        None,
+        "nothing was copied onto A"
+    );
+    let out = ctl("b-secondary.qmp", &["checkpoint"]);
+    assert!(
+        !out.status.success(),
+        "a checkpoint in split brain is refused"
+    );
+    // The operator gives up A's changes: B's next connection overwrites them.
+    ok("a2-secondary.qmp", &["discard-changes", "--disk", "vm0"]);
+    wait_protected(&u("b-secondary.qmp"));
+    ok("b-secondary.qmp", &["checkpoint"]);
+    let (a, b) = (
+        std::fs::read(d.join("a.raw")).unwrap(),
+        std::fs::read(d.join("b.raw")).unwrap(),
+    );
+    assert_eq!(first_difference(&a, &b), None, "A is B's copy now");
+    assert!(
+        a[8 * MIB as usize..9 * MIB as usize]
+            .iter()
+            .all(|&x| x == 0x33)
+    );
+    assert!(
+        a[4 * MIB as usize..5 * MIB as usize]
+            .iter()
+            .all(|&x| x == 0),
+        "A's alone write is gone"
+    );
+}
