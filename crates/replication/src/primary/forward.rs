@@ -111,6 +111,9 @@ pub struct Shared {
     /// A failure no dirty range describes (a flush the secondary refused: its kernel may
     /// have dropped written pages) happened since start: a resync cannot repair the error.
     pub unrepairable: AtomicBool,
+    /// The persistent write log: it names every write since the last checkpoint's flush, so
+    /// a refused flush is described by its ranges and a resync repairs it.
+    pub log: std::sync::OnceLock<Arc<crate::state::ExtentLog>>,
     pub dirty: DirtyBitmap,
     pub stats: ForwardStats,
     pub events: broadcast::Sender<PrimaryEvent>,
@@ -121,9 +124,13 @@ impl Shared {
     /// Records a failure: sticky error, counted, an event, and the range marked dirty.
     pub fn fail(&self, range: Option<(u64, u64)>, err: &str, link_lost: bool) {
         self.stats.forward_errors.fetch_add(1, Ordering::Relaxed);
-        match range {
-            Some((o, l)) => self.dirty.mark(o, l),
-            None => self.unrepairable.store(true, Ordering::SeqCst),
+        match (range, self.log.get()) {
+            (Some((o, l)), _) => self.dirty.mark(o, l),
+            (None, Some(log)) => log
+                .ranges()
+                .into_iter()
+                .for_each(|(o, l)| self.dirty.mark(o, l)),
+            (None, None) => self.unrepairable.store(true, Ordering::SeqCst),
         }
         let first = {
             let mut e = self.error.lock();

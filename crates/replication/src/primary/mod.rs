@@ -206,6 +206,7 @@ impl PrimaryNode {
             link_down: false.into(),
             error: Mutex::new(None),
             unrepairable: false.into(),
+            log: std::sync::OnceLock::new(),
             dirty: DirtyBitmap::new(local.len(), config.dirty_granularity),
             stats: ForwardStats::default(),
             events,
@@ -271,6 +272,7 @@ impl PrimaryNode {
         log: Arc<crate::state::ExtentLog>,
         alone: impl Fn() -> Result<(), String> + Send + Sync + 'static,
     ) {
+        let _ = self.inner.shared.log.set(log.clone());
         let _ = self.inner.log.set(WriteLog {
             log,
             alone: Box::new(alone),
