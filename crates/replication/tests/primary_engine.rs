@@ -963,3 +963,43 @@ async fn a_failed_comparison_does_not_end_another_one_running() {
     r.node.checkpoint(false).await.unwrap();
     assert!(r.local.snapshot() == r.remote.snapshot());
 }
+
+/// A secondary that refuses a flush may have dropped writes it had acknowledged (its page
+/// cache lost them). Without a write log nothing names them, and checkpoints stay refused;
+/// with one, the log's ranges (every write since the last checkpoint's flush) are resent and
+/// the next checkpoint finds the disks equal again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_flush_is_repaired_from_the_write_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = started(PrimaryConfig::default());
+    let log = replication::state::ExtentLog::open(dir.path(), DISK).unwrap();
+    r.node.set_write_log(log, || Ok(()));
+    let write = |at: u64, seed: u64| {
+        r.node
+            .write(at, fill(seed, 64 << 10), WriteFlags::default())
+    };
+    write(0, 1).await.unwrap();
+    r.node.checkpoint(false).await.unwrap();
+    write(5 << 20, 2).await.unwrap();
+    r.node.drain(false, false).await.unwrap();
+    // The secondary acknowledged the write, then loses it and refuses the flush.
+    r.remote
+        .write(
+            5 << 20,
+            Bytes::from(vec![0; 64 << 10]),
+            WriteFlags::default(),
+        )
+        .await
+        .unwrap();
+    FaultyDev::set(&r.link.fail_writes, true);
+    let e = r.node.checkpoint(false).await.unwrap_err();
+    assert!(matches!(e, PrimaryError::DrainFailed(_)), "{e}");
+    FaultyDev::set(&r.link.fail_writes, false);
+    // The log's extents (0 and 1: 8 MiB) are dirty, and the resync sends them.
+    wait_clean(&r.node).await;
+    r.node.checkpoint(false).await.unwrap();
+    assert_eq!(
+        r.local.read(0, DISK as usize).await.unwrap(),
+        r.remote.read(0, DISK as usize).await.unwrap()
+    );
+}

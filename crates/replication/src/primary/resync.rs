@@ -169,6 +169,15 @@ impl Job {
                 stalled = !self.job().await;
                 continue;
             }
+            // A failure whose ranges were all copied since (or that named none: a refused
+            // flush with nothing written since the last checkpoint) is repaired.
+            if self.ready()
+                && self.shared.dirty.dirty_clusters() == 0
+                && !self.shared.unrepairable.load(Ordering::SeqCst)
+                && let Some(e) = self.shared.error.lock().take()
+            {
+                info!("forwarding error repaired, nothing left to copy: {e}");
+            }
             // Forwarding failures mark bits without a kick: look again now and then.
             let _ = tokio::time::timeout(RETRY, kicked).await;
         }
