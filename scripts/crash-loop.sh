@@ -46,8 +46,14 @@ load() { # fio random writes until killed (or its server dies)
         --randseed=$RANDOM >/dev/null 2>&1 & F=$!
 }
 check_equal() {
-    ctl p.qmp wait-protected >/dev/null
-    ctl p.qmp checkpoint >/dev/null
+    # As an orchestrator does: a checkpoint refused (the primary may notice the lost link only
+    # now) is retried once the pair is protected again; a refusal is never a false "done".
+    local tries=0
+    until ctl p.qmp wait-protected >/dev/null && ctl p.qmp checkpoint >/dev/null 2>ck.err; do
+        tries=$((tries + 1))
+        [ $tries -lt 20 ] || { echo "iteration $1: no checkpoint after 20 tries:" >&2; cat ck.err >&2; exit 1; }
+        sleep 0.5
+    done
     cmp -s p.raw s.raw || { echo "iteration $1: the disks differ after recovery" >&2; cmp p.raw s.raw | head -1 >&2; exit 1; }
 }
 
