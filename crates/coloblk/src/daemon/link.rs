@@ -445,7 +445,10 @@ impl DiskLink {
         };
         let verified = peer.as_ref().is_some_and(|p| p.verified);
         let instance = peer.as_ref().and_then(|p| p.instance);
-        let outcome = self.compare_generations(peer.as_mut()).await?;
+        let (outcome, host_restarted) = match self.compare_generations(peer.as_mut()).await? {
+            Some((o, h)) => (Some(o), h),
+            None => (None, false),
+        };
         match &outcome {
             Some(Outcome::PeerNewer(g)) => {
                 warn!(disk = %self.name, "the secondary failed over from generation {g}: it is newer than this disk");
@@ -467,11 +470,14 @@ impl DiskLink {
             // The secondary's disk is this one's as of the last checkpoint (its state says so):
             // the write log and the dirty bitmap name everything that may differ.
             _ if outcome == Some(Outcome::Bitmap) && !unsure => {
-                if let Some(log) = self.node.write_log() {
+                // A secondary whose host restarted may have lost writes it acknowledged: the
+                // write log holds every write since the last checkpoint's flush. After a
+                // process restart its page cache kept them, and the dirty bitmap (with the
+                // log's ranges, if this primary restarted) is exact.
+                if host_restarted && let Some(log) = self.node.write_log() {
                     for (o, l) in log.ranges() {
                         self.node.dirty().mark(o, l);
                     }
-                    // The log holds every write since the last checkpoint's flush.
                     self.node.covers_unflushed();
                 }
                 Some(Plan::Bitmap)
@@ -580,7 +586,7 @@ impl DiskLink {
     async fn compare_generations(
         &self,
         peer: Option<&mut Peer>,
-    ) -> anyhow::Result<Option<Outcome>> {
+    ) -> anyhow::Result<Option<(Outcome, bool)>> {
         let (Some(st), Some(p)) = (&self.disk_state, peer) else {
             return Ok(None);
         };
@@ -607,7 +613,7 @@ impl DiskLink {
         let ours = super::state::view(st);
         let outcome = decide(&ours, &theirs);
         info!(disk = %self.name, ?outcome, ours = ?ours, theirs = ?theirs, "generations compared");
-        Ok(Some(outcome))
+        Ok(Some((outcome, theirs.host_restarted)))
     }
 }
 

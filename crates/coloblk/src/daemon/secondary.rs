@@ -249,6 +249,7 @@ impl Group for SecondaryGroup {
                     .lock()
                     .update(|s| {
                         s.view.synced_at = Some(g);
+                        s.view.host_restarted = false;
                         s.view.current = Some(g);
                         s.view.base = None;
                         s.view.was_primary = false;
@@ -594,6 +595,19 @@ async fn open(args: &SecondaryArgs, pool: &IoPool) -> anyhow::Result<Plan> {
     for spec in &args.disks {
         let node = build_node(spec, args, pool)?;
         let state = super::state::open(spec, args.state_dir.as_deref(), node.disk().len())?;
+        {
+            // Saved with a boot id of another boot: the host restarted since, and its page
+            // cache with it; the primary then resends its whole write log.
+            let mut st = state.lock();
+            let saved = st.state().boot.clone();
+            if st.state().view.synced_at.is_some()
+                && saved.is_some()
+                && saved != replication::state::boot_id()
+            {
+                st.update(|s| s.view.host_restarted = true)
+                    .with_context(|| format!("disk '{}': saving its state", spec.name))?;
+            }
+        }
         if state.lock().state().merging {
             anyhow::bail!(
                 "disk '{}': a failover merge into {} began and did not finish; its buffers are                  gone, so the disk is half-merged and is not served. Copy the disk from the                  primary, or remove {} to serve it as it is",

@@ -89,6 +89,10 @@ pub struct GenView {
     pub discard: bool,
     /// This disk served as a primary (it holds a primary's state).
     pub was_primary: bool,
+    /// As a secondary: its host restarted since it was last synced, so writes it had
+    /// acknowledged but not flushed may be gone (a process restart keeps the page cache).
+    #[serde(default)]
+    pub host_restarted: bool,
 }
 
 /// The protocol this build speaks.

@@ -128,6 +128,16 @@ pub struct DiskState {
     pub view: GenView,
     /// A failover merge began and has not finished: the disk is half-merged.
     pub merging: bool,
+    /// The host's boot id when the state was last saved (a host restart changes it).
+    #[serde(default)]
+    pub boot: Option<String>,
+}
+
+/// This host's boot id (changes at every boot), if the kernel tells it.
+pub fn boot_id() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .ok()
+        .map(|s| s.trim().to_string())
 }
 
 /// A disk's state directory, locked for this process while the value lives.
@@ -193,6 +203,7 @@ impl StateDir {
                     ..Default::default()
                 },
                 merging: false,
+                boot: None,
             },
         };
         let me = StateDir {
@@ -221,6 +232,7 @@ impl StateDir {
         change(&mut next);
         next.image = self.image;
         next.view.protocol = PROTOCOL;
+        next.boot = boot_id();
         if next == self.state && self.dir.join("state").exists() {
             return Ok(());
         }
