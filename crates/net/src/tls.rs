@@ -440,6 +440,27 @@ impl fmt::Debug for TlsClient {
     }
 }
 
+/// A client's stream to a control socket: plain, or TLS on it.
+pub type ClientStream =
+    tokio_util::either::Either<crate::Stream, Box<client::TlsStream<crate::Stream>>>;
+
+/// Connects to `addr`, with TLS on a TCP address when `tls` is given (the host checked
+/// against the server's certificate); a unix socket stays plain, as its file mode protects it.
+pub async fn connect(
+    addr: &crate::SocketAddr,
+    tls: Option<&TlsClient>,
+) -> std::io::Result<ClientStream> {
+    use tokio_util::either::Either;
+    let stream = addr.connect().await?;
+    match (tls, addr) {
+        (Some(tls), crate::SocketAddr::Tcp { host, .. }) => {
+            let (s, _) = tls.connect(Some(host), stream).await?;
+            Ok(Either::Right(Box::new(s)))
+        }
+        _ => Ok(Either::Left(stream)),
+    }
+}
+
 fn client_config(
     creds: &TlsCreds,
     verifier: Arc<dyn ServerCertVerifier>,

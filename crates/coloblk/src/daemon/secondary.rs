@@ -481,9 +481,11 @@ fn build_node(
 /// Runs `coloblk secondary` until SIGTERM.
 pub async fn run(args: SecondaryArgs) -> anyhow::Result<std::process::ExitCode> {
     crate::disk_spec::unique_names(&args.disks)?;
-    super::run(args.daemon.metrics.as_ref(), async |pool: &IoPool| {
-        open(&args, pool).await
-    })
+    super::run(
+        args.daemon.metrics.as_ref(),
+        &args.daemon.security,
+        async |pool: &IoPool| open(&args, pool).await,
+    )
     .await
 }
 
@@ -541,6 +543,7 @@ async fn open(args: &SecondaryArgs, pool: &IoPool) -> anyhow::Result<Plan> {
         ops: tokio::sync::Mutex::new(()),
     });
     let mut replica = Endpoint::new("the primary", replica_listen, replica_server);
+    replica.tls_always = true;
     // After a failover the replica export is fenced (the old primary may no longer write), so
     // its final flush failing is expected; the top export serves the VM then, and its flush
     // is the one that matters.
