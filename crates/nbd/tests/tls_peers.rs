@@ -73,12 +73,24 @@ async fn our_server(
     tls: TlsPolicy,
     config: ServerConfig,
 ) -> (Arc<MemoryDev>, SocketAddr, Arc<Server>) {
+    serve_disk(addr, tls, config, false).await
+}
+
+/// [`our_server`], the export single-writer or not.
+async fn serve_disk(
+    addr: &str,
+    tls: TlsPolicy,
+    config: ServerConfig,
+    single_writer: bool,
+) -> (Arc<MemoryDev>, SocketAddr, Arc<Server>) {
     let dev = Arc::new(MemoryDev::new(DISK));
     dev.write(0, Bytes::from(original()), WriteFlags::default())
         .await
         .unwrap();
     let exports = ExportSet::new();
-    exports.add(Export::new("disk", dev.clone()));
+    let mut export = Export::new("disk", dev.clone());
+    export.single_writer = single_writer;
+    exports.add(export);
     let server = Server::new(exports, config);
     let listener = Listener::bind(&addr.parse().unwrap()).await.unwrap();
     let bound = listener.local_addr().unwrap();
@@ -298,6 +310,62 @@ async fn tls_allowed_serves_plain_and_tls_clients() {
 
     assert_eq!(&a[..], &original()[..4096]);
     assert_eq!(contents(&dev).await, expected_after_write(13));
+}
+
+#[tokio::test]
+async fn a_single_writer_export_refuses_a_second_primary_and_takes_the_same_one_back() {
+    let pki = Pki::new();
+    let (a, b) = (dn("primary-a"), dn("primary-b"));
+    let (dev, addr, _server) = serve_disk(
+        "tcp:127.0.0.1:0",
+        TlsPolicy::Required(pki.server_tls(&[&a, &b])),
+        ServerConfig::default(),
+        true,
+    )
+    .await;
+    let dir_a = pki.client_dir("a", Some(&pki.ca.leaf("primary-a", Validity::Valid)));
+    let dir_b = pki.client_dir("b", Some(&pki.ca.leaf("primary-b", Validity::Valid)));
+    let target = uri("nbds", &addr, "disk");
+    let first = NbdClient::connect_uri(&target, client_config(&dir_a, &[]))
+        .await
+        .unwrap();
+    write_and_read_back(&first, 41).await;
+
+    let second = NbdClient::connect_uri(&target, client_config(&dir_b, &[]))
+        .await
+        .unwrap_err()
+        .to_string();
+    // The same primary again while its old connection is still open (it died unseen).
+    let again = NbdClient::connect_uri(&target, client_config(&dir_a, &[]))
+        .await
+        .unwrap();
+    write_and_read_back(&again, 42).await;
+    let old = first
+        .write(0, testutil::pattern(43, 4096), WriteFlags::default())
+        .await;
+
+    assert!(
+        second.contains(
+            "server refused NBD_OPT_GO with NBD_REP_ERR_POLICY: export 'disk' takes one writer \
+             (one primary) and 'CN=primary-a,O=coloblk test' at 127.0.0.1:"
+        ),
+        "{second}"
+    );
+    assert!(old.is_err(), "the replaced connection still wrote");
+    assert_eq!(contents(&dev).await, expected_after_write(42));
+    again.disconnect().await;
+    drop(first);
+    let b_later = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match NbdClient::connect_uri(&target, client_config(&dir_b, &[])).await {
+                Ok(c) => return c,
+                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+    })
+    .await
+    .expect("primary-b never got the export after primary-a left");
+    assert!(b_later.is_alive());
 }
 
 /// Sends the client flags and NBD_OPT_STARTTLS on a raw connection; returns the stream after

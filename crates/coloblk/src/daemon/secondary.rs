@@ -520,7 +520,10 @@ async fn open(args: &SecondaryArgs, pool: &IoPool) -> anyhow::Result<Plan> {
     // top path with the VM's connections open.
     let mut switches = Vec::new();
     for d in &disks {
-        replica_exports.add(Export::new(d.name.clone(), Arc::new(d.node.replica())));
+        // One primary at a time: a second is refused, the same one may reconnect.
+        let mut replica = Export::new(d.name.clone(), Arc::new(d.node.replica()));
+        replica.single_writer = true;
+        replica_exports.add(replica);
         let top: Arc<dyn blockdev::BlockDev> = Arc::new(d.node.top());
         let switch = Switch::new(top.clone());
         top_exports.add(Export::new(d.name.clone(), switch.clone()));

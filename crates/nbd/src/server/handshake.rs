@@ -11,6 +11,7 @@ use std::sync::Arc;
 use bytes::{BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+use super::claim::{Claim, Claims};
 use super::export::{Export, ExportSet};
 use super::{ConnError, Session};
 use crate::proto::*;
@@ -42,6 +43,14 @@ pub(super) struct Negotiation {
     tls: TlsState,
     /// Why the client is denied ([`TlsState::Denied`]).
     denial: String,
+    /// The server's single-writer holds (none: no export is single-writer here).
+    claims: Option<Arc<Claims>>,
+    /// The client's certificate name, over TLS.
+    identity: Option<String>,
+    /// Where the client is, for messages.
+    peer: String,
+    /// The hold NBD_OPT_GO took on a single-writer export.
+    claim: Option<Claim>,
 }
 
 impl Negotiation {
@@ -57,6 +66,19 @@ impl Negotiation {
 
     pub(super) fn no_zeroes(&self) -> bool {
         self.no_zeroes
+    }
+
+    /// Takes single-writer holds in `claims` for the client at `peer`, known as `identity`.
+    pub(super) fn with_claims(
+        mut self,
+        claims: Arc<Claims>,
+        identity: Option<String>,
+        peer: &str,
+    ) -> Self {
+        self.claims = Some(claims);
+        self.identity = identity;
+        self.peer = peer.to_string();
+        self
     }
 
     /// Refuses every option from now on, saying `why`.
@@ -137,6 +159,7 @@ where
                     export,
                     structured: st.structured,
                     base_allocation,
+                    claim: st.claim.take(),
                 }));
             }
         }
@@ -337,6 +360,15 @@ fn info_or_go(
     st: &mut Negotiation,
     out: &mut BytesMut,
 ) -> OptionOutcome {
+    if option == OPT_GO
+        && export.single_writer
+        && let Some(claims) = &st.claims
+    {
+        match claims.claim(&export.name, st.identity.as_deref(), &st.peer) {
+            Ok(claim) => st.claim = Some(claim),
+            Err(why) => return error_reply(out, option, REP_ERR_POLICY, &why),
+        }
+    }
     let mut info = |kind: u16, body: &dyn Fn(&mut BytesMut)| {
         let mut d = BytesMut::new();
         d.put_u16(kind);

@@ -24,6 +24,7 @@
 //! every export.
 
 pub mod budget;
+mod claim;
 mod command;
 pub mod export;
 mod handshake;
@@ -104,6 +105,8 @@ pub struct Server {
     tasks: TaskTracker,
     /// Clients in the transmission phase, per export name.
     clients: parking_lot::Mutex<std::collections::HashMap<String, usize>>,
+    /// Who holds each single-writer export.
+    claims: Arc<claim::Claims>,
 }
 
 impl Server {
@@ -116,6 +119,7 @@ impl Server {
             stop: CancellationToken::new(),
             tasks: TaskTracker::new(),
             clients: Default::default(),
+            claims: Default::default(),
         })
     }
 
@@ -192,7 +196,7 @@ impl Server {
         let limit = self.config.handshake_timeout;
         let negotiated = tokio::select! {
             _ = self.stop.cancelled() => return,
-            r = tokio::time::timeout(limit, handshake(stream, &self.exports, &tls)) => r,
+            r = tokio::time::timeout(limit, handshake(stream, &self.exports, &tls, (&self.claims, &peer))) => r,
         };
         let n = match negotiated {
             Ok(Ok(Some(n))) => n,
@@ -234,6 +238,17 @@ impl Server {
     {
         let r = BufReader::with_capacity(64 * 1024, std::io::Cursor::new(leftover).chain(r));
         let export = session.export.name.clone();
+        if let Some(old) = session.claim.as_ref().and_then(|c| c.previous.clone()) {
+            info!(%peer, %export, "the same client connected again: closing its old connection");
+            // The old connection's requests land before the new one's (they were sent first).
+            if tokio::time::timeout(OLD_WRITER_GRACE, old.cancelled())
+                .await
+                .is_err()
+            {
+                warn!(%peer, %export, "the old connection did not end within {OLD_WRITER_GRACE:?}");
+                return;
+            }
+        }
         info!(%peer, %export, structured = session.structured, "client connected");
         *self.clients.lock().entry(export.clone()).or_default() += 1;
         let ended = transmission(r, w, session, self, &peer).await;
@@ -270,7 +285,12 @@ struct Session {
     export: Arc<Export>,
     structured: bool,
     base_allocation: bool,
+    /// The hold on a single-writer export, released when the connection's last request ends.
+    claim: Option<claim::Claim>,
 }
+
+/// How long a connection replacing its own old one waits for the old one's requests to end.
+const OLD_WRITER_GRACE: Duration = Duration::from_secs(30);
 
 /// Why a connection ended early.
 #[derive(Debug, thiserror::Error)]

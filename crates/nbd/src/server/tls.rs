@@ -16,6 +16,7 @@ use std::sync::Arc;
 use net::TlsServer;
 use tokio::io::{AsyncRead, AsyncWrite, BufReader};
 
+use super::claim::Claims;
 use super::export::ExportSet;
 use super::handshake::{Negotiation, Step, TlsState, greet, options};
 use super::{ConnError, Session};
@@ -71,13 +72,14 @@ pub(super) async fn handshake<S>(
     stream: S,
     exports: &ExportSet,
     tls: &TlsPolicy,
+    (claims, peer): (&Arc<Claims>, &str),
 ) -> Result<Option<Negotiated<S>>, ConnError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let mut clear = BufReader::new(stream);
     let no_zeroes = greet(&mut clear).await?;
-    let mut st = Negotiation::new(no_zeroes, tls.state());
+    let mut st = Negotiation::new(no_zeroes, tls.state()).with_claims(claims.clone(), None, peer);
     let session = match options(&mut clear, &mut st, exports).await? {
         Step::Abort => return Ok(None),
         Step::Transmit(session) => {
@@ -101,7 +103,11 @@ where
                 .expect("STARTTLS is acknowledged only with credentials");
             let (stream, identity) = server.handshake(clear.into_inner()).await?;
             let mut secure = BufReader::new(stream);
-            let mut st = Negotiation::new(st.no_zeroes(), TlsState::Active);
+            let mut st = Negotiation::new(st.no_zeroes(), TlsState::Active).with_claims(
+                claims.clone(),
+                Some(identity.clone()),
+                peer,
+            );
             // A client not in the authz list is told why in the replies to its options.
             let denied = server.authorise(&identity).err();
             if let Some(e) = &denied {
