@@ -63,9 +63,20 @@ impl Listener {
                 tmp.push(format!(".{}.tmp", std::process::id()));
                 let tmp = PathBuf::from(tmp);
                 let _ = std::fs::remove_file(&tmp);
-                let l = UnixListener::bind(&tmp)?;
                 use std::os::unix::fs::PermissionsExt;
-                let placed = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))
+                let perms = std::fs::Permissions::from_mode(mode);
+                let l = match UnixListener::bind(&tmp) {
+                    Ok(l) => l,
+                    // The temporary name is too long for a socket address where the real one
+                    // fits: bind in place and set the mode at once (before anything accepts).
+                    Err(e) if e.kind() == io::ErrorKind::InvalidInput => {
+                        let l = UnixListener::bind(path)?;
+                        std::fs::set_permissions(path, perms)?;
+                        return Ok(Listener::Unix(l, path.clone()));
+                    }
+                    Err(e) => return Err(e),
+                };
+                let placed = std::fs::set_permissions(&tmp, perms)
                     .and_then(|()| std::fs::rename(&tmp, path));
                 if let Err(e) = placed {
                     let _ = std::fs::remove_file(&tmp);
@@ -167,6 +178,23 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(names, ["s.sock"], "the temporary name is gone");
+    }
+
+    #[tokio::test]
+    async fn a_path_that_fits_only_without_the_temporary_suffix_still_gets_its_mode() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let room = 104 - dir.path().as_os_str().len() - 1;
+        let path = dir.path().join("s".repeat(room));
+        let addr = SocketAddr::Unix(path.clone());
+
+        let l = Listener::bind_with_mode(&addr, Some(0o600)).await.unwrap();
+
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let (client, accepted) = tokio::join!(addr.connect(), l.accept());
+        client.unwrap();
+        accepted.unwrap();
     }
 
     #[tokio::test]
