@@ -69,7 +69,9 @@ impl Secure {
                 .arg(dir.path().join("buffer"))
                 .arg("--tls-creds")
                 .arg(&creds)
-                .args(["--tls-authz", &dn("client"), "--start"]),
+                .args(["--tls-authz", &dn("client"), "--start"])
+                .env("RUST_LOG", "info")
+                .stderr(std::fs::File::create(dir.path().join("secondary.log")).unwrap()),
         );
         wait_tcp(control_port, &mut s);
         Secure {
@@ -185,6 +187,29 @@ fn a_control_client_not_in_the_authz_list_is_refused() {
         String::from_utf8_lossy(&status.stdout).contains("running"),
         "failed over anyway"
     );
+}
+
+#[test]
+fn a_destructive_command_is_logged_with_the_peers_certificate_name() {
+    let s = Secure::start();
+
+    let out = s.ctl(Some(&s.creds), "stop");
+
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let log = std::fs::read_to_string(s.p("secondary.log")).unwrap();
+    let line = log
+        .lines()
+        .find(|l| l.contains("control command"))
+        .unwrap_or_else(|| panic!("no command logged:\n{log}"));
+    assert!(
+        line.contains("peer=CN=client,O=coloblk test (127.0.0.1:"),
+        "{line}"
+    );
+    assert!(line.contains(r#"command="replication-stop""#), "{line}");
 }
 
 #[test]
