@@ -181,6 +181,47 @@ async fn our_client_over_unix_checks_the_chain_and_the_servers_name_in_the_authz
     assert_eq!(contents(&dev).await, expected_after_write(12));
 }
 
+/// A whole disk of pipelined writes over TLS lands exactly. (Under load TLS holds records the
+/// socket would not take; the client's writer flushes every batch, which
+/// `client::writer::tests` checks deterministically.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_writes_over_tls_all_complete() {
+    let pki = Pki::new();
+    let sock = pki.path("p.sock");
+    let (dev, addr, _server) = our_server(
+        &format!("unix:{}", sock.display()),
+        TlsPolicy::Required(pki.server_tls(&[])),
+        ServerConfig::default(),
+    )
+    .await;
+    let config = ClientConfig {
+        request_timeout: Some(Duration::from_secs(5)),
+        ..client_config(&pki.creds, &[])
+    };
+    let c = Arc::new(
+        NbdClient::connect_uri(&uri("nbds", &addr, "disk"), config)
+            .await
+            .unwrap(),
+    );
+    let data = testutil::pattern(51, DISK as usize);
+
+    let writes = (0..DISK / 4096).map(|i| {
+        let (c, chunk) = (
+            c.clone(),
+            data.slice(i as usize * 4096..(i as usize + 1) * 4096),
+        );
+        async move { c.write(i * 4096, chunk, WriteFlags::default()).await }
+    });
+    let results = futures::future::join_all(writes).await;
+
+    assert!(
+        results.iter().all(Result::is_ok),
+        "{:?}",
+        results.iter().find(|r| r.is_err())
+    );
+    assert_eq!(contents(&dev).await, data.to_vec());
+}
+
 #[tokio::test]
 async fn a_host_name_not_in_the_certificate_is_refused() {
     let pki = Pki::new();
