@@ -225,6 +225,22 @@ QMP_SESSIONS = {
 }
 
 
+def nbd_tls_sessions():
+    """Client bytes for nbd_server_tls: options refused before TLS, then STARTTLS and a TLS
+    ClientHello-like record (the handshake fails), or STARTTLS with injected clear options."""
+    flags = struct.pack(">I", FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES)
+    hello = b"\x16\x03\x01\x00\x2f\x01\x00\x00\x2b\x03\x03" + bytes(32) + b"\x00\x00\x02\x13\x01\x01\x00"
+    go = option(OPT_GO, info_payload(b"disk", []))
+    return [
+        ("refused_then_abort", flags + option(OPT_LIST) + go + option(OPT_STRUCTURED_REPLY) + option(OPT_ABORT)),
+        ("export_name_before_tls", flags + option(OPT_EXPORT_NAME, b"disk")),
+        ("starttls_with_data", flags + option(OPT_STARTTLS, b"x") + option(OPT_ABORT)),
+        ("starttls_then_hello", flags + option(OPT_LIST) + option(OPT_STARTTLS) + hello),
+        ("starttls_then_clear_go", flags + option(OPT_STARTTLS) + go),
+        ("starttls_then_nothing", flags + option(OPT_STARTTLS)),
+    ]
+
+
 def nbd_parser_inputs():
     yield "request_header", request(CMD_READ, 4096, 512, CMD_FLAG_DF, cookie=0x0123456789ABCDEF)
     yield "request_header_write", request(CMD_WRITE, 0, 16, CMD_FLAG_FUA, payload=pattern(16, 6))
@@ -528,6 +544,8 @@ def main():
         # qmp_framer: the first byte picks the cuts (bit 7: after newlines; else pseudo-random).
         write("qmp_framer", name + "_lines", b"\x80" + data)
         write("qmp_framer", name + "_random", b"\x05" + data)
+    for name, data in nbd_tls_sessions():
+        write("nbd_server_tls", name, data)
     for name, data in nbd_parser_inputs():
         write("nbd_parsers", name, data)
     for name, data in nbd_client_inputs():

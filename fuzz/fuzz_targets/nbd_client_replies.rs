@@ -228,7 +228,12 @@ async fn drive(c: DuplexStream) -> Option<Outcome> {
         || s1.is_err()
         || [&w, &f, &z, &d, &ch].iter().any(|r| r.is_err())
         || b.iter().any(|r| r.is_err());
-    assert_eq!(b.len(), BATCH.len(), "the batch answered {} writes", b.len());
+    assert_eq!(
+        b.len(),
+        BATCH.len(),
+        "the batch answered {} writes",
+        b.len()
+    );
     if tokio::time::timeout(BOUND, client.disconnect())
         .await
         .is_err()

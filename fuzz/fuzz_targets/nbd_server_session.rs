@@ -19,18 +19,18 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
 
 use blockdev::MemoryDev;
 use libfuzzer_sys::fuzz_target;
 use nbd::proto::*;
 use nbd::server::{Export, ExportSet, Server, ServerConfig};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const DISK_SIZE: u64 = 1 << 20;
 
 #[path = "common/cur.rs"]
 mod cur;
+#[path = "common/duplex.rs"]
+mod duplex;
 use cur::Cur;
 
 fn assert_nothing_more(out: &Cur, why: &str) {
@@ -81,7 +81,11 @@ fn check_transcript(input: &[u8], output: &[u8]) {
             if data != b"disk" && !data.is_empty() {
                 return assert_nothing_more(&out, "NBD_OPT_EXPORT_NAME of an unknown export");
             }
-            assert_eq!(out.u64(), Some(DISK_SIZE), "NBD_OPT_EXPORT_NAME: export size");
+            assert_eq!(
+                out.u64(),
+                Some(DISK_SIZE),
+                "NBD_OPT_EXPORT_NAME: export size"
+            );
             let flags = out.u16().expect("NBD_OPT_EXPORT_NAME: transmission flags");
             assert_ne!(flags & FLAG_HAS_FLAGS, 0);
             if !no_zeroes {
@@ -96,7 +100,11 @@ fn check_transcript(input: &[u8], output: &[u8]) {
                 .u64()
                 .unwrap_or_else(|| panic!("option {opt}: no (complete) reply"));
             assert_eq!(magic, OPT_REPLY_MAGIC, "option {opt}: reply magic");
-            assert_eq!(out.u32(), Some(opt), "option {opt}: reply names another option");
+            assert_eq!(
+                out.u32(),
+                Some(opt),
+                "option {opt}: reply names another option"
+            );
             let kind = out.u32().expect("reply type");
             let rlen = out.u32().expect("reply length");
             let rdata = out.take(rlen as usize).expect("reply data");
@@ -125,7 +133,10 @@ fn check_transcript(input: &[u8], output: &[u8]) {
             OPT_ABORT => return assert_nothing_more(&out, "NBD_OPT_ABORT"),
             OPT_STRUCTURED_REPLY if acked => structured = true,
             OPT_GO if acked => {
-                assert!(export_info, "NBD_OPT_GO acknowledged without NBD_INFO_EXPORT");
+                assert!(
+                    export_info,
+                    "NBD_OPT_GO acknowledged without NBD_INFO_EXPORT"
+                );
                 break;
             }
             _ => {}
@@ -136,12 +147,16 @@ fn check_transcript(input: &[u8], output: &[u8]) {
     let mut pending: HashMap<u64, Vec<Request>> = HashMap::new();
     let mut requests = 0usize;
     loop {
-        let Some(h) = inp.take(REQUEST_LEN) else { break };
+        let Some(h) = inp.take(REQUEST_LEN) else {
+            break;
+        };
         let Ok(req) = Request::parse(h) else { break };
         if req.kind == CMD_DISC {
             break;
         }
-        if req.has_payload() && (req.length > MAX_PAYLOAD || inp.take(req.length as usize).is_none()) {
+        if req.has_payload()
+            && (req.length > MAX_PAYLOAD || inp.take(req.length as usize).is_none())
+        {
             break;
         }
         let same = pending.entry(req.cookie).or_default();
@@ -173,7 +188,10 @@ fn check_transcript(input: &[u8], output: &[u8]) {
             match kind {
                 REPLY_TYPE_NONE => {
                     assert!(data.is_empty());
-                    assert!(req.kind != CMD_READ && req.kind != CMD_BLOCK_STATUS, "{req:?}: NONE");
+                    assert!(
+                        req.kind != CMD_READ && req.kind != CMD_BLOCK_STATUS,
+                        "{req:?}: NONE"
+                    );
                 }
                 REPLY_TYPE_OFFSET_DATA => {
                     assert_eq!(req.kind, CMD_READ, "OFFSET_DATA for {req:?}");
@@ -235,31 +253,14 @@ fn check_transcript(input: &[u8], output: &[u8]) {
 }
 
 fuzz_target!(|data: &[u8]| {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
+    duplex::run(async {
         let exports = ExportSet::new();
         exports.add(Export::new("disk", Arc::new(MemoryDev::new(DISK_SIZE))));
         let server = Server::new(exports, ServerConfig::default());
-        let (client, server_end) = tokio::io::duplex(1 << 16);
-        let (mut rd, mut wr) = tokio::io::split(client);
-        let drain = tokio::spawn(async move {
-            let mut out = Vec::new();
-            let _ = rd.read_to_end(&mut out).await;
-            out
-        });
-        let input = data.to_vec();
-        let feed = tokio::spawn(async move {
-            let _ = wr.write_all(&input).await;
-            let _ = wr.shutdown().await;
-        });
-        tokio::time::timeout(Duration::from_secs(10), server.serve_stream(server_end))
-            .await
-            .expect("server session hung after the client's input ended");
-        feed.await.unwrap();
-        let output = drain.await.unwrap();
+        let output = duplex::session(data, "server session", |server_end| async move {
+            server.serve_stream(server_end).await
+        })
+        .await;
         check_transcript(data, &output);
     });
 });

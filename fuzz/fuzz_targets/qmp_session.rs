@@ -16,13 +16,14 @@
 #![no_main]
 
 use std::sync::{Arc, OnceLock, Weak};
-use std::time::Duration;
 
 use async_trait::async_trait;
 use libfuzzer_sys::fuzz_target;
 use qmp::{Args, Frame, Framer, Handler, QmpError, QmpServer};
 use serde_json::{Map, Value, json};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+#[path = "common/duplex.rs"]
+mod duplex;
 
 /// The server reads the stream 8 KiB at a time; up to this size, it sees the input in one read.
 const ONE_READ: usize = 8192;
@@ -88,7 +89,10 @@ fn check_transcript(input: &[u8], output: &[u8]) {
         })
         .collect();
     let (greeting, rest) = lines.split_first().expect("a greeting");
-    assert!(greeting["QMP"]["capabilities"].is_array(), "greeting: {greeting:?}");
+    assert!(
+        greeting["QMP"]["capabilities"].is_array(),
+        "greeting: {greeting:?}"
+    );
 
     let mut replies = Vec::new();
     for m in rest {
@@ -96,12 +100,22 @@ fn check_transcript(input: &[u8], output: &[u8]) {
             assert_eq!(m["event"], "FUZZ", "{m:?}");
             assert!(m["timestamp"]["seconds"].is_u64(), "{m:?}");
             assert!(m["timestamp"]["microseconds"].is_u64(), "{m:?}");
-            assert!(m.keys().all(|k| ["event", "timestamp", "data"].contains(&k.as_str())));
+            assert!(
+                m.keys()
+                    .all(|k| ["event", "timestamp", "data"].contains(&k.as_str()))
+            );
             continue;
         }
-        let kinds = ["return", "error"].iter().filter(|k| m.contains_key(**k)).count();
+        let kinds = ["return", "error"]
+            .iter()
+            .filter(|k| m.contains_key(**k))
+            .count();
         assert_eq!(kinds, 1, "a reply is one of return/error: {m:?}");
-        assert!(m.keys().all(|k| ["return", "error", "id"].contains(&k.as_str())), "{m:?}");
+        assert!(
+            m.keys()
+                .all(|k| ["return", "error", "id"].contains(&k.as_str())),
+            "{m:?}"
+        );
         if m.contains_key("error") {
             check_error(m);
         }
@@ -163,35 +177,17 @@ fn check_transcript(input: &[u8], output: &[u8]) {
 }
 
 fuzz_target!(|data: &[u8]| {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
+    duplex::run(async {
         let handler = Arc::new(FuzzHandler {
             server: OnceLock::new(),
         });
         let server = QmpServer::new(handler.clone(), "coloblk-fuzz");
         let _ = handler.server.set(Arc::downgrade(&server));
 
-        let (client, server_end) = tokio::io::duplex(1 << 16);
-        let (mut rd, mut wr) = tokio::io::split(client);
-        let drain = tokio::spawn(async move {
-            let mut out = Vec::new();
-            let _ = rd.read_to_end(&mut out).await;
-            out
-        });
-        let input = data.to_vec();
-        let feed = tokio::spawn(async move {
-            // One write: the duplex buffer holds it all, so the server reads it in one go.
-            let _ = wr.write_all(&input).await;
-            let _ = wr.shutdown().await;
-        });
-        tokio::time::timeout(Duration::from_secs(10), server.serve_stream(server_end))
-            .await
-            .expect("QMP session hung after the client's input ended");
-        feed.await.unwrap();
-        let output = drain.await.unwrap();
+        let output = duplex::session(data, "QMP session", |server_end| async move {
+            server.serve_stream(server_end).await
+        })
+        .await;
         check_transcript(data, &output);
     });
 });

@@ -231,6 +231,7 @@ fn tcp_listener_serves_qemu_tools() {
             "serve",
             "--listen",
             &format!("tcp:127.0.0.1:{port}"),
+            "--insecure",
             "--export",
             &format!("n={}", img.display()),
         ]),
@@ -251,6 +252,29 @@ fn tcp_listener_serves_qemu_tools() {
             .arg(&uri),
     );
     assert!(out.contains("read 65536/65536"), "{out}");
+}
+
+/// A TCP listener without TLS is refused unless the operator says --insecure.
+#[test]
+fn a_plain_tcp_listener_needs_insecure() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = raw_image(dir.path(), "t.raw", MIB);
+
+    let out = coloblk()
+        .args(["serve", "--listen", "tcp:127.0.0.1:0", "--export"])
+        .arg(format!("n={}", img.display()))
+        .output()
+        .unwrap();
+
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(
+            "the NBD listener for clients on tcp:127.0.0.1:0 would accept anyone who can reach \
+             the port: give --tls-creds DIR (TLS with client certificates), or say --insecure"
+        ),
+        "{err}"
+    );
 }
 
 /// Bad command lines give one clear error and exit code 2.

@@ -2,10 +2,12 @@
 //! export: `nbd://host[:port]/export` and `nbd+unix:///export?socket=/path`.
 //!
 //! The export name is the URI path without its leading `/` (so `nbd://h` and `nbd://h/` both
-//! name the empty export, and `nbd://h//x` names `/x`), percent-decoded. We do not speak TLS, so
-//! the `nbds` schemes and `tls-*` parameters are refused with an error that says so rather than
-//! silently connecting in the clear; any other parameter we do not understand is refused too, as
-//! the standard asks, because ignoring it could connect somewhere the operator did not mean.
+//! name the empty export, and `nbd://h//x` names `/x`), percent-decoded. The `nbds` schemes
+//! (`nbds://host[:port]/export`, `nbds+unix:///export?socket=/path`) ask for TLS: the client
+//! then sends NBD_OPT_STARTTLS first and never goes on in the clear. Credentials come from the
+//! program's `--tls-creds`, not from the URI, so the `tls-*` parameters are refused with an error
+//! that says so; any other parameter we do not understand is refused too, as the standard asks,
+//! because ignoring it could connect somewhere the operator did not mean.
 
 use std::fmt;
 use std::path::PathBuf;
@@ -23,6 +25,8 @@ pub struct NbdUri {
     pub addr: SocketAddr,
     /// The export name (may be empty: the server's default export).
     pub export: String,
+    /// TLS is required (the `nbds` schemes).
+    pub tls: bool,
 }
 
 /// A URI that does not name an NBD export we can reach; `reason` says what is wrong.
@@ -41,7 +45,14 @@ impl NbdUri {
         NbdUri {
             addr,
             export: export.into(),
+            tls: false,
         }
+    }
+
+    /// The same export over TLS (`nbds://`, `nbds+unix://`).
+    pub fn with_tls(mut self) -> Self {
+        self.tls = true;
+        self
     }
 }
 
@@ -67,7 +78,7 @@ fn parse(s: &str) -> Result<NbdUri, String> {
     let (scheme, rest) = s
         .split_once("://")
         .ok_or("expected nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH")?;
-    let transport = transport(scheme)?;
+    let (transport, tls) = transport(scheme)?;
     if rest.contains('#') {
         return Err("a fragment ('#...') has no meaning in an NBD URI".into());
     }
@@ -88,19 +99,19 @@ fn parse(s: &str) -> Result<NbdUri, String> {
         Transport::Tcp => tcp_addr(authority, socket)?,
         Transport::Unix => unix_addr(authority, socket)?,
     };
-    Ok(NbdUri { addr, export })
+    Ok(NbdUri { addr, export, tls })
 }
 
-fn transport(scheme: &str) -> Result<Transport, String> {
+/// The transport a scheme selects and whether it asks for TLS.
+fn transport(scheme: &str) -> Result<(Transport, bool), String> {
     match scheme.to_ascii_lowercase().as_str() {
-        "nbd" => Ok(Transport::Tcp),
-        "nbd+unix" => Ok(Transport::Unix),
-        "nbds" | "nbds+unix" | "nbds+vsock" => Err(format!(
-            "scheme '{scheme}' requires TLS, which this client does not support"
-        )),
-        "nbd+vsock" => Err("vsock transport is not supported".into()),
+        "nbd" => Ok((Transport::Tcp, false)),
+        "nbd+unix" => Ok((Transport::Unix, false)),
+        "nbds" => Ok((Transport::Tcp, true)),
+        "nbds+unix" => Ok((Transport::Unix, true)),
+        "nbd+vsock" | "nbds+vsock" => Err("vsock transport is not supported".into()),
         _ => Err(format!(
-            "unknown scheme '{scheme}' (expected nbd or nbd+unix)"
+            "unknown scheme '{scheme}' (expected nbd, nbd+unix, nbds or nbds+unix)"
         )),
     }
 }
@@ -117,7 +128,8 @@ fn parse_query(query: &str) -> Result<Option<String>, String> {
             "socket" => socket = Some(decode(value, "socket path")?),
             k if k.starts_with("tls-") => {
                 return Err(format!(
-                    "parameter '{k}' requires TLS, which this client does not support"
+                    "parameter '{k}' is not taken from the URI: TLS credentials come from \
+                     --tls-creds DIR (use the nbds scheme to require TLS)"
                 ));
             }
             k => return Err(format!("unsupported query parameter '{k}'")),
@@ -131,9 +143,7 @@ fn tcp_addr(authority: &str, socket: Option<String>) -> Result<SocketAddr, Strin
         return Err("'socket' is only valid with the nbd+unix scheme".into());
     }
     if authority.contains('@') {
-        return Err(
-            "user information is only used for TLS, which this client does not support".into(),
-        );
+        return Err("user information (TLS-PSK user names) is not supported".into());
     }
     let (host, port) = split_host_port(authority)?;
     let host = if host.is_empty() {
@@ -229,18 +239,23 @@ fn encode(s: &str, keep: &[u8]) -> String {
 impl fmt::Display for NbdUri {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let export = encode(&self.export, b"/:@!$&'()*+,;=");
+        let s = if self.tls { "s" } else { "" };
         // The host is percent-decoded when parsed, so it is encoded here (found by the nbd_uri
         // fuzz target: "a%2Fb" displayed as a URI naming host "a").
         match &self.addr {
             SocketAddr::Tcp { host, port } if host.contains(':') => {
-                write!(f, "nbd://[{}]:{port}/{export}", encode(host, b":"))
+                write!(f, "nbd{s}://[{}]:{port}/{export}", encode(host, b":"))
             }
             SocketAddr::Tcp { host, port } => {
-                write!(f, "nbd://{}:{port}/{export}", encode(host, b"!$&'()*+,;="))
+                write!(
+                    f,
+                    "nbd{s}://{}:{port}/{export}",
+                    encode(host, b"!$&'()*+,;=")
+                )
             }
             SocketAddr::Unix(path) => {
                 let socket = encode(&path.to_string_lossy(), b"/:@!$'()*+,;");
-                write!(f, "nbd+unix:///{export}?socket={socket}")
+                write!(f, "nbd{s}+unix:///{export}?socket={socket}")
             }
         }
     }
@@ -322,8 +337,6 @@ mod tests {
         let cases = [
             ("/tmp/sock", "expected nbd://"),
             ("http://h/e", "unknown scheme 'http'"),
-            ("nbds://h/e", "requires TLS"),
-            ("nbds+unix:///e?socket=/s", "requires TLS"),
             ("nbd+vsock://1/e", "vsock"),
             ("nbd://h:99999/e", "port '99999'"),
             ("nbd://h:0/e", "port 0"),
@@ -331,7 +344,8 @@ mod tests {
             ("nbd://[::1/e", "not closed"),
             ("nbd://user@h/e", "user information"),
             ("nbd://h/e?socket=/s", "only valid with the nbd+unix"),
-            ("nbd://h/e?tls-type=x509", "requires TLS"),
+            ("nbd://h/e?tls-type=x509", "--tls-creds"),
+            ("nbds+vsock://1/e", "vsock"),
             ("nbd://h/e?frob=1", "unsupported query parameter 'frob'"),
             ("nbd://h/e#frag", "fragment"),
             ("nbd://h/%zz", "bad percent escape"),
@@ -352,12 +366,30 @@ mod tests {
     }
 
     #[test]
+    fn nbds_schemes_ask_for_tls() {
+        assert_eq!(
+            "nbds://h:7/e".parse::<NbdUri>(),
+            Ok(tcp("h", 7, "e").with_tls())
+        );
+        assert_eq!(
+            "nbds+unix:///e?socket=/s".parse::<NbdUri>(),
+            Ok(unix("/s", "e").with_tls())
+        );
+        assert_eq!(
+            unix("/s", "e").with_tls().to_string(),
+            "nbds+unix:///e?socket=/s"
+        );
+    }
+
+    #[test]
     fn display_round_trips() {
         for uri in [
             tcp("example.com", 10809, "disk"),
             tcp("::1", 7, "with space/and%percent"),
             unix("/tmp/a b?c", "x&y"),
             unix("/s", ""),
+            tcp("h", 7, "e").with_tls(),
+            unix("/s", "e").with_tls(),
         ] {
             assert_eq!(uri.to_string().parse::<NbdUri>(), Ok(uri.clone()), "{uri}");
         }

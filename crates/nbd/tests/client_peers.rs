@@ -5,7 +5,7 @@
 //! drop. A missing server binary fails the test (scripts/test installs them all).
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -17,6 +17,7 @@ use nbd::addr::SocketAddr;
 use nbd::client::{BlockSize, ClientConfig, NbdClient};
 use nbd::server::{Export, ExportSet, Listener, Server, ServerConfig};
 use testutil::FaultyDev;
+use testutil::peer::Peer;
 
 const KIB: u64 = 1 << 10;
 const MIB: u64 = 1 << 20;
@@ -25,84 +26,9 @@ const MIB: u64 = 1 << 20;
 // Peers
 // ---------------------------------------------------------------------------------------------
 
-/// Is `tool` on PATH?
-fn have(tool: &str) -> bool {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path).any(|dir| dir.join(tool).is_file())
-}
-
-/// Fails the test when a peer binary is missing: scripts/test installs every peer, so a
-/// missing one is a broken setup, not a reason to pass silently.
+/// Fails the test when a peer binary is missing (scripts/test installs every peer).
 macro_rules! require {
-    ($($tool:expr),+) => {
-        $(assert!(have($tool), "{} is not installed: run scripts/test, which installs the test peers", $tool);)+
-    };
-}
-
-/// A server process, killed and reaped on drop. Its stderr goes to a log file in the test's
-/// directory, shown when it fails to start.
-struct Peer {
-    child: Child,
-    name: String,
-    log: PathBuf,
-}
-
-impl Peer {
-    fn spawn(dir: &Path, name: &str, cmd: &mut Command) -> Peer {
-        let log = dir.join(format!("{name}.log"));
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
-        Peer {
-            child,
-            name: name.to_string(),
-            log,
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Waits until `probe` connects (the server listens), failing if the server exits.
-    async fn wait_ready(&mut self, probe: impl Fn() -> bool) {
-        let start = Instant::now();
-        while !probe() {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                panic!(
-                    "{} exited with {status} before listening:\n{}",
-                    self.name,
-                    self.log()
-                );
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(10),
-                "{} never listened",
-                self.name
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-
-    async fn wait_unix(&mut self, sock: &Path) {
-        self.wait_ready(|| std::os::unix::net::UnixStream::connect(sock).is_ok())
-            .await;
-    }
-
-    /// SIGKILL: the server vanishes without a word, as a crashed host would.
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Peer {
-    fn drop(&mut self) {
-        self.kill();
-    }
+    ($($tool:expr),+) => { testutil::peer::require(&[$($tool),+]) };
 }
 
 /// qemu-nbd serving raw `file` on unix socket `sock` (persistent, several clients, real

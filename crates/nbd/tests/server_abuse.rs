@@ -223,7 +223,7 @@ async fn hostile_handshakes_and_requests_leave_the_server_serving_correct_data()
         (OPT_INFO, &b"\0\0\x10\0disk"[..], REP_ERR_INVALID),
         (99, b"xyz", REP_ERR_UNSUP),
         (OPT_STRUCTURED_REPLY, b"x", REP_ERR_INVALID),
-        (OPT_STARTTLS, b"", REP_ERR_UNSUP),
+        (OPT_STARTTLS, b"", REP_ERR_POLICY),
         (OPT_LIST, b"x", REP_ERR_INVALID),
         (
             OPT_SET_META_CONTEXT,

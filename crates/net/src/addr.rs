@@ -4,11 +4,29 @@ use std::fmt;
 use std::path::PathBuf;
 use std::str::FromStr;
 
-use tokio::net::{TcpStream, UnixStream};
+use tokio::net::{TcpStream, UnixStream, tcp, unix};
 use tokio_util::either::Either;
 
 /// A connected unix or TCP stream.
 pub type Stream = Either<UnixStream, TcpStream>;
+/// The read half of a [`Stream`], owned by one task.
+pub type ReadHalf = Either<unix::OwnedReadHalf, tcp::OwnedReadHalf>;
+/// The write half of a [`Stream`], owned by one task.
+pub type WriteHalf = Either<unix::OwnedWriteHalf, tcp::OwnedWriteHalf>;
+
+/// Splits a stream into halves that a reader and a writer task own without sharing a lock.
+pub fn split(stream: Stream) -> (ReadHalf, WriteHalf) {
+    match stream {
+        Either::Left(s) => {
+            let (r, w) = s.into_split();
+            (Either::Left(r), Either::Left(w))
+        }
+        Either::Right(s) => {
+            let (r, w) = s.into_split();
+            (Either::Right(r), Either::Right(w))
+        }
+    }
+}
 
 /// Where to listen or connect.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -8,8 +8,9 @@
 //!        '------connect--------------------------------> Stream
 //! ```
 //!
-//! The protocols (NBD, QMP, HTTP for metrics) sit on top and know nothing of sockets; TLS will
-//! sit here, between the accepted stream and the protocol.
+//! The protocols (NBD, QMP, HTTP for metrics) sit on top and know nothing of sockets; TLS
+//! ([`tls`]: credentials, mutual x509 authentication, the peer's name) sits here, between the
+//! accepted stream and the protocol.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -18,8 +19,10 @@ pub mod accept;
 pub mod addr;
 pub mod limits;
 pub mod listener;
+pub mod tls;
 
 pub use accept::{Acceptor, Connection};
 pub use addr::{AddrError, SocketAddr, Stream};
 pub use limits::raise_fd_limit;
 pub use listener::{Listener, Peer};
+pub use tls::{Authz, TlsClient, TlsCreds, TlsError, TlsErrorKind, TlsServer};

@@ -38,12 +38,51 @@ impl fmt::Display for Peer {
 impl Listener {
     /// Binds `addr`. A stale unix socket file left by a dead server is replaced.
     pub async fn bind(addr: &SocketAddr) -> io::Result<Listener> {
+        Self::bind_with_mode(addr, None).await
+    }
+
+    /// Binds `addr`; a unix socket file gets file mode `mode` (e.g. 0o600: only its owner may
+    /// connect) before anyone can connect to it: it is bound under a temporary name, given the
+    /// mode, then renamed into place.
+    pub async fn bind_with_mode(addr: &SocketAddr, mode: Option<u32>) -> io::Result<Listener> {
         match addr {
             SocketAddr::Unix(path) => {
                 if is_stale_socket(path).await {
                     let _ = std::fs::remove_file(path);
                 }
-                Ok(Listener::Unix(UnixListener::bind(path)?, path.clone()))
+                let Some(mode) = mode else {
+                    return Ok(Listener::Unix(UnixListener::bind(path)?, path.clone()));
+                };
+                if path.exists() {
+                    return Err(io::Error::new(
+                        io::ErrorKind::AddrInUse,
+                        format!("{} exists and is not a stale socket", path.display()),
+                    ));
+                }
+                let mut tmp = path.clone().into_os_string();
+                tmp.push(format!(".{}.tmp", std::process::id()));
+                let tmp = PathBuf::from(tmp);
+                let _ = std::fs::remove_file(&tmp);
+                use std::os::unix::fs::PermissionsExt;
+                let perms = std::fs::Permissions::from_mode(mode);
+                let l = match UnixListener::bind(&tmp) {
+                    Ok(l) => l,
+                    // The temporary name is too long for a socket address where the real one
+                    // fits: bind in place and set the mode at once (before anything accepts).
+                    Err(e) if e.kind() == io::ErrorKind::InvalidInput => {
+                        let l = UnixListener::bind(path)?;
+                        std::fs::set_permissions(path, perms)?;
+                        return Ok(Listener::Unix(l, path.clone()));
+                    }
+                    Err(e) => return Err(e),
+                };
+                let placed = std::fs::set_permissions(&tmp, perms)
+                    .and_then(|()| std::fs::rename(&tmp, path));
+                if let Err(e) = placed {
+                    let _ = std::fs::remove_file(&tmp);
+                    return Err(e);
+                }
+                Ok(Listener::Unix(l, path.clone()))
             }
             SocketAddr::Tcp { host, port } => Ok(Listener::Tcp(
                 TcpListener::bind((host.as_str(), *port)).await?,
@@ -118,6 +157,44 @@ mod tests {
         drop(l);
 
         assert!(!path.exists());
+    }
+
+    #[tokio::test]
+    async fn a_unix_socket_gets_its_mode_and_still_accepts() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.sock");
+        let addr = SocketAddr::Unix(path.clone());
+
+        let l = Listener::bind_with_mode(&addr, Some(0o600)).await.unwrap();
+
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let (client, accepted) = tokio::join!(addr.connect(), l.accept());
+        client.unwrap();
+        accepted.unwrap();
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["s.sock"], "the temporary name is gone");
+    }
+
+    #[tokio::test]
+    async fn a_path_that_fits_only_without_the_temporary_suffix_still_gets_its_mode() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let room = 104 - dir.path().as_os_str().len() - 1;
+        let path = dir.path().join("s".repeat(room));
+        let addr = SocketAddr::Unix(path.clone());
+
+        let l = Listener::bind_with_mode(&addr, Some(0o600)).await.unwrap();
+
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let (client, accepted) = tokio::join!(addr.connect(), l.accept());
+        client.unwrap();
+        accepted.unwrap();
     }
 
     #[tokio::test]

@@ -44,6 +44,12 @@ pub struct Event {
 pub trait Handler: Send + Sync + 'static {
     /// Runs `name`; an unknown name returns [`QmpError::not_found`].
     async fn execute(&self, name: &str, args: Args) -> Result<Value, QmpError>;
+    /// Runs `name` for the client `peer` (its certificate's name, uid or address, for logs);
+    /// by default the same as [`Handler::execute`].
+    async fn execute_from(&self, peer: &str, name: &str, args: Args) -> Result<Value, QmpError> {
+        let _ = peer;
+        self.execute(name, args).await
+    }
     /// The names [`Handler::execute`] knows (listed by `query-commands`).
     fn commands(&self) -> Vec<&'static str>;
 }
@@ -108,9 +114,18 @@ impl QmpServer {
     where
         S: AsyncRead + AsyncWrite + Send,
     {
+        self.serve_stream_from(stream, "stream").await
+    }
+
+    /// Serves one client, known as `peer` to the handler ([`Handler::execute_from`]), until it
+    /// disconnects.
+    pub async fn serve_stream_from<S>(&self, stream: S, peer: &str)
+    where
+        S: AsyncRead + AsyncWrite + Send,
+    {
         let (mut r, mut w) = tokio::io::split(stream);
-        if let Err(e) = self.session(&mut r, &mut w).await {
-            debug!("QMP session ended: {e}");
+        if let Err(e) = self.session(&mut r, &mut w, peer).await {
+            debug!(%peer, "QMP session ended: {e}");
         }
     }
 
@@ -121,7 +136,7 @@ impl QmpServer {
         }})
     }
 
-    async fn session<R, W>(&self, r: &mut R, w: &mut W) -> io::Result<()>
+    async fn session<R, W>(&self, r: &mut R, w: &mut W, peer: &str) -> io::Result<()>
     where
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
@@ -137,7 +152,7 @@ impl QmpServer {
                 idle_from = Instant::now();
                 let reply = match frame {
                     Frame::Malformed(msg) => Some(error_reply(&QmpError::generic(msg), None)),
-                    Frame::Message(v) => self.dispatch(v, &mut events).await,
+                    Frame::Message(v) => self.dispatch(v, &mut events, peer).await,
                 };
                 if let Some(reply) = reply {
                     self.send(w, &reply).await?;
@@ -190,6 +205,7 @@ impl QmpServer {
         &self,
         v: Value,
         events: &mut Option<broadcast::Receiver<Event>>,
+        peer: &str,
     ) -> Option<Value> {
         let negotiated = events.is_some();
         let cmd = match parse_command(v) {
@@ -220,7 +236,7 @@ impl QmpServer {
                 ))
             }
             ("query-version", true) => Ok(self.greeting()["QMP"]["version"].clone()),
-            (name, true) => self.handler.execute(name, cmd.args).await,
+            (name, true) => self.handler.execute_from(peer, name, cmd.args).await,
         };
         Some(match result {
             Ok(v) => with_id(json!({"return": v}), cmd.id),

@@ -14,17 +14,22 @@ impl<'a> Cur<'a> {
         Some(a)
     }
     pub fn u16(&mut self) -> Option<u16> {
-        self.take(2).map(|s| u16::from_be_bytes(s.try_into().unwrap()))
+        self.take(2)
+            .map(|s| u16::from_be_bytes(s.try_into().unwrap()))
     }
     pub fn u32(&mut self) -> Option<u32> {
-        self.take(4).map(|s| u32::from_be_bytes(s.try_into().unwrap()))
+        self.take(4)
+            .map(|s| u32::from_be_bytes(s.try_into().unwrap()))
     }
     pub fn u64(&mut self) -> Option<u64> {
-        self.take(8).map(|s| u64::from_be_bytes(s.try_into().unwrap()))
+        self.take(8)
+            .map(|s| u64::from_be_bytes(s.try_into().unwrap()))
     }
     /// The next u64 without taking it.
     pub fn peek_u64(&self) -> Option<u64> {
-        self.0.get(..8).map(|s| u64::from_be_bytes(s.try_into().unwrap()))
+        self.0
+            .get(..8)
+            .map(|s| u64::from_be_bytes(s.try_into().unwrap()))
     }
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()

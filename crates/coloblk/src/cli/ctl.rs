@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 use crate::control::status::{CheckpointReply, PrimaryDisk, Status, StopReply};
 
 /// A control session.
-type Client = QmpClient<nbd::addr::Stream>;
+type Client = QmpClient<net::tls::ClientStream>;
 
 /// Exit codes scripts can rely on.
 pub mod exit {
@@ -30,12 +30,18 @@ pub mod exit {
     2 bad command line, 3 control socket unreachable (no connection, or no QMP handshake \
     within --timeout).\n\n\
     Examples:\n  coloblk ctl --control unix:/run/coloblk/secondary.qmp status\n  \
-    coloblk ctl --control tcp:10.0.0.2:4445 failover"
+    coloblk ctl --control tcp:secondary:4445 --tls-creds /etc/coloblk/tls failover"
 )]
 pub struct CtlArgs {
     /// The daemon's control socket: unix:PATH or tcp:HOST:PORT.
     #[arg(long, value_name = "ADDR")]
     control: SocketAddr,
+
+    /// TLS credentials (QEMU's tls-creds-x509 layout; client-cert.pem and client-key.pem are
+    /// presented): a tcp: control socket is then spoken to over TLS, its certificate checked
+    /// against the host. A unix socket stays plain (its file mode protects it).
+    #[arg(long, value_name = "DIR")]
+    tls_creds: Option<std::path::PathBuf>,
 
     /// How long to wait for the socket to connect and greet (exit code 3 after that), for
     /// each status reply, and with `wait-protected` for the protection itself.
@@ -128,7 +134,15 @@ fn seconds(s: &str) -> Result<Duration, String> {
 
 pub async fn run(args: CtlArgs) -> u8 {
     let addr = &args.control;
-    let mut client = match QmpClient::connect(addr, addr.connect(), args.timeout).await {
+    let tls = match args.tls_creds.as_deref().map(tls_client).transpose() {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("coloblk ctl: --tls-creds: {e}");
+            return exit::FAILED;
+        }
+    };
+    let connect = net::tls::connect(addr, tls.as_ref());
+    let mut client = match QmpClient::connect(addr, connect, args.timeout).await {
         Ok(c) => c,
         Err(e) => {
             eprintln!("coloblk ctl: {}", unreachable(addr, e));
@@ -142,6 +156,10 @@ pub async fn run(args: CtlArgs) -> u8 {
             exit::FAILED
         }
     }
+}
+
+fn tls_client(dir: &std::path::Path) -> Result<net::TlsClient, net::TlsError> {
+    net::TlsClient::new(&net::TlsCreds::load(dir)?, net::Authz::default())
 }
 
 /// Why the session could not be opened, in words for the operator.

@@ -360,6 +360,17 @@ fn empty(r: Result<(), ControlError>) -> Result<Value, QmpError> {
 
 #[async_trait]
 impl<G: Group + ?Sized> Handler for Control<G> {
+    /// Every command that changes something is logged with who gave it (a failover, a stop, a
+    /// forced checkpoint, a promotion can each lose data: the log says whose decision it was).
+    async fn execute_from(&self, peer: &str, name: &str, args: Args) -> Result<Value, QmpError> {
+        let reads = name.starts_with("query-") || name == "replication-digest";
+        if !reads {
+            let arguments = Value::Object(args.0.clone());
+            tracing::info!(%peer, command = name, %arguments, "control command");
+        }
+        self.execute(name, args).await
+    }
+
     async fn execute(&self, name: &str, args: Args) -> Result<Value, QmpError> {
         let g = &self.group;
         match name {

@@ -28,8 +28,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use async_trait::async_trait;
-use nbd::addr::{SocketAddr, Stream};
+use nbd::addr::SocketAddr;
 use nbd::client::{ClientConfig, NbdClient};
+use net::tls::ClientStream;
 use parking_lot::Mutex;
 use qmp::QmpClient;
 use replication::primary::{ChecksumReport, Digest, PrimaryNode, RemoteDigests};
@@ -59,9 +60,11 @@ pub(super) const PEER_COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
 pub(super) async fn peer_session(
     addr: &SocketAddr,
     timeout: Duration,
-) -> anyhow::Result<QmpClient<Stream>> {
+) -> anyhow::Result<QmpClient<ClientStream>> {
     let label = format!("the secondary's control socket {addr}");
-    Ok(QmpClient::connect(label, addr.connect(), timeout).await?)
+    let tls = super::security::current().client();
+    let connect = net::tls::connect(addr, tls.as_deref());
+    Ok(QmpClient::connect(label, connect, timeout).await?)
 }
 /// Bytes per digest of a checksum sync (a multiple of the dirty bitmap's granularity).
 const CHECKSUM_BLOCK: u64 = 64 << 10;
@@ -434,6 +437,7 @@ impl DiskLink {
         let cfg = ClientConfig {
             request_timeout: Some(config.link_timeout),
             handshake_timeout: Some(config.link_timeout),
+            tls: super::security::current().client(),
             ..Default::default()
         };
         let link = NbdClient::connect_uri(&target.uri, cfg)
@@ -630,12 +634,12 @@ struct Peer {
     promoted: Option<()>,
     /// The secondary still serves a primary connection to this disk (an old one of ours).
     old_connection: bool,
-    client: QmpClient<Stream>,
+    client: QmpClient<ClientStream>,
 }
 
 /// The secondary's digests, over its control socket.
 struct PeerDigests {
-    client: tokio::sync::Mutex<QmpClient<Stream>>,
+    client: tokio::sync::Mutex<QmpClient<ClientStream>>,
     disk: String,
 }
 

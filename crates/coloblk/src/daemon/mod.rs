@@ -19,6 +19,7 @@ mod state;
 
 mod listen;
 mod metrics;
+pub mod security;
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -26,7 +27,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use blockdev::IoPool;
 use nbd::addr::SocketAddr;
-use nbd::server::{Listener, Server};
+use nbd::server::{Server, TlsPolicy};
 use qmp::QmpServer;
 use tracing::info;
 
@@ -43,9 +44,13 @@ pub struct DaemonArgs {
     #[arg(long)]
     pub start: bool,
 
-    /// Prometheus metrics endpoint: tcp:HOST:PORT (or unix:PATH).
+    /// Prometheus metrics endpoint: tcp:HOST:PORT (or unix:PATH). Plain HTTP: off loopback
+    /// only with --insecure.
     #[arg(long, value_name = "ADDR")]
     pub metrics: Option<SocketAddr>,
+
+    #[command(flatten)]
+    pub security: security::SecurityArgs,
 }
 
 /// One NBD server of a daemon and where it listens.
@@ -58,6 +63,9 @@ pub struct Endpoint {
     pub server: Arc<Server>,
     /// Whether a failed final flush fails the shutdown (not for an export fenced on purpose).
     pub flush_matters: Box<dyn Fn() -> bool + Send + Sync>,
+    /// TLS is required here even on a unix socket (the replica export: only an authenticated
+    /// primary may write).
+    pub tls_always: bool,
 }
 
 impl Endpoint {
@@ -68,6 +76,7 @@ impl Endpoint {
             addr,
             server,
             flush_matters: Box::new(|| true),
+            tls_always: false,
         }
     }
 }
@@ -84,10 +93,18 @@ pub struct Plan {
 
 /// Runs a daemon: `open` opens its disks and builds its servers; everything around it is the
 /// same for every daemon, in the order of the module docs.
-pub async fn run<F>(metrics_addr: Option<&SocketAddr>, open: F) -> anyhow::Result<ExitCode>
+pub async fn run<F>(
+    metrics_addr: Option<&SocketAddr>,
+    security: &security::SecurityArgs,
+    open: F,
+) -> anyhow::Result<ExitCode>
 where
     F: AsyncFnOnce(&IoPool) -> anyhow::Result<Plan>,
 {
+    let sec = security::Security::install(security)?;
+    if let Some(addr) = metrics_addr {
+        sec.check_metrics(addr)?;
+    }
     if let Err(e) = net::raise_fd_limit() {
         tracing::warn!("cannot raise the descriptor limit: {e}");
     }
@@ -96,11 +113,18 @@ where
     let plan = open(&pool).await?;
     let mut bound = Vec::new();
     for e in &plan.endpoints {
-        let l = Listener::bind(&e.addr)
+        let tls = sec.nbd_policy(&e.addr, e.who, e.tls_always)?;
+        let l = sec
+            .bind(&e.addr)
             .await
             .with_context(|| format!("cannot listen on {} for {}", e.addr, e.who))?;
-        info!(addr = %e.addr, "listening for {}", e.who);
-        bound.push(l);
+        let mode = match &tls {
+            TlsPolicy::Off => "plain",
+            TlsPolicy::Allowed(_) => "TLS allowed",
+            TlsPolicy::Required(_) => "TLS required",
+        };
+        info!(addr = %e.addr, tls = mode, "listening for {}", e.who);
+        bound.push((l, tls));
     }
     if let Some((group, args)) = &plan.group {
         if args.start {
@@ -120,16 +144,16 @@ where
             crate::control::forward_events(disk, rx, qmp.clone());
         }
         let control = args.control.as_ref().context("--control is required")?;
-        listen::serve(control, qmp).await?;
+        listen::serve(control, qmp, &sec).await?;
         if let (Some(addr), Some(handle)) = (metrics_addr, metrics_handle) {
             let g = group.clone();
             metrics::serve(addr, handle, Arc::new(move || g.refresh_metrics())).await?;
         }
     }
     let mut serving = tokio::task::JoinSet::new();
-    for (e, l) in plan.endpoints.iter().zip(bound) {
+    for (e, (l, tls)) in plan.endpoints.iter().zip(bound) {
         let server = e.server.clone();
-        serving.spawn(async move { server.serve(l).await });
+        serving.spawn(async move { server.serve_with(l, tls).await });
     }
     wait_for_signal().await?;
     info!("shutting down: finishing requests, flushing");

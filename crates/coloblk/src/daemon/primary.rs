@@ -458,7 +458,7 @@ impl Group for PrimaryGroup {
 /// The secondary's half of a coordinated checkpoint: a control session opened, and the
 /// secondary's epoch read, before the primary drains.
 struct PeerCheckpoint {
-    client: qmp::QmpClient<nbd::addr::Stream>,
+    client: qmp::QmpClient<net::tls::ClientStream>,
     epoch: u64,
     /// The disks of this primary the secondary holds: they become usable copies there.
     disks: Vec<String>,
@@ -547,9 +547,11 @@ fn replica_options(spec: &DiskSpec, peer: bool) -> (String, SyncMode) {
 /// Runs `coloblk primary` until SIGTERM.
 pub async fn run(args: PrimaryArgs) -> anyhow::Result<std::process::ExitCode> {
     crate::disk_spec::unique_names(&args.disks)?;
-    super::run(args.daemon.metrics.as_ref(), async |pool: &IoPool| {
-        open(&args, pool).await
-    })
+    super::run(
+        args.daemon.metrics.as_ref(),
+        &args.daemon.security,
+        async |pool: &IoPool| open(&args, pool).await,
+    )
     .await
 }
 

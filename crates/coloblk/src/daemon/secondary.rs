@@ -572,9 +572,11 @@ fn build_node(
 /// Runs `coloblk secondary` until SIGTERM.
 pub async fn run(args: SecondaryArgs) -> anyhow::Result<std::process::ExitCode> {
     crate::disk_spec::unique_names(&args.disks)?;
-    super::run(args.daemon.metrics.as_ref(), async |pool: &IoPool| {
-        open(&args, pool).await
-    })
+    super::run(
+        args.daemon.metrics.as_ref(),
+        &args.daemon.security,
+        async |pool: &IoPool| open(&args, pool).await,
+    )
     .await
 }
 
@@ -639,7 +641,10 @@ async fn open(args: &SecondaryArgs, pool: &IoPool) -> anyhow::Result<Plan> {
     // top path with the VM's connections open.
     let mut switches = Vec::new();
     for d in &disks {
-        replica_exports.add(Export::new(d.name.clone(), Arc::new(d.node.replica())));
+        // One primary at a time: a second is refused, the same one may reconnect.
+        let mut replica = Export::new(d.name.clone(), Arc::new(d.node.replica()));
+        replica.single_writer = true;
+        replica_exports.add(replica);
         let top: Arc<dyn blockdev::BlockDev> = Arc::new(d.node.top());
         let switch = Switch::new(top.clone());
         top_exports.add(Export::new(d.name.clone(), switch.clone()));
@@ -662,6 +667,7 @@ async fn open(args: &SecondaryArgs, pool: &IoPool) -> anyhow::Result<Plan> {
         ops: tokio::sync::Mutex::new(()),
     });
     let mut replica = Endpoint::new("the primary", replica_listen, replica_server);
+    replica.tls_always = true;
     // After a failover the replica export is fenced (the old primary may no longer write), so
     // its final flush failing is expected; the top export serves the VM then, and its flush
     // is the one that matters.

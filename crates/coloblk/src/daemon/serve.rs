@@ -26,6 +26,9 @@ pub struct ServeArgs {
     #[arg(long = "listen", value_name = "ADDR", required = true)]
     listen: Vec<SocketAddr>,
 
+    #[command(flatten)]
+    security: super::security::SecurityArgs,
+
     /// Blocking disk calls run at most this many at once.
     #[arg(long, value_name = "N", default_value_t = 64, value_parser = clap::value_parser!(u16).range(1..))]
     io_threads: u16,
@@ -34,7 +37,7 @@ pub struct ServeArgs {
 /// Runs `coloblk serve` until SIGTERM or SIGINT.
 pub async fn run(args: ServeArgs) -> anyhow::Result<std::process::ExitCode> {
     crate::disk_spec::unique_names(&args.exports)?;
-    super::run(None, async |_: &IoPool| {
+    super::run(None, &args.security, async |_: &IoPool| {
         // Its own pool: `--io-threads` sizes it.
         let pool = IoPool::new(args.io_threads as usize);
         let exports = ExportSet::new();

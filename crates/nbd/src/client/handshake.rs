@@ -31,6 +31,7 @@ pub(super) enum HandshakeError {
         message: String,
     },
     TimedOut(Duration),
+    Tls(net::TlsError),
 }
 
 impl From<io::Error> for HandshakeError {
@@ -69,6 +70,14 @@ impl HandshakeError {
                 ErrorKind::TimedOut,
                 format!("handshake did not finish within {d:?}"),
             ),
+            HandshakeError::Tls(e) => {
+                let kind = match e.kind {
+                    net::TlsErrorKind::Credentials => ErrorKind::InvalidArgument,
+                    net::TlsErrorKind::Handshake => ErrorKind::Io(Some(EPROTO)),
+                    net::TlsErrorKind::NotAuthorised => ErrorKind::Io(Some(13)), // EACCES
+                };
+                (kind, e.to_string())
+            }
         };
         BlockError::new(kind, Op::Open, 0).context(format!("{label}: {detail}"))
     }
@@ -167,13 +176,15 @@ async fn greeting<R: AsyncRead + Unpin>(r: &mut R) -> std::result::Result<u16, H
     }
 }
 
-/// Runs the handshake up to the transmission phase.
-pub(super) async fn negotiate<R, W>(
-    r: &mut R,
-    w: &mut W,
-    export: &str,
-    config: &ClientConfig,
-) -> std::result::Result<ExportInfo, HandshakeError>
+/// What the greeting settled.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Greeting {
+    fixed: bool,
+    no_zeroes: bool,
+}
+
+/// Reads the greeting and answers it with our flags.
+async fn hello<R, W>(r: &mut R, w: &mut W) -> std::result::Result<Greeting, HandshakeError>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -189,6 +200,61 @@ where
         client_flags |= FLAG_C_NO_ZEROES;
     }
     w.write_all(&client_flags.to_be_bytes()).await?;
+    Ok(Greeting { fixed, no_zeroes })
+}
+
+/// Runs the handshake up to the transmission phase.
+pub(super) async fn negotiate<R, W>(
+    r: &mut R,
+    w: &mut W,
+    export: &str,
+    config: &ClientConfig,
+) -> std::result::Result<ExportInfo, HandshakeError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let greeting = hello(r, w).await?;
+    options(r, w, export, config, greeting).await
+}
+
+/// The clear part of a TLS connection: the greeting and NBD_OPT_STARTTLS, which must be
+/// acknowledged (a client that wants TLS never goes on in the clear: no downgrade).
+pub(super) async fn starttls<S>(s: &mut S) -> std::result::Result<Greeting, HandshakeError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let (mut r, mut w) = tokio::io::split(s);
+    let greeting = hello(&mut r, &mut w).await?;
+    if !greeting.fixed {
+        return protocol("the server does not speak fixed newstyle, so it cannot do TLS");
+    }
+    send_option(&mut w, OPT_STARTTLS, &[]).await?;
+    let reply = read_option_reply(&mut r, OPT_STARTTLS).await?;
+    match reply.kind {
+        REP_ACK if reply.data.is_empty() => Ok(greeting),
+        REP_ACK => protocol("NBD_OPT_STARTTLS acknowledged with data"),
+        k => Err(HandshakeError::Refused {
+            option: "NBD_OPT_STARTTLS",
+            reply: k,
+            message: text(&reply.data),
+        }),
+    }
+}
+
+/// The option phase, from the first option to the transmission phase.
+pub(super) async fn options<R, W>(
+    r: &mut R,
+    w: &mut W,
+    export: &str,
+    config: &ClientConfig,
+    greeting: Greeting,
+) -> std::result::Result<ExportInfo, HandshakeError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let Greeting { fixed, no_zeroes } = greeting;
     let mut info = ExportInfo::new(export);
     // Without fixed newstyle an unknown option makes the server hang up, so only
     // NBD_OPT_EXPORT_NAME is safe.

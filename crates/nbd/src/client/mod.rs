@@ -59,7 +59,7 @@ pub use export::{BlockSize, ExportInfo};
 use crate::addr::SocketAddr;
 use crate::proto::*;
 use crate::uri::NbdUri;
-use handshake::{bounded, negotiate};
+use handshake::{HandshakeError, bounded, negotiate, options, starttls};
 use inflight::{Outgoing, Shared, State};
 use reader::{ReplyReader, Session};
 use writer::write_frames;
@@ -89,6 +89,10 @@ pub struct ClientConfig {
     pub structured_replies: bool,
     /// Ask for the `base:allocation` metadata context (needs structured replies).
     pub block_status: bool,
+    /// Connect over TLS with these credentials: NBD_OPT_STARTTLS first, the server's
+    /// certificate checked (its name too over TCP), no fallback to the clear.
+    /// [`NbdClient::connect_uri`] uses them only for the `nbds` schemes.
+    pub tls: Option<Arc<net::TlsClient>>,
 }
 
 impl Default for ClientConfig {
@@ -99,6 +103,7 @@ impl Default for ClientConfig {
             handshake_timeout: Some(DEFAULT_TIMEOUT),
             structured_replies: true,
             block_status: true,
+            tls: None,
         }
     }
 }
@@ -172,6 +177,9 @@ impl NbdClient {
         config: ClientConfig,
     ) -> Result<NbdClient> {
         let label = format!("NBD export '{export}' at {addr}");
+        if let Some(tls) = config.tls.clone() {
+            return Self::connect_tls(addr, export, config, &tls, label).await;
+        }
         let opened = match config.handshake_timeout {
             None => open_socket(addr).await,
             Some(d) => tokio::time::timeout(d, open_socket(addr))
@@ -182,11 +190,56 @@ impl NbdClient {
         Self::start(r, w, export, config, label).await
     }
 
-    /// Connects to an NBD URI (`nbd://host[:port]/export`, `nbd+unix:///export?socket=PATH`).
-    pub async fn connect_uri(uri: &str, config: ClientConfig) -> Result<NbdClient> {
+    /// Over TLS: the greeting and STARTTLS in the clear, the TLS handshake, then the options.
+    /// All of it within the handshake timeout.
+    async fn connect_tls(
+        addr: &SocketAddr,
+        export: &str,
+        config: ClientConfig,
+        tls: &net::TlsClient,
+        label: String,
+    ) -> Result<NbdClient> {
+        let host = match addr {
+            SocketAddr::Tcp { host, .. } => Some(host.as_str()),
+            SocketAddr::Unix(_) => None,
+        };
+        let opened = match config.handshake_timeout {
+            None => addr.connect().await,
+            Some(d) => tokio::time::timeout(d, addr.connect())
+                .await
+                .unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into())),
+        };
+        let mut s = opened.map_err(|e| connect_error(e, &label))?;
+        let (r, w, info) = bounded(config.handshake_timeout, async {
+            let greeting = starttls(&mut s).await?;
+            let (s, dn) = tls.connect(host, s).await.map_err(HandshakeError::Tls)?;
+            debug!("{label}: TLS with '{dn}'");
+            let (r, mut w) = tokio::io::split(s);
+            let mut r = BufReader::with_capacity(READ_BUFFER, r);
+            let info = options(&mut r, &mut w, export, &config, greeting).await?;
+            Ok((r, w, info))
+        })
+        .await
+        .map_err(|e| e.into_block_error(&label))?;
+        Ok(Self::spawn(r, w, info, config, label))
+    }
+
+    /// Connects to an NBD URI (`nbd://host[:port]/export`, `nbd+unix:///export?socket=PATH`,
+    /// and over TLS `nbds://...`, `nbds+unix://...` with the credentials in
+    /// [`ClientConfig::tls`]).
+    pub async fn connect_uri(uri: &str, mut config: ClientConfig) -> Result<NbdClient> {
         let uri: NbdUri = uri.parse().map_err(|e: crate::uri::UriError| {
             BlockError::new(ErrorKind::InvalidArgument, Op::Open, 0).context(e.to_string())
         })?;
+        if !uri.tls {
+            config.tls = None;
+        } else if config.tls.is_none() {
+            return Err(
+                BlockError::new(ErrorKind::InvalidArgument, Op::Open, 0).context(format!(
+                    "{uri}: the nbds schemes need TLS credentials (--tls-creds DIR)"
+                )),
+            );
+        }
         Self::connect(&uri.addr, &uri.export, config).await
     }
 
@@ -218,6 +271,21 @@ impl NbdClient {
         )
         .await
         .map_err(|e| e.into_block_error(&label))?;
+        Ok(Self::spawn(r, w, info, config, label))
+    }
+
+    /// Starts the reader and writer tasks on a negotiated connection.
+    fn spawn<R, W>(
+        r: BufReader<R>,
+        w: W,
+        info: ExportInfo,
+        config: ClientConfig,
+        label: String,
+    ) -> NbdClient
+    where
+        R: AsyncRead + Unpin + Send + 'static,
+        W: AsyncWrite + Unpin + Send + 'static,
+    {
         debug!(
             "{label}: connected, {} bytes, flags {:#x}, structured {}, base:allocation {:?}",
             info.size, info.flags, info.structured_replies, info.base_allocation
@@ -256,12 +324,12 @@ impl NbdClient {
                 },
             }
         });
-        Ok(NbdClient {
+        NbdClient {
             shared,
             info,
             config,
             writer: Mutex::new(Some(writer)),
-        })
+        }
     }
 
     /// What negotiation settled (size, flags, block sizes, contexts).

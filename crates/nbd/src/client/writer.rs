@@ -39,6 +39,9 @@ pub(super) async fn write_frames<W: AsyncWrite + Unpin>(
             next = rx.try_recv().ok();
         }
         send_pieces(&mut w, &mut pieces).await?;
+        // A socket has nothing to flush, but TLS may hold records the socket would not take
+        // yet: without a flush they wait for the next request, which may never come.
+        w.flush().await?;
     }
     w.flush().await
 }
@@ -84,4 +87,63 @@ async fn send_pieces<W: AsyncWrite + Unpin>(w: &mut W, pieces: &mut Vec<Bytes>) 
     }
     pieces.clear();
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::pin::Pin;
+    use std::sync::{Arc, Mutex};
+    use std::task::{Context, Poll};
+
+    /// A stream that, like TLS over a full socket, holds what it was given until flushed.
+    #[derive(Default, Clone)]
+    struct Holding {
+        held: Arc<Mutex<Vec<u8>>>,
+        sent: Arc<Mutex<Vec<u8>>>,
+    }
+
+    impl AsyncWrite for Holding {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            self.held.lock().unwrap().extend_from_slice(buf);
+            Poll::Ready(Ok(buf.len()))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            let held = std::mem::take(&mut *self.held.lock().unwrap());
+            self.sent.lock().unwrap().extend(held);
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn every_batch_is_flushed_without_waiting_for_the_next() {
+        let stream = Holding::default();
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let w = stream.clone();
+        let task = tokio::spawn(async move { write_frames(w, &mut rx).await });
+
+        tx.send(Outgoing::Request {
+            frame: Bytes::from_static(b"frame"),
+            payload: Some(Bytes::from_static(b"data")),
+        })
+        .unwrap();
+        let sent = async {
+            while stream.sent.lock().unwrap().is_empty() {
+                tokio::task::yield_now().await;
+            }
+        };
+        let flushed = tokio::time::timeout(std::time::Duration::from_secs(2), sent).await;
+
+        assert!(flushed.is_ok(), "the request stayed in the stream's buffer");
+        assert_eq!(&stream.sent.lock().unwrap()[..], b"framedata");
+        drop(tx);
+        task.await.unwrap().unwrap();
+    }
 }

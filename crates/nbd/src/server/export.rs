@@ -18,6 +18,9 @@ pub struct Export {
     pub dev: Arc<dyn BlockDev>,
     /// Refuse writes even if the device would take them.
     pub read_only: bool,
+    /// One client at a time (per client identity; see `claim.rs`): a second identity is
+    /// refused at NBD_OPT_GO, the same identity replaces its old connection.
+    pub single_writer: bool,
 }
 
 impl Export {
@@ -28,6 +31,7 @@ impl Export {
             description: String::new(),
             dev,
             read_only: false,
+            single_writer: false,
         }
     }
 

@@ -10,7 +10,8 @@
 //!                 '-- budget freed -- writer task <---- replies ready together -----'
 //! ```
 //!
-//! One file per phase: [`export`] (what is offered), `handshake` (option negotiation),
+//! One file per phase: [`export`] (what is offered), `handshake` (option negotiation), `tls`
+//! (STARTTLS: the clear part, the TLS handshake, the options again),
 //! `transmission` (the request loop and the writer), `command` (running one request and
 //! framing its reply), [`budget`] (memory for payloads).
 //!
@@ -23,9 +24,11 @@
 //! every export.
 
 pub mod budget;
+mod claim;
 mod command;
 pub mod export;
 mod handshake;
+mod tls;
 mod transmission;
 
 use std::io;
@@ -34,18 +37,19 @@ use std::time::Duration;
 
 use blockdev::BlockError;
 use net::{Acceptor, Connection};
-use tokio::io::{AsyncRead, AsyncWrite, BufReader, BufWriter};
-use tokio_util::either::Either;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, BufReader};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 pub use budget::PayloadBudget;
 pub use export::{Export, ExportSet};
 /// Listening sockets live in the `net` crate; this path stays for existing users.
 pub use net::Listener;
 
-use handshake::negotiate;
+pub use tls::TlsPolicy;
+
+use tls::{Transport, handshake};
 use transmission::transmission;
 
 /// Server limits.
@@ -101,6 +105,8 @@ pub struct Server {
     tasks: TaskTracker,
     /// Clients in the transmission phase, per export name.
     clients: parking_lot::Mutex<std::collections::HashMap<String, usize>>,
+    /// Who holds each single-writer export.
+    claims: Arc<claim::Claims>,
 }
 
 impl Server {
@@ -113,6 +119,7 @@ impl Server {
             stop: CancellationToken::new(),
             tasks: TaskTracker::new(),
             clients: Default::default(),
+            claims: Default::default(),
         })
     }
 
@@ -131,68 +138,120 @@ impl Server {
         &self.config.payload_budget
     }
 
-    /// Accepts clients on `listener` until [`Server::shutdown`].
+    /// Accepts clients on `listener` until [`Server::shutdown`], without TLS.
     pub async fn serve(self: &Arc<Self>, listener: Listener) -> io::Result<()> {
+        self.serve_with(listener, TlsPolicy::Off).await
+    }
+
+    /// Accepts clients on `listener` until [`Server::shutdown`], with TLS as `tls` says.
+    pub async fn serve_with(
+        self: &Arc<Self>,
+        listener: Listener,
+        tls: TlsPolicy,
+    ) -> io::Result<()> {
         let acceptor = Acceptor::new("nbd", self.config.max_connections)
             .with_stop(self.stop.clone())
             .with_tasks(self.tasks.clone());
-        acceptor.run(&listener, |c| self.clone().accepted(c)).await;
+        acceptor
+            .run(&listener, |c: Connection| {
+                let peer = c.peer.to_string();
+                self.clone()
+                    .connection(c.stream, tls.clone(), peer, net::addr::split)
+            })
+            .await;
         Ok(())
     }
 
-    async fn accepted(self: Arc<Self>, c: Connection) {
-        let peer = c.peer.to_string();
-        // Owned halves: no lock between the reader and the writer task.
-        match c.stream {
-            Either::Left(s) => {
-                let (r, w) = s.into_split();
-                self.connection(r, w, peer).await
-            }
-            Either::Right(s) => {
-                let (r, w) = s.into_split();
-                self.connection(r, w, peer).await
-            }
-        }
-    }
-
-    /// Serves one already-connected client (any byte stream) to completion.
+    /// Serves one already-connected client (any byte stream) to completion, without TLS.
     pub async fn serve_stream<S>(self: &Arc<Self>, stream: S)
     where
         S: AsyncRead + AsyncWrite + Send + 'static,
     {
-        let (r, w) = tokio::io::split(stream);
-        self.tasks
-            .track_future(self.clone().connection(r, w, "stream".into()))
-            .await
+        self.serve_stream_with(stream, TlsPolicy::Off).await
     }
 
-    async fn connection<R, W>(self: Arc<Self>, r: R, w: W, peer: String)
+    /// Serves one already-connected client (any byte stream) to completion, with TLS as `tls`
+    /// says.
+    pub async fn serve_stream_with<S>(self: &Arc<Self>, stream: S, tls: TlsPolicy)
     where
+        S: AsyncRead + AsyncWrite + Send + 'static,
+    {
+        let conn =
+            self.clone()
+                .connection(Box::pin(stream), tls, "stream".into(), tokio::io::split);
+        self.tasks.track_future(conn).await
+    }
+
+    async fn connection<S, R, W>(
+        self: Arc<Self>,
+        stream: S,
+        tls: TlsPolicy,
+        peer: String,
+        split: fn(S) -> (R, W),
+    ) where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
         R: AsyncRead + Unpin + Send + 'static,
         W: AsyncWrite + Unpin + Send + 'static,
     {
-        let mut r = BufReader::with_capacity(64 * 1024, r);
-        let mut w = BufWriter::with_capacity(64 * 1024, w);
+        let limit = self.config.handshake_timeout;
         let negotiated = tokio::select! {
             _ = self.stop.cancelled() => return,
-            r = tokio::time::timeout(self.config.handshake_timeout, negotiate(&mut r, &mut w, &self.exports)) => r,
+            r = tokio::time::timeout(limit, handshake(stream, &self.exports, &tls, (&self.claims, &peer))) => r,
         };
-        let session = match negotiated {
-            Ok(Ok(Some(s))) => s,
+        let n = match negotiated {
+            Ok(Ok(Some(n))) => n,
             Ok(Ok(None)) => return,
+            // A refused certificate is worth an operator's attention; garbage is not.
+            Ok(Err(ConnError::Tls(e))) => {
+                warn!(%peer, "TLS refused: {e}");
+                return;
+            }
             Ok(Err(e)) => {
                 debug!(%peer, "negotiation ended: {e}");
                 return;
             }
             Err(_) => {
-                info!(%peer, timeout = ?self.config.handshake_timeout, "closing a client that did not finish negotiating in time");
+                info!(%peer, timeout = ?limit, "closing a client that did not finish negotiating in time");
                 return;
             }
         };
+        let peer = match &n.identity {
+            Some(dn) => format!("{peer} ({dn})"),
+            None => peer,
+        };
+        match n.transport {
+            Transport::Plain(s) => {
+                let (r, w) = split(s);
+                self.transmit(r, w, n.leftover, n.session, peer).await
+            }
+            Transport::Tls(s) => {
+                let (r, w) = tokio::io::split(*s);
+                self.transmit(r, w, n.leftover, n.session, peer).await
+            }
+        }
+    }
+
+    async fn transmit<R, W>(&self, r: R, w: W, leftover: Vec<u8>, session: Session, peer: String)
+    where
+        R: AsyncRead + Unpin + Send + 'static,
+        W: AsyncWrite + Unpin + Send + 'static,
+    {
+        let r = BufReader::with_capacity(64 * 1024, std::io::Cursor::new(leftover).chain(r));
         let export = session.export.name.clone();
+        if let Some(old) = session.claim.as_ref().and_then(|c| c.previous.clone()) {
+            info!(%peer, %export, "the same client connected again: closing its old connection");
+            // The old connection's requests land before the new one's (they were sent first).
+            if tokio::time::timeout(OLD_WRITER_GRACE, old.cancelled())
+                .await
+                .is_err()
+            {
+                warn!(%peer, %export, "the old connection did not end within {OLD_WRITER_GRACE:?}");
+                return;
+            }
+        }
         info!(%peer, %export, structured = session.structured, "client connected");
         *self.clients.lock().entry(export.clone()).or_default() += 1;
-        let ended = transmission(r, w.into_inner(), session, &self, &peer).await;
+        let ended = transmission(r, w, session, self, &peer).await;
         if let Some(n) = self.clients.lock().get_mut(&export) {
             *n -= 1;
         }
@@ -226,13 +285,20 @@ struct Session {
     export: Arc<Export>,
     structured: bool,
     base_allocation: bool,
+    /// The hold on a single-writer export, released when the connection's last request ends.
+    claim: Option<claim::Claim>,
 }
+
+/// How long a connection replacing its own old one waits for the old one's requests to end.
+const OLD_WRITER_GRACE: Duration = Duration::from_secs(30);
 
 /// Why a connection ended early.
 #[derive(Debug, thiserror::Error)]
 enum ConnError {
     #[error("I/O: {0}")]
     Io(#[from] io::Error),
+    #[error("{0}")]
+    Tls(#[from] net::TlsError),
     #[error("protocol violation: {0}")]
     Protocol(String),
     #[error("the client moved nothing for {0:?} while others waited for memory")]

@@ -134,6 +134,11 @@ where
     W: AsyncWrite + Unpin + Send + 'static,
 {
     let config = &server.config;
+    // A newer connection of the same client evicts this one (single-writer exports).
+    let evicted = match &session.claim {
+        Some(c) => c.evict.clone(),
+        None => CancellationToken::new(),
+    };
     let session = Arc::new(session);
     let budget = Arc::new(ConnBudget::new(config.max_requests, config.max_bytes));
     let conn = Arc::new(Conn {
@@ -165,6 +170,9 @@ where
             biased;
             _ = server.stop.cancelled() => break Ok(()),
             _ = dead.cancelled() => break Ok(()),
+            _ = evicted.cancelled() => break Err(ConnError::Protocol(
+                "replaced by a newer connection of the same client".into(),
+            )),
             Some(reply) = running.next(), if !running.is_empty() => {
                 let mut batch = vec![reply];
                 // Every other reply that is ready now leaves with it.
