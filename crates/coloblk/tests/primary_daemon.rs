@@ -553,6 +553,14 @@ fn bad_startups_are_refused_with_one_clear_line() {
     let (code, err) = run_primary(format!("vm0={},replica", img.display()));
     assert_eq!(code, Some(2));
     assert!(err.contains("option 'replica' needs a value"), "{err}");
+    // An nbds:// replica needs credentials, said at start rather than by a link that never
+    // comes up.
+    let (code, err) = run_primary(format!("vm0={},replica=nbds://h:1/vm0", img.display()));
+    assert_eq!(code, Some(2));
+    assert!(
+        err.contains("disk 'vm0': nbds://h:1/vm0 asks for TLS: give --tls-creds DIR"),
+        "{err}"
+    );
 
     let out = coloblk()
         .args([

@@ -674,6 +674,16 @@ async fn open(args: &PrimaryArgs, pool: &IoPool) -> anyhow::Result<Plan> {
     let mut disks = Vec::new();
     for spec in &args.disks {
         let (uri, sync) = replica_options(spec, args.peer_control.is_some());
+        if uri.to_ascii_lowercase().starts_with("nbds")
+            && super::security::current().client().is_none()
+        {
+            return Err(coloblk::UsageError(format!(
+                "disk '{}': {uri} asks for TLS: give --tls-creds DIR (with client-cert.pem and \
+                 client-key.pem)",
+                spec.name
+            ))
+            .into());
+        }
         if sync == SyncMode::Checksum && args.peer_control.is_none() {
             return Err(coloblk::UsageError(format!(
                 "disk '{}': sync=checksum needs --peer-control (the secondary's digests)",
