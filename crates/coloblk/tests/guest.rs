@@ -151,9 +151,11 @@ fn fsck_clean(disk: &Path) {
 }
 
 /// The orchestrator's protocol around a real guest: after the checkpoint the secondary's disk
-/// is the primary's disk as it was then, byte for byte, and a clean file system; a fresh
-/// guest on the failed-over secondary replays its journal, finds every file written before
-/// the checkpoint and none after, and writes more.
+/// is the primary's disk as it was then, byte for byte, and a clean file system. A speculative
+/// guest on the secondary's view writes files meanwhile; after the failover the disk is
+/// exactly its view (the checkpoint plus its files), and a fresh guest there replays the
+/// journal, finds every file written before the checkpoint and the speculative guest's, none
+/// of the primary's guest's later ones, and writes more.
 #[test]
 fn ext4_guest_checkpoint_kill_failover() {
     if !common::require("mkfs.ext4") || !common::require("e2fsck") {
@@ -204,6 +206,12 @@ fn ext4_guest_checkpoint_kill_failover() {
     );
     fsck_clean(&d.join("secondary.raw"));
     assert_eq!(qmp_execute(&vm_qmp, "cont", "{}"), "return: {}");
+    // The speculative VM on the secondary's view (the checkpoint plus its own writes) writes
+    // files while the primary's VM goes on writing.
+    let top = format!("nbd+unix:///vm0?socket={}", d.join("top.sock").display());
+    let (mut svm, svm_console, _) = boot(d, "svm", &top, "guest.workload=write guest.args=s,3");
+    wait_said(&mut svm, &svm_console, "done");
+    svm.wait_exit(Duration::from_secs(30));
     wait_said(&mut vm, &console, "wrote 1 files more1-*");
     // The primary's host dies.
     vm.child.kill().unwrap();
@@ -211,24 +219,32 @@ fn ext4_guest_checkpoint_kill_failover() {
     vm.child.wait().unwrap();
     primary.child.wait().unwrap();
 
+    let view = d.join("view.raw");
+    run(Command::new("nbdcopy").arg(&top).arg(&view));
+    let view = std::fs::read(view).unwrap();
+    assert!(
+        view != checkpoint,
+        "the speculative VM's files are not in its view"
+    );
     let out = stdout(coloblk().args(["ctl", "--control", &u("secondary.qmp"), "failover"]));
     assert!(out.contains("failover done"), "{out}");
     assert!(
-        std::fs::read(d.join("secondary.raw")).unwrap() == checkpoint,
-        "after failover the secondary's disk is not the checkpoint"
+        std::fs::read(d.join("secondary.raw")).unwrap() == view,
+        "after failover the secondary's disk is not the speculative VM's view"
     );
 
-    // A fresh guest on the survivor's export: the checkpoint's files, and it writes more.
-    let uri = format!("nbd+unix:///vm0?socket={}", d.join("top.sock").display());
-    let (mut svm, console, _) = boot(d, "fresh", &uri, "guest.workload=check guest.args=b,2");
-    let lines = wait_said(&mut svm, &console, "done");
+    // A fresh guest on the survivor's export: the checkpoint's files and the speculative VM's,
+    // none of the primary's VM's later ones; and it writes more.
+    let (mut fresh, console, _) = boot(d, "fresh", &top, "guest.workload=check guest.args=b,2");
+    let lines = wait_said(&mut fresh, &console, "done");
     let files: Vec<&String> = lines.iter().filter(|l| l.starts_with("file ")).collect();
-    let want: Vec<String> = (0..5)
-        .map(|i| format!("file a-{i} {}", md5_of(&format!("a-{i}"))))
-        .collect();
+    let names = (0..5)
+        .map(|i| format!("a-{i}"))
+        .chain((0..3).map(|i| format!("s-{i}")));
+    let want: Vec<String> = names.map(|n| format!("file {n} {}", md5_of(&n))).collect();
     assert_eq!(files, want.iter().collect::<Vec<_>>(), "{lines:?}");
     assert!(lines.iter().any(|l| l == "wrote 2 files b-*"), "{lines:?}");
-    svm.wait_exit(Duration::from_secs(30));
+    fresh.wait_exit(Duration::from_secs(30));
     run(Command::new("e2fsck")
         .arg("-fn")
         .arg(d.join("secondary.raw")));
