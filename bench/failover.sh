@@ -14,6 +14,8 @@
 #   overlays) into a copy of the disk, plus fdatasync.
 #
 #   bench/failover.sh [ROUNDS]      (default 3; needs qemu-io, qemu-img, python3 with qemu.qmp)
+#   BEFORE=path/to/older/coloblk bench/failover.sh   # adds a column for another build
+#   CHECKPOINTS="" bench/failover.sh                  # the same failover without the checkpoints
 #
 # Images live in a temporary directory under $BENCH_DIR (default /tmp, which must not be a
 # tmpfs for the figure to mean anything); figures go to stdout.
@@ -44,7 +46,7 @@ from qemu.qmp import QMPClient
 MIB = 1 << 20
 GIB = 1 << 30
 # (MiB dirty before each checkpoint), then the final dirty amount before the failover.
-ROUNDS = [0, 64, 512]
+ROUNDS = [int(m) for m in os.environ.get("CHECKPOINTS", "0 64 512").split()]
 FINAL = 512
 
 
@@ -157,22 +159,28 @@ floor() {
     rm -f "$W/floor.raw" "$W/src"
 }
 
-one() { # WHO: a fresh disk and overlays, then the run
+one() { # WHO [BINARY]: a fresh disk and overlays, then the run
     rm -rf "$W/$1"
     mkdir "$W/$1"
     cp "$W/template.raw" "$W/$1/disk.raw"
     sync
-    python3 "$W/run.py" "$1" "$W/$1" "$BIN" "$QEMU_COLO" "$QEMU_COLO_DATA"
+    python3 "$W/run.py" "$1" "$W/$1" "${2:-$BIN}" "$QEMU_COLO" "$QEMU_COLO_DATA"
 }
 
-echo "## failover after checkpoints of 0, 64, 512 MiB dirty, then 512 MiB dirty; seconds"
-printf '%-6s %10s %10s %10s %8s %8s\n' round coloblk qemu copy+sync ours/qemu ours/copy
+export CHECKPOINTS=${CHECKPOINTS-0 64 512}
+echo "## failover after checkpoints of [$CHECKPOINTS] MiB dirty, then 512 MiB dirty; seconds"
+printf '%-6s %10s %10s %10s %10s %9s %9s\n' round coloblk before qemu copy+sync ours/qemu ours/copy
 for r in $(seq "$ROUNDS"); do
     q=$(one qemu)
     o=$(one coloblk)
     cmp "$W/qemu/disk.raw" "$W/coloblk/disk.raw" || { echo "the two disks differ" >&2; exit 1; }
+    b=-
+    if [ -n "${BEFORE:-}" ]; then
+        b=$(one coloblk "$BEFORE")
+        cmp "$W/qemu/disk.raw" "$W/coloblk/disk.raw" || { echo "BEFORE's disk differs" >&2; exit 1; }
+    fi
     rm -rf "$W/qemu" "$W/coloblk"
     f=$(floor)
-    printf '%-6s %10s %10s %10s %8.2f %8.2f\n' "$r" "$o" "$q" "$f" \
+    printf '%-6s %10s %10s %10s %10s %9.2f %9.2f\n' "$r" "$o" "$b" "$q" "$f" \
         "$(echo "$o / $q" | bc -l)" "$(echo "$o / $f" | bc -l)"
 done
