@@ -122,24 +122,16 @@ fn spawn_primary(d: &Path, mode: &str) -> Proc {
 /// `TAGprimary.qmp`), forwarding to the secondary whose sockets are named with `to`, started,
 /// once it is protected.
 fn spawn_primary_named(d: &Path, (disk, tag): (&str, &str), to: &str, mode: &str) -> Proc {
-    let u = |n: &str| format!("unix:{}", d.join(n).display());
-    let mut p = Proc::spawn(
-        "coloblk primary",
-        coloblk()
-            .args(["primary", "--disk"])
-            .arg(format!(
-                "vm0={},replica=nbd+unix:///vm0?socket={}",
-                d.join(disk).display(),
-                d.join(format!("{to}replica.sock")).display()
-            ))
-            .args(["--export-listen", &u(&format!("{tag}primary.sock"))])
-            .args(["--control", &u(&format!("{tag}primary.qmp"))])
-            .args(["--peer-control", &u(&format!("{to}secondary.qmp"))])
-            .args(["--mode", mode, "--start"]),
+    let control = d.join(format!("{tag}primary.qmp"));
+    let p = common::spawn_primary(
+        &d.join(disk),
+        &d.join(format!("{to}replica.sock")),
+        (&d.join(format!("{tag}primary.sock")), &control),
+        &d.join(format!("{to}secondary.qmp")),
+        mode,
     );
-    wait_socket(&d.join(format!("{tag}primary.qmp")), &mut p);
     // The primary knows nothing of the secondary's disk at start: its first sync comes first.
-    wait_protected(&u(&format!("{tag}primary.qmp")));
+    wait_protected(&format!("unix:{}", control.display()));
     p
 }
 

@@ -36,10 +36,8 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use blockdev::{BlockDev, WriteFlags, ZeroFlags};
@@ -50,7 +48,8 @@ use qmp::{QmpClient, QmpClientError};
 use serde_json::{Value, json};
 use testutil::Rng;
 
-use common::{Proc, coloblk, pattern, run};
+use common::qemu::qemu_colo;
+use common::{Proc, coloblk, pattern, qmp_execute, run, spawn_primary, wait_protected};
 
 const KIB: u64 = 1024;
 const MIB: u64 = 1 << 20;
@@ -58,90 +57,6 @@ const DISK: u64 = 16 * MIB;
 const CLUSTER: u64 = 64 * KIB;
 /// Each test must finish within this (the first unpack of QEMU is not counted).
 const TEST_LIMIT: Duration = Duration::from_secs(120);
-
-// ---------------------------------------------------------------------------------------------
-// The reference: QEMU 7.2, unpacked once into target/qemu-colo.
-
-struct QemuColo {
-    bin: PathBuf,
-    data: PathBuf,
-    ld_library_path: String,
-}
-
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../..")
-        .canonicalize()
-        .expect("the repository root")
-}
-
-/// QEMU 7.2 with COLO replication. Unpacking it is not optional: this test compares against it,
-/// so a failure to get it fails the test.
-fn qemu_colo() -> &'static QemuColo {
-    static QEMU: OnceLock<QemuColo> = OnceLock::new();
-    QEMU.get_or_init(unpack_qemu)
-}
-
-fn unpack_qemu() -> QemuColo {
-    let root = repo_root();
-    let tool = root.join("scripts/get-qemu-colo");
-    let dir = root.join("target/qemu-colo");
-    assert!(
-        tool.is_file(),
-        "cannot get the QEMU 7.2 reference: {} does not exist",
-        tool.display()
-    );
-    let out = Command::new("bash")
-        .arg(&tool)
-        .arg(&dir)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {}: {e}", tool.display()));
-    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
-    assert!(
-        out.status.success(),
-        "unpacking QEMU 7.2 (the reference of this test) failed: `{} {}` exited with {}\n\
-         stdout: {stdout}\nstderr: {}",
-        tool.display(),
-        dir.display(),
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    // `export LD_LIBRARY_PATH=...` and `export QEMU_COLO=... QEMU_COLO_DATA=...`
-    let mut vars = HashMap::new();
-    for line in stdout.lines() {
-        if let Some(rest) = line.trim().strip_prefix("export ") {
-            for kv in rest.split_whitespace() {
-                if let Some((k, v)) = kv.split_once('=') {
-                    vars.insert(k.to_string(), v.to_string());
-                }
-            }
-        }
-    }
-    let var = |k: &str| {
-        vars.get(k)
-            .unwrap_or_else(|| panic!("get-qemu-colo printed no {k}:\n{stdout}"))
-            .clone()
-    };
-    let q = QemuColo {
-        bin: var("QEMU_COLO").into(),
-        data: var("QEMU_COLO_DATA").into(),
-        ld_library_path: var("LD_LIBRARY_PATH"),
-    };
-    let v = Command::new(&q.bin)
-        .arg("--version")
-        .env("LD_LIBRARY_PATH", &q.ld_library_path)
-        .output()
-        .unwrap_or_else(|e| panic!("the unpacked QEMU {} does not run: {e}", q.bin.display()));
-    let version = String::from_utf8_lossy(&v.stdout);
-    assert!(
-        v.status.success() && version.contains("version 7.2"),
-        "the unpacked QEMU {} is unusable ({}): {version}{}",
-        q.bin.display(),
-        v.status,
-        String::from_utf8_lossy(&v.stderr)
-    );
-    q
-}
 
 // ---------------------------------------------------------------------------------------------
 // One secondary (QEMU's or ours) as seen by the test: its control socket, its replica export
@@ -245,6 +160,13 @@ async fn start_qemu(dir: &Path, image: &[u8]) -> Secondary {
         .arg(&q.data)
         .arg("-qmp")
         .arg(format!("unix:{},server=on,wait=off", qmp_sock.display()))
+        // A second monitor for a coloblk primary's --peer-control (a monitor serves one
+        // client at a time, and the test keeps the first).
+        .arg("-qmp")
+        .arg(format!(
+            "unix:{},server=on,wait=off",
+            dir.join("peer.qmp").display()
+        ))
         .arg("-drive")
         .arg(format!(
             "if=none,id=parent0,driver=raw,file.filename={}",
@@ -1369,6 +1291,114 @@ async fn replica_trim_each_side_as_designed() {
         );
         assert_eq!(o[..t.start], data[..t.start]);
         assert_eq!(o[t.end..], data[t.end..]);
+    })
+    .await;
+}
+
+/// QEMU's COLO secondary as the peer of a coloblk primary (a QEMU COLO user replaces one side
+/// at a time). The primary's first sync copies its whole disk into QEMU's replica export (QEMU
+/// has no digests); the coordinated checkpoint goes as `xen-colo-do-checkpoint`, since QEMU has
+/// no `replication-checkpoint`, and the reply names QEMU as a secondary checkpointed without
+/// an epoch check; afterwards QEMU's view and disk equal the primary's disk. Writes after the
+/// checkpoint reach QEMU's disk and are rolled back by its failover, which keeps exactly the
+/// checkpoint plus its own VM's writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_secondary_behind_a_coloblk_primary() {
+    bounded(async {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let mut q = start_qemu(&d.join("qemu"), &initial_image(7, DISK)).await;
+        q.qmp(
+            "xen-set-replication",
+            json!({"enable": true, "primary": false}),
+        )
+        .await
+        .unwrap();
+        let primary_disk = d.join("primary.raw");
+        write_image(&primary_disk, &initial_image(8, DISK));
+        let (sock, control) = (d.join("primary.sock"), d.join("primary.qmp"));
+        let unix = |p: &Path| format!("unix:{}", p.display());
+        let mut primary = spawn_primary(
+            &primary_disk,
+            &d.join("qemu/nbd.sock"),
+            (&sock, &control),
+            &d.join("qemu/peer.qmp"),
+            "sync",
+        );
+        let status = wait_protected(&unix(&control));
+        assert_eq!(status["disks"][0]["peer-verified"], false, "{status:#}");
+        let vm = nbd(&sock, "vm0").await;
+        let at = |mib: u64, kib: u64| mib * MIB + kib * KIB;
+        let write = async |dev: &NbdClient, off: u64, len: u64, seed: u64| {
+            dev.write(
+                off,
+                Bytes::from(pattern(seed, len as usize)),
+                WriteFlags::default(),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("write at {off}: {e}"));
+        };
+
+        // The epoch before the checkpoint: the primary's VM and QEMU's speculative VM write.
+        write(&vm, at(1, 0), 300 * KIB, 11).await;
+        write(&vm, at(5, 4), 64 * KIB, 12).await;
+        write(&q.top, at(1, 100), 200 * KIB, 21).await;
+        write(&q.top, at(9, 0), MIB, 22).await;
+        let reply = qmp_execute(&control, "replication-checkpoint", "{}");
+        let reply: Value =
+            serde_json::from_str(reply.strip_prefix("return: ").unwrap_or_else(|| {
+                panic!("the checkpoint through QEMU's xen-colo-do-checkpoint failed: {reply}")
+            }))
+            .unwrap();
+        assert_eq!(
+            reply["unverified-secondaries"],
+            json!([unix(&d.join("qemu/peer.qmp"))]),
+            "{reply}"
+        );
+        assert_eq!(reply.get("secondary-epoch"), None, "{reply}");
+        let checkpoint = std::fs::read(&primary_disk).unwrap();
+        let view = q.read_all(&q.top).await;
+        assert_eq!(
+            first_difference(&checkpoint, &view, 0),
+            None,
+            "QEMU's view after the checkpoint is not the primary's disk"
+        );
+        assert!(std::fs::read(&q.disk).unwrap() == checkpoint);
+
+        // The next epoch: both write again, some ranges overlapping.
+        write(&vm, at(1, 200), 256 * KIB, 13).await;
+        write(&vm, at(12, 0), MIB, 14).await;
+        write(&q.top, at(12, 512), MIB, 23).await;
+        write(&q.top, at(3, 4), 20 * KIB, 24).await;
+        let mut expected = checkpoint.clone();
+        let mut put = |off: u64, len: u64, seed: u64| {
+            expected[off as usize..(off + len) as usize]
+                .copy_from_slice(&pattern(seed, len as usize));
+        };
+        put(at(12, 512), MIB, 23);
+        put(at(3, 4), 20 * KIB, 24);
+        // Sync mode: the primary's writes are on QEMU's disk already.
+        let on_disk = std::fs::read(&q.disk).unwrap();
+        assert!(on_disk[at(12, 0) as usize..at(13, 0) as usize] == pattern(14, MIB as usize)[..]);
+
+        // The primary's host dies; QEMU takes over.
+        primary.signal("KILL");
+        primary.wait_exit(Duration::from_secs(10));
+        drop(vm);
+        q.qmp(
+            "xen-set-replication",
+            json!({"enable": false, "primary": false, "failover": true}),
+        )
+        .await
+        .unwrap();
+        q.wait_failover().await;
+        let disk = std::fs::read(&q.disk).unwrap();
+        assert_eq!(
+            first_difference(&expected, &disk, 0),
+            None,
+            "QEMU's disk after failover is not the checkpoint plus its VM's writes"
+        );
+        assert!(q.read_all(&q.top).await == expected);
     })
     .await;
 }

@@ -461,6 +461,74 @@ async fn s28_vm_io_during_failover_is_consistent_and_kept() {
     assert_eq!(node.failover_progress().done, BIG);
 }
 
+/// The merge reuses its batch buffers and the stores reuse their slots after a checkpoint:
+/// blocks a later batch leaves alone (untouched, or zeroed by the VM) keep their own bytes,
+/// never an earlier batch's or an earlier epoch's. Memory stores, and store files read in place.
+#[tokio::test]
+async fn failover_merge_writes_only_each_batchs_own_bytes() {
+    const DISK: u64 = 8 * MIB;
+    for backend in [Backend::Memory, Backend::Raw] {
+        let s = setup(backend, DISK, K);
+        fill(&*s.disk, 0, DISK, 0xAA).await;
+        s.node.start(Mode::Secondary).await.unwrap();
+        // An epoch whose overlays are thrown away at the checkpoint.
+        fill(&s.node.top(), 0, DISK, 0x44).await;
+        fill(&s.node.replica(), 0, DISK, 0x55).await;
+        s.node.checkpoint().await.unwrap();
+        expect(&s.node.top(), 0, DISK, 0x55).await;
+        // Five whole batches of the VM's data, then a batch with parts of clusters: one 4 KiB
+        // block written by the VM, one zeroed by it, a primary write (rolled back).
+        fill(&s.node.top(), 0, 5 * MIB, 0x11).await;
+        let top = s.node.top();
+        let at = 6 * MIB;
+        top.write(at + 8192, pattern(4096, 0x22), WriteFlags::default())
+            .await
+            .unwrap();
+        top.write_zeroes(at + K + 4096, 4096, ZeroFlags::default())
+            .await
+            .unwrap();
+        fill(&s.node.replica(), at + 2 * K, K, 0x33).await;
+        s.node.stop(true).await.unwrap();
+        s.node.wait_failover().await.unwrap();
+
+        let mut want = vec![0x55u8; DISK as usize];
+        want[..5 * MIB as usize].fill(0x11);
+        let at = at as usize;
+        want[at + 8192..at + 12288].fill(0x22);
+        want[at + K as usize + 4096..at + K as usize + 8192].fill(0);
+        let got = whole(&*s.disk).await;
+        let first = (0..got.len()).find(|&i| got[i] != want[i]);
+        assert_eq!(first, None, "{backend:?}: the disk differs at this byte");
+    }
+}
+
+/// A flush started while the merge goes on may be the one the kernel reports a write-back
+/// error to (it reports it once): its error fails the failover although the last flush
+/// would succeed.
+#[tokio::test]
+async fn failover_fails_when_a_flush_during_the_merge_fails() {
+    const BIG: u64 = 40 * MIB;
+    let dev = faulty(Arc::new(MemoryDev::new(BIG)));
+    let node = node_over(dev.clone(), K);
+    node.start(Mode::Secondary).await.unwrap();
+    fill(&node.top(), 0, BIG, 0x5A).await;
+    dev.fail_flushes
+        .store(1, std::sync::atomic::Ordering::SeqCst);
+    node.stop(true).await.unwrap();
+    assert_eq!(node.wait_failover().await, Err(ReplicationError::IoError));
+    assert_eq!(node.stage(), Stage::FailoverFailed);
+    let err = node.last_error().expect("the merge's error").to_string();
+    assert!(
+        err.contains("flushing the disk during the merge"),
+        "not the merge's own flush: {err}"
+    );
+    // The retry merges nothing more but flushes again, and succeeds.
+    node.stop(true).await.unwrap();
+    node.wait_failover().await.unwrap();
+    assert_eq!(node.stage(), Stage::Done);
+    expect(&*dev, 0, BIG, 0x5A).await;
+}
+
 #[tokio::test]
 async fn s29_after_done_control_is_a_noop_and_io_goes_to_the_disk() {
     let s = running().await;

@@ -42,6 +42,9 @@ pub struct FaultyDev {
     pub no_discard: AtomicBool,
     /// Write-class requests that reached the inner device.
     pub writes_seen: AtomicU64,
+    /// That many next flushes fail with EIO (the kernel reports a write-back error to one
+    /// fdatasync only).
+    pub fail_flushes: AtomicU64,
     seed: AtomicU64,
 }
 
@@ -61,6 +64,7 @@ impl FaultyDev {
             jitter: AtomicBool::new(false),
             no_discard: AtomicBool::new(false),
             writes_seen: AtomicU64::new(0),
+            fail_flushes: AtomicU64::new(0),
             seed: AtomicU64::new(0x2545_F491_4F6C_DD1D),
         }
     }
@@ -143,6 +147,14 @@ impl BlockDev for FaultyDev {
     }
     async fn flush(&self) -> Result<()> {
         self.before(Op::Flush, 0, 0, true).await?;
+        let once = self
+            .fail_flushes
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+        if once.is_ok() {
+            return Err(
+                BlockError::new(ErrorKind::Io(None), Op::Flush, 0).context("injected fault")
+            );
+        }
         self.inner.flush().await
     }
     async fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {

@@ -172,7 +172,7 @@ pub struct SecondaryCheckpoint {
 }
 
 /// The reply to `replication-checkpoint`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct CheckpointReply {
     /// Primary: how long the drain took.
@@ -184,6 +184,10 @@ pub struct CheckpointReply {
     /// Primary: the secondary's epoch after its checkpoint.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub secondary_epoch: Option<u64>,
+    /// Primary: secondaries checkpointed without an epoch check (QEMU's COLO secondary, which
+    /// has none): their buffer is the one drained into only on the operator's word.
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    pub unverified_secondaries: Vec<String>,
     /// Secondary: how long it took.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub duration_ms: Option<f64>,

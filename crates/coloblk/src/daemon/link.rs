@@ -66,6 +66,21 @@ pub(super) async fn peer_session(
     let connect = net::tls::connect(addr, tls.as_deref());
     Ok(QmpClient::connect(label, connect, timeout).await?)
 }
+/// The names of the commands a peer's control socket offers: QEMU's monitor and ours both
+/// answer `query-commands`, so this tells a coloblk secondary from QEMU's COLO secondary.
+pub(super) async fn peer_commands(c: &mut QmpClient<ClientStream>) -> anyhow::Result<Vec<String>> {
+    let list = c
+        .execute_timeout("query-commands", json!({}), PEER_COMMAND_TIMEOUT)
+        .await
+        .context("the peer's commands")?;
+    Ok(list
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|c| c["name"].as_str().map(String::from))
+        .collect())
+}
+
 /// Bytes per digest of a checksum sync (a multiple of the dirty bitmap's granularity).
 const CHECKSUM_BLOCK: u64 = 64 << 10;
 
@@ -360,12 +375,10 @@ impl DiskLink {
     /// Asks the peer's control socket what it is.
     async fn peer_state(&self, peer: &SocketAddr, config: &LinkConfig) -> anyhow::Result<Peer> {
         let mut c = peer_session(peer, config.peer_timeout).await?;
-        let commands = c
-            .execute_timeout("query-commands", json!({}), PEER_COMMAND_TIMEOUT)
-            .await?;
-        let ours = commands
-            .as_array()
-            .is_some_and(|l| l.iter().any(|c| c["name"] == "replication-digest"));
+        let ours = peer_commands(&mut c)
+            .await?
+            .iter()
+            .any(|n| n == "replication-digest");
         if !ours {
             return Ok(Peer {
                 verified: false,

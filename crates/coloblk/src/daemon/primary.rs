@@ -20,7 +20,9 @@ use serde_json::json;
 use tokio::sync::broadcast;
 use tracing::{info, warn};
 
-use super::link::{DiskLink, LinkConfig, PEER_COMMAND_TIMEOUT, SyncMode, Target, peer_session};
+use super::link::{
+    DiskLink, LinkConfig, PEER_COMMAND_TIMEOUT, SyncMode, Target, peer_commands, peer_session,
+};
 use super::{DaemonArgs, Endpoint, Plan};
 use crate::control::status::{
     CheckpointReply, Compared, PrimaryCheckpoint, PrimaryDisk, PrimaryStatus, Resync, Status,
@@ -221,7 +223,10 @@ impl Group for PrimaryGroup {
         for d in &self.disks {
             let Some(st) = &d.disk_state else { continue };
             if let Some(g) = st.lock().state().view.current {
-                for p in peers.iter_mut().filter(|p| p.disks.contains(&d.name)) {
+                // QEMU's secondary keeps no generations: only ours record them.
+                for p in peers.iter_mut().filter(|p| {
+                    p.disks.contains(&d.name) && matches!(p.kind, PeerKind::Coloblk { .. })
+                }) {
                     p.generations.insert(d.name.clone(), json!(g.to_string()));
                 }
             }
@@ -235,13 +240,19 @@ impl Group for PrimaryGroup {
         let drain_ms = t.elapsed().as_secs_f64() * 1000.0;
         metrics::histogram!("coloblk_checkpoint_drain_seconds").record(drain_ms / 1000.0);
         let (mut secondary_ms, mut secondary_epoch) = (None, None);
+        let mut unverified = Vec::new();
         let t = Instant::now();
         for peer in peers.iter_mut() {
             let epoch = peer
                 .checkpoint()
                 .await
                 .map_err(|e| ControlError::Peer(coloblk::error_chain(e.as_ref())))?;
-            secondary_epoch.get_or_insert(epoch);
+            match epoch {
+                Some(e) => {
+                    secondary_epoch.get_or_insert(e);
+                }
+                None => unverified.push(peer.addr.to_string()),
+            }
         }
         if !peers.is_empty() {
             secondary_ms = Some(t.elapsed().as_secs_f64() * 1000.0);
@@ -269,10 +280,11 @@ impl Group for PrimaryGroup {
             drain_ms: Some(drain_ms),
             secondary_ms: Some(secondary_ms),
             secondary_epoch,
+            unverified_secondaries: unverified,
             forced: force,
             ..Default::default()
         };
-        let data = serde_json::to_value(reply).expect("replies always serialise");
+        let data = serde_json::to_value(&reply).expect("replies always serialise");
         self.events.emit("REPLICATION_CHECKPOINT", data);
         Ok(reply)
     }
@@ -459,11 +471,23 @@ impl Group for PrimaryGroup {
 /// secondary's epoch read, before the primary drains.
 struct PeerCheckpoint {
     client: qmp::QmpClient<net::tls::ClientStream>,
-    epoch: u64,
+    addr: SocketAddr,
+    kind: PeerKind,
     /// The disks of this primary the secondary holds: they become usable copies there.
     disks: Vec<String>,
     /// Their generations, which the secondary records as the ones it is equal in.
     generations: serde_json::Map<String, serde_json::Value>,
+}
+
+/// Which checkpoint command a secondary takes.
+enum PeerKind {
+    /// A coloblk secondary: `replication-checkpoint` in the epoch read before the drain, so a
+    /// secondary that failed over or restarted meanwhile refuses.
+    Coloblk { epoch: u64 },
+    /// QEMU's COLO secondary (no `replication-checkpoint`): `xen-colo-do-checkpoint`. It knows
+    /// no epoch and checkpoints every replication node of that QEMU; the operator vouches that
+    /// its buffer is the one drained into, as with QEMU's own primary.
+    Qemu,
 }
 
 impl PeerCheckpoint {
@@ -475,6 +499,37 @@ impl PeerCheckpoint {
         timeout: Duration,
     ) -> anyhow::Result<Self> {
         let mut client = peer_session(addr, timeout).await?;
+        let commands = peer_commands(&mut client).await?;
+        let has = |name: &str| commands.iter().any(|c| c == name);
+        if !has("replication-checkpoint") {
+            anyhow::ensure!(
+                has("xen-colo-do-checkpoint"),
+                "the peer at {addr} takes no checkpoint (neither replication-checkpoint nor \
+                 xen-colo-do-checkpoint)"
+            );
+            // QEMU's only status: an error unless replication runs there without one.
+            let st = client
+                .execute_timeout(
+                    "query-xen-replication-status",
+                    json!({}),
+                    PEER_COMMAND_TIMEOUT,
+                )
+                .await
+                .context("the secondary's status")?;
+            if st["error"] != false {
+                anyhow::bail!(
+                    "the secondary at {addr} (QEMU) reports: {}",
+                    st["desc"].as_str().unwrap_or("an error")
+                );
+            }
+            return Ok(PeerCheckpoint {
+                client,
+                addr: addr.clone(),
+                kind: PeerKind::Qemu,
+                disks,
+                generations: serde_json::Map::new(),
+            });
+        }
         let status = client
             .execute_timeout("query-replication", json!({}), PEER_COMMAND_TIMEOUT)
             .await
@@ -501,22 +556,31 @@ impl PeerCheckpoint {
         }
         Ok(PeerCheckpoint {
             client,
-            epoch: status.epoch,
+            addr: addr.clone(),
+            kind: PeerKind::Coloblk {
+                epoch: status.epoch,
+            },
             disks,
             generations: serde_json::Map::new(),
         })
     }
 
-    /// Checkpoints the secondary in the epoch read at open; returns its new epoch.
-    async fn checkpoint(&mut self) -> anyhow::Result<u64> {
+    /// Checkpoints the secondary; returns its new epoch (none from QEMU).
+    async fn checkpoint(&mut self) -> anyhow::Result<Option<u64>> {
+        let PeerKind::Coloblk { epoch } = self.kind else {
+            self.client
+                .execute_timeout("xen-colo-do-checkpoint", json!({}), PEER_COMMAND_TIMEOUT)
+                .await?;
+            return Ok(None);
+        };
         let reply = self
             .client
             .execute_timeout(
                 "replication-checkpoint",
                 if self.generations.is_empty() {
-                    json!({"epoch": self.epoch, "disks": self.disks})
+                    json!({"epoch": epoch, "disks": self.disks})
                 } else {
-                    json!({"epoch": self.epoch, "disks": self.disks,
+                    json!({"epoch": epoch, "disks": self.disks,
                            "generations": self.generations})
                 },
                 PEER_COMMAND_TIMEOUT,
@@ -525,8 +589,9 @@ impl PeerCheckpoint {
         let reply: CheckpointReply = serde_json::from_value(reply).unwrap_or_default();
         reply
             .epoch
-            .filter(|e| *e != self.epoch)
+            .filter(|e| *e != epoch)
             .context("the secondary did not confirm that it emptied its buffer")
+            .map(Some)
     }
 }
 

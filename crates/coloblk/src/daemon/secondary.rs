@@ -280,7 +280,7 @@ impl Group for SecondaryGroup {
             epoch: Some(epoch),
             ..Default::default()
         };
-        let data = serde_json::to_value(reply).expect("replies always serialise");
+        let data = serde_json::to_value(&reply).expect("replies always serialise");
         self.events.emit("REPLICATION_CHECKPOINT", data);
         Ok(reply)
     }

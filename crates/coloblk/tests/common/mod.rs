@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod qemu;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -159,6 +161,35 @@ pub fn serve(dir: &Path, exports: &[&str]) -> Served {
     let mut proc_ = Proc::spawn("coloblk serve", &mut cmd);
     wait_socket(&sock, &mut proc_);
     Served { proc_, sock }
+}
+
+/// `coloblk primary` over `disk` in `mode`, forwarding to the export `vm0` on the unix socket
+/// `replica`, serving the VM at `export` and control at `control`, checkpointing the secondary
+/// through its control socket `peer`; started, returned once its control socket listens.
+pub fn spawn_primary(
+    disk: &Path,
+    replica: &Path,
+    (export, control): (&Path, &Path),
+    peer: &Path,
+    mode: &str,
+) -> Proc {
+    let unix = |p: &Path| format!("unix:{}", p.display());
+    let mut p = Proc::spawn(
+        "coloblk primary",
+        coloblk()
+            .args(["primary", "--disk"])
+            .arg(format!(
+                "vm0={},replica=nbd+unix:///vm0?socket={}",
+                disk.display(),
+                replica.display()
+            ))
+            .args(["--export-listen", &unix(export)])
+            .args(["--control", &unix(control)])
+            .args(["--peer-control", &unix(peer)])
+            .args(["--mode", mode, "--start"]),
+    );
+    wait_socket(control, &mut p);
+    p
 }
 
 /// Deterministic pseudo-random bytes (xorshift), so tests need no rand crate.

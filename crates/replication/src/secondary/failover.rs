@@ -21,12 +21,13 @@
 use std::ops::Range;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
 
 use blockdev::{BlockError, ErrorKind, Op, Result, WriteFlags, ZeroFlags};
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 
 use super::hidden::Preserved;
-use super::piece::{Piece, coalesce, read_pieces, runs};
+use super::piece::{Piece, coalesce, read_pieces_into, runs};
 use super::{Node, ReplicationEvent, Stage};
 
 /// Bytes merged per batch (one disk write when the batch is fully held by the overlays).
@@ -89,22 +90,27 @@ pub(crate) fn begin(node: &Arc<Node>) {
 }
 
 async fn run(node: Arc<Node>, todo: Vec<u64>) {
-    let mut result = merge(&node, &todo).await;
+    let started = Instant::now();
+    let buffers = Buffers::default();
+    let mut result = merge(&node, &todo, &buffers).await;
+    let merged = started.elapsed();
     if result.is_ok() {
         result = node.disk.flush().await;
     }
+    let flushed = started.elapsed() - merged;
     let _gate = node.gate.write().await;
     if result.is_ok() {
         // Nothing can have been added (VM writes to merged clusters go to the disk), but if it
         // had, it is merged here, with the VM held off.
         let left = node.dirty_clusters();
         if !left.is_empty() {
-            result = node.merge_batches(&left).await;
+            result = node.merge_batches(&left, &buffers).await;
             if result.is_ok() {
                 result = node.disk.flush().await;
             }
         }
     }
+    drop(buffers);
     match result {
         Ok(()) => {
             if let Err(e) = node.empty_overlays(true).await {
@@ -112,7 +118,12 @@ async fn run(node: Arc<Node>, todo: Vec<u64>) {
             }
             node.status.lock().error = None;
             node.set_stage(Stage::Done);
-            tracing::info!("failover done: serving the secondary disk");
+            tracing::info!(
+                merge_ms = merged.as_millis() as u64,
+                flush_ms = flushed.as_millis() as u64,
+                total_ms = started.elapsed().as_millis() as u64,
+                "failover done: serving the secondary disk"
+            );
             node.emit(ReplicationEvent::FailoverDone {
                 merged: node.progress.get().total,
             });
@@ -131,17 +142,86 @@ async fn run(node: Arc<Node>, todo: Vec<u64>) {
 /// view into the disk (batches are disjoint, each holds its own cluster locks).
 const MERGE_PARALLEL: usize = 4;
 
-/// The merge proper: batch by batch, each under the gate's shared side, a few at a time.
-async fn merge(node: &Node, todo: &[u64]) -> Result<()> {
-    use futures::stream::{self, StreamExt, TryStreamExt};
-    stream::iter(runs(todo, MERGE_CHUNK / node.geo.cluster))
+/// Bytes merged between two flushes started while the merge goes on. The disk's page cache
+/// is written back while later batches are merged, so the flush that ends the merge has only
+/// the tail left to wait for (a plain copy followed by one fdatasync does the two in turn).
+const WRITEBACK_EVERY: u64 = 32 << 20;
+
+/// Batch buffers, reused: a fresh 4 MiB allocation per batch costs page faults and zeroing,
+/// which on a merge of hundreds of MiB were as much CPU as the copying itself.
+#[derive(Default)]
+struct Buffers(parking_lot::Mutex<Vec<BytesMut>>);
+
+impl Buffers {
+    /// A buffer of `len` bytes; its content is whatever the last batch left (every byte the
+    /// batch writes is read into it first).
+    fn take(&self, len: usize) -> BytesMut {
+        let mut b = self
+            .0
+            .lock()
+            .pop()
+            .unwrap_or_else(|| BytesMut::zeroed(MERGE_CHUNK as usize));
+        b.resize(len, 0);
+        b
+    }
+
+    /// Takes a buffer back once nothing else holds it.
+    fn give(&self, b: Bytes) {
+        if let Ok(b) = b.try_into_mut() {
+            self.0.lock().push(b);
+        }
+    }
+}
+
+/// The merge proper: batch by batch, each under the gate's shared side, a few at a time, with
+/// the disk flushed in the background every [`WRITEBACK_EVERY`] bytes.
+async fn merge(node: &Node, todo: &[u64], buffers: &Buffers) -> Result<()> {
+    use futures::stream::{self, StreamExt};
+    let mut batches = stream::iter(runs(todo, MERGE_CHUNK / node.geo.cluster))
         .map(|run| async move {
             let _gate = node.gate.read().await;
-            node.merge_run(run).await
+            node.merge_run(run, buffers).await
         })
-        .buffer_unordered(MERGE_PARALLEL)
-        .try_collect::<()>()
-        .await
+        .buffer_unordered(MERGE_PARALLEL);
+    let mut writeback: Option<tokio::task::JoinHandle<Result<()>>> = None;
+    let mut since = 0;
+    let mut result = Ok(());
+    while let Some(r) = batches.next().await {
+        match r {
+            Ok(n) => since += n,
+            Err(e) => {
+                result = Err(e);
+                break;
+            }
+        }
+        if since >= WRITEBACK_EVERY && writeback.as_ref().is_none_or(|h| h.is_finished()) {
+            if let Some(h) = writeback.take() {
+                joined(h.await)?;
+            }
+            let disk = node.disk.clone();
+            writeback = Some(tokio::spawn(async move {
+                disk.flush()
+                    .await
+                    .map_err(|e| e.context("flushing the disk during the merge"))
+            }));
+            since = 0;
+        }
+    }
+    // A flush's error must not be lost: the kernel reports a write-back error to one fdatasync
+    // only, so the final flush could succeed after this one saw it.
+    if let Some(h) = writeback {
+        let flushed = joined(h.await);
+        result = result.and(flushed);
+    }
+    result
+}
+
+/// A background flush's result, a panic in it counting as an I/O error.
+fn joined(r: std::result::Result<Result<()>, tokio::task::JoinError>) -> Result<()> {
+    r.unwrap_or_else(|e| {
+        Err(BlockError::new(ErrorKind::Io(None), Op::Flush, 0)
+            .context(format!("background flush during the merge: {e}")))
+    })
 }
 
 impl Node {
@@ -155,21 +235,21 @@ impl Node {
     }
 
     /// Merges `todo` (ascending) without taking the gate (the caller holds it).
-    async fn merge_batches(&self, todo: &[u64]) -> Result<()> {
+    async fn merge_batches(&self, todo: &[u64], buffers: &Buffers) -> Result<()> {
         for run in runs(todo, MERGE_CHUNK / self.geo.cluster) {
-            self.merge_run(run).await?;
+            self.merge_run(run, buffers).await?;
         }
         Ok(())
     }
 
-    /// Merges consecutive clusters into the disk and forgets them.
-    async fn merge_run(&self, run: Range<u64>) -> Result<()> {
+    /// Merges consecutive clusters into the disk and forgets them; returns the bytes merged.
+    async fn merge_run(&self, run: Range<u64>, buffers: &Buffers) -> Result<u64> {
         let g = self.geo;
         let clusters: Vec<u64> = run.clone().collect();
         let _guard = self.active.locks.exclusive(&clusters).await;
         let base = g.start(run.start);
         let end = g.start(run.end - 1) + g.cluster_len(run.end - 1);
-        let mut buf = BytesMut::zeroed((end - base) as usize);
+        let buf = buffers.take((end - base) as usize);
         let mut cover = vec![Cover::Untouched; (end - base).div_ceil(g.block) as usize];
         let block_index = |c: u64, b: u32| ((g.start(c) - base) / g.block) as usize + b as usize;
         let blocks_per_cluster = |c: u64| g.cluster_len(c).div_ceil(g.block) as u32;
@@ -194,7 +274,7 @@ impl Node {
                 cover[block_index(c, b)] = state;
             }
         }
-        read_pieces(&*self.hidden.store, &coalesce(pieces), &mut buf).await?;
+        let mut buf = read_pieces_into(&*self.hidden.store, coalesce(pieces), buf).await?;
 
         // ...then the active overlay over it.
         let mut pieces = Vec::new();
@@ -225,7 +305,7 @@ impl Node {
                     .for_each(|b| cover[block_index(c, b)] = Cover::Data);
             }
         }
-        read_pieces(&*self.active.store, &coalesce(pieces), &mut buf).await?;
+        let buf = read_pieces_into(&*self.active.store, coalesce(pieces), buf).await?;
 
         // Write the view, one I/O per run of blocks of one kind.
         let buf = buf.freeze();
@@ -254,18 +334,21 @@ impl Node {
             }
             i = j;
         }
+        buffers.give(buf);
 
+        let mut merged = 0;
         for c in run.clone() {
             self.active.remove(c);
             self.hidden.remove(c);
             self.progress.add(g.cluster_len(c));
+            merged += g.cluster_len(c);
         }
         let p = self.progress.get();
         self.emit(ReplicationEvent::FailoverProgress {
             done: p.done,
             total: p.total,
         });
-        Ok(())
+        Ok(merged)
     }
 }
 

@@ -17,9 +17,10 @@
 use std::ops::Range;
 use std::sync::Arc;
 
+use super::piece::fill_from;
 use async_trait::async_trait;
 use blockdev::{BlockDev, Result, WriteFlags};
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 
 /// Byte storage for one overlay (active or hidden).
 ///
@@ -41,6 +42,22 @@ pub trait Overlay: Send + Sync + 'static {
 
     /// Reads `len` bytes at position `pos`.
     async fn read(&self, pos: u64, len: usize) -> Result<Bytes>;
+
+    /// Reads several ranges into one caller's buffer and hands it back: `reads` pairs a store
+    /// position with the part of `buf` its bytes go to. The failover merge reads each batch
+    /// this way into buffers it reuses; a store that can read in place overrides it, saving an
+    /// allocation and a copy per range.
+    async fn read_into(
+        &self,
+        reads: Vec<(u64, Range<usize>)>,
+        mut buf: BytesMut,
+    ) -> Result<BytesMut> {
+        for (pos, to) in reads {
+            let data = self.read(pos, to.len()).await?;
+            fill_from(&mut buf, to.start, &data, to.len(), pos)?;
+        }
+        Ok(buf)
+    }
 
     /// Writes `data` at position `pos`.
     async fn write(&self, pos: u64, data: Bytes) -> Result<()>;

@@ -4,6 +4,7 @@
 use std::ops::Range;
 
 use blockdev::{BlockError, ErrorKind, Op, Result};
+use bytes::BytesMut;
 
 use super::overlay::Overlay;
 
@@ -40,6 +41,19 @@ pub(crate) async fn read_pieces(
         fill_from(out, p.at, &data, p.len, p.pos)?;
     }
     Ok(())
+}
+
+/// Reads each piece from `store` into the owned `buf`, in one store call.
+pub(crate) async fn read_pieces_into(
+    store: &dyn Overlay,
+    pieces: Vec<Piece>,
+    buf: BytesMut,
+) -> Result<BytesMut> {
+    if pieces.is_empty() {
+        return Ok(buf);
+    }
+    let reads = pieces.iter().map(|p| (p.pos, p.at..p.at + p.len)).collect();
+    store.read_into(reads, buf).await
 }
 
 /// Copies `data` to `out[at..]`, refusing an answer of the wrong length (a misbehaving device

@@ -1,0 +1,252 @@
+//! A real Linux guest end to end: an ext4 guest (scripts/build-guest: Debian's cloud kernel and
+//! a busybox initramfs) in QEMU 7.2 on a coloblk primary's NBD export, checkpointed the way an
+//! orchestrator does it (QMP `stop`, coordinated checkpoint, `cont`), then the primary's host
+//! dies (QEMU and the primary killed with -9 together) and the secondary fails over.
+//!
+//! KVM only where /proc/cpuinfo shows vmx or svm and /dev/kvm opens (`GUEST_ACCEL` overrides),
+//! else TCG; the test prints which one ran.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::qemu::{qemu_colo, repo_root};
+use common::{Proc, coloblk, qmp_execute, run, spawn_primary, stdout, wait_protected, wait_socket};
+
+const DISK_MIB: u64 = 64;
+
+/// The guest's kernel and initramfs, built (or taken from the cache in target/guest).
+fn guest() -> (PathBuf, PathBuf) {
+    let root = repo_root();
+    let out = stdout(
+        Command::new("bash")
+            .arg(root.join("scripts/build-guest"))
+            .arg(root.join("target/guest")),
+    );
+    let var = |k: &str| {
+        out.split_whitespace()
+            .find_map(|kv| kv.strip_prefix(&format!("{k}=")))
+            .unwrap_or_else(|| panic!("build-guest printed no {k}: {out}"))
+            .into()
+    };
+    (var("GUEST_KERNEL"), var("GUEST_INITRD"))
+}
+
+fn accel() -> String {
+    let root = repo_root();
+    stdout(
+        Command::new("bash")
+            .arg(root.join("scripts/build-guest"))
+            .arg("--accel"),
+    )
+    .trim()
+    .to_string()
+}
+
+/// A QEMU running the guest on the NBD export `uri`, its console in `console`, its monitor at
+/// `qmp`.
+fn boot(dir: &Path, name: &str, uri: &str, workload: &str) -> (Proc, PathBuf, PathBuf) {
+    let q = qemu_colo();
+    let (kernel, initrd) = guest();
+    let console = dir.join(format!("{name}.console"));
+    let qmp = dir.join(format!("{name}.qmp"));
+    let accel = accel();
+    eprintln!("guest {name}: {accel}");
+    let mut cmd = Command::new(&q.bin);
+    cmd.env("LD_LIBRARY_PATH", &q.ld_library_path)
+        .arg("-L")
+        .arg(&q.bios)
+        .arg("-L")
+        .arg(&q.data)
+        .args([
+            "-M", "pc", "-accel", &accel, "-m", "256", "-display", "none",
+        ])
+        .args(["-nodefaults", "-no-reboot", "-kernel"])
+        .arg(kernel)
+        .arg("-initrd")
+        .arg(initrd)
+        .arg("-append")
+        .arg(format!("console=ttyS0 quiet panic=-1 {workload}"))
+        .arg("-serial")
+        .arg(format!("file:{}", console.display()))
+        .arg("-qmp")
+        .arg(format!("unix:{},server=on,wait=off", qmp.display()))
+        .arg("-drive")
+        .arg(format!("file={uri},format=raw,if=virtio,cache=none"));
+    let log = std::fs::File::create(dir.join(format!("{name}.log"))).unwrap();
+    cmd.stdout(log.try_clone().unwrap()).stderr(log);
+    let p = Proc::spawn(&format!("guest {name}"), &mut cmd);
+    (p, console, qmp)
+}
+
+/// The console's "GUEST: " lines so far.
+fn said(console: &Path) -> Vec<String> {
+    let text = String::from_utf8_lossy(&std::fs::read(console).unwrap_or_default()).to_string();
+    text.split(['\n', '\r'])
+        .filter_map(|l| l.split_once("GUEST: ").map(|(_, m)| m.trim().to_string()))
+        .collect()
+}
+
+/// Waits until the guest said `line`; fails on "failed: ...", on exit, and after 90 s.
+fn wait_said(p: &mut Proc, console: &Path, line: &str) -> Vec<String> {
+    let start = Instant::now();
+    loop {
+        let lines = said(console);
+        let last = &lines[lines.len().saturating_sub(8)..];
+        if lines.iter().any(|l| l == line) {
+            return lines;
+        }
+        if let Some(f) = lines.iter().find(|l| l.starts_with("failed")) {
+            panic!("the guest {f}: {last:?}");
+        }
+        if let Some(st) = p.child.try_wait().unwrap() {
+            panic!(
+                "{} exited with {st} before saying '{line}': {lines:?}",
+                p.name
+            );
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(90),
+            "{} never said '{line}' (last lines: {last:?})",
+            p.name
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The md5 the guest prints for its file `name` (content `yes name | head -c 65536`).
+fn md5_of(name: &str) -> String {
+    let out = stdout(Command::new("sh").arg("-c").arg(format!(
+        "yes {name} | head -c 65536 | md5sum | cut -d' ' -f1"
+    )));
+    out.trim().to_string()
+}
+
+fn ext4_image(path: &Path) {
+    std::fs::File::create(path)
+        .unwrap()
+        .set_len(DISK_MIB << 20)
+        .unwrap();
+    run(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(path));
+}
+
+/// `e2fsck -fn` on a copy of `disk` whose journal was replayed first (a disk taken from a
+/// running guest has committed transactions only in its journal).
+fn fsck_clean(disk: &Path) {
+    let copy = disk.with_extension("fsck");
+    std::fs::copy(disk, &copy).unwrap();
+    let replay = Command::new("e2fsck")
+        .args(["-E", "journal_only", "-y"])
+        .arg(&copy)
+        .output()
+        .unwrap();
+    assert!(
+        replay.status.code().is_some_and(|c| c <= 1),
+        "journal replay: {replay:?}"
+    );
+    run(Command::new("e2fsck").arg("-fn").arg(&copy));
+    std::fs::remove_file(copy).unwrap();
+}
+
+/// The orchestrator's protocol around a real guest: after the checkpoint the secondary's disk
+/// is the primary's disk as it was then, byte for byte, and a clean file system. A speculative
+/// guest on the secondary's view writes files meanwhile; after the failover the disk is
+/// exactly its view (the checkpoint plus its files), and a fresh guest there replays the
+/// journal, finds every file written before the checkpoint and the speculative guest's, none
+/// of the primary's guest's later ones, and writes more.
+#[test]
+fn ext4_guest_checkpoint_kill_failover() {
+    if !common::require("mkfs.ext4") || !common::require("e2fsck") {
+        return;
+    }
+    let t = Instant::now();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let u = |n: &str| format!("unix:{}", d.join(n).display());
+    ext4_image(&d.join("secondary.raw"));
+    std::fs::copy(d.join("secondary.raw"), d.join("primary.raw")).unwrap();
+    let mut secondary = Proc::spawn(
+        "coloblk secondary",
+        coloblk()
+            .args(["secondary", "--disk"])
+            .arg(format!("vm0={}", d.join("secondary.raw").display()))
+            .args(["--replica-listen", &u("replica.sock")])
+            .args(["--export-listen", &u("top.sock")])
+            .args(["--control", &u("secondary.qmp"), "--buffer-dir"])
+            .arg(d)
+            .arg("--start"),
+    );
+    wait_socket(&d.join("secondary.qmp"), &mut secondary);
+    let mut primary = spawn_primary(
+        &d.join("primary.raw"),
+        &d.join("replica.sock"),
+        (&d.join("primary.sock"), &d.join("primary.qmp")),
+        &d.join("secondary.qmp"),
+        "sync",
+    );
+    wait_protected(&u("primary.qmp"));
+
+    // The VM writes five files, then (after 3 s) more until it is killed.
+    let uri = format!(
+        "nbd+unix:///vm0?socket={}",
+        d.join("primary.sock").display()
+    );
+    let (mut vm, console, vm_qmp) =
+        boot(d, "pvm", &uri, "guest.workload=write guest.args=a,5,more");
+    wait_said(&mut vm, &console, "wrote 5 files a-*");
+    assert_eq!(qmp_execute(&vm_qmp, "stop", "{}"), "return: {}");
+    let reply = qmp_execute(&d.join("primary.qmp"), "replication-checkpoint", "{}");
+    assert!(reply.starts_with("return: "), "{reply}");
+    let checkpoint = std::fs::read(d.join("primary.raw")).unwrap();
+    assert!(
+        std::fs::read(d.join("secondary.raw")).unwrap() == checkpoint,
+        "the secondary's disk after the checkpoint is not the primary's"
+    );
+    fsck_clean(&d.join("secondary.raw"));
+    assert_eq!(qmp_execute(&vm_qmp, "cont", "{}"), "return: {}");
+    // The speculative VM on the secondary's view (the checkpoint plus its own writes) writes
+    // files while the primary's VM goes on writing.
+    let top = format!("nbd+unix:///vm0?socket={}", d.join("top.sock").display());
+    let (mut svm, svm_console, _) = boot(d, "svm", &top, "guest.workload=write guest.args=s,3");
+    wait_said(&mut svm, &svm_console, "done");
+    svm.wait_exit(Duration::from_secs(30));
+    wait_said(&mut vm, &console, "wrote 1 files more1-*");
+    // The primary's host dies.
+    vm.child.kill().unwrap();
+    primary.child.kill().unwrap();
+    vm.child.wait().unwrap();
+    primary.child.wait().unwrap();
+
+    let view = d.join("view.raw");
+    run(Command::new("nbdcopy").arg(&top).arg(&view));
+    let view = std::fs::read(view).unwrap();
+    assert!(
+        view != checkpoint,
+        "the speculative VM's files are not in its view"
+    );
+    let out = stdout(coloblk().args(["ctl", "--control", &u("secondary.qmp"), "failover"]));
+    assert!(out.contains("failover done"), "{out}");
+    assert!(
+        std::fs::read(d.join("secondary.raw")).unwrap() == view,
+        "after failover the secondary's disk is not the speculative VM's view"
+    );
+
+    // A fresh guest on the survivor's export: the checkpoint's files and the speculative VM's,
+    // none of the primary's VM's later ones; and it writes more.
+    let (mut fresh, console, _) = boot(d, "fresh", &top, "guest.workload=check guest.args=b,2");
+    let lines = wait_said(&mut fresh, &console, "done");
+    let files: Vec<&String> = lines.iter().filter(|l| l.starts_with("file ")).collect();
+    let names = (0..5)
+        .map(|i| format!("a-{i}"))
+        .chain((0..3).map(|i| format!("s-{i}")));
+    let want: Vec<String> = names.map(|n| format!("file {n} {}", md5_of(&n))).collect();
+    assert_eq!(files, want.iter().collect::<Vec<_>>(), "{lines:?}");
+    assert!(lines.iter().any(|l| l == "wrote 2 files b-*"), "{lines:?}");
+    fresh.wait_exit(Duration::from_secs(30));
+    run(Command::new("e2fsck")
+        .arg("-fn")
+        .arg(d.join("secondary.raw")));
+    eprintln!("guest end to end in {:?}", t.elapsed());
+}
