@@ -20,7 +20,21 @@ pub type DiskState = Arc<Mutex<StateDir>>;
 pub fn open(spec: &DiskSpec, state_dir: Option<&Path>, len: u64) -> anyhow::Result<DiskState> {
     let dir = match state_dir {
         Some(d) => d.join(&spec.name),
-        None => StateDir::default_for(&spec.path),
+        None => {
+            // Beside a block device is /dev: a tmpfs, gone at the next boot with everything
+            // the state must survive.
+            use std::os::unix::fs::FileTypeExt;
+            if std::fs::metadata(&spec.path).is_ok_and(|m| m.file_type().is_block_device()) {
+                return Err(coloblk::UsageError(format!(
+                    "disk '{}': {} is a block device; give --state-dir DIR (its state cannot \
+                     live beside it in /dev, which does not survive a reboot)",
+                    spec.name,
+                    spec.path.display()
+                ))
+                .into());
+            }
+            StateDir::default_for(&spec.path)
+        }
     };
     let st = StateDir::open(&dir, &spec.path, len).with_context(|| {
         format!(
