@@ -16,8 +16,9 @@ cd "$(dirname "$0")/.."
 WHO=${1:?primary, secondary or merge}
 N=${2:-100}
 RANDOM=${3:-$$}
-BIN=${COLOBLK_BIN:-$PWD/target/release/coloblk}
+BIN=${COLOBLK_BIN:-${CARGO_TARGET_DIR:-$PWD/target}/release/coloblk}
 [ -n "${COLOBLK_BIN:-}" ] || cargo build --release -q -p coloblk
+[ -x "$BIN" ] || { echo "crash-loop: no coloblk binary at $BIN" >&2; exit 1; }
 W=$(mktemp -d /tmp/coloblk-crash.XXXXXX)
 PIDS=()
 cleanup() { kill -9 "${PIDS[@]}" 2>/dev/null || true; wait 2>/dev/null || true; [ -n "${KEEP:-}" ] || rm -rf "$W"; echo "work dir $W" >&2; }
