@@ -56,6 +56,7 @@ part() { [[ "$PARTS" == *"$1"* ]]; }
 if part 1; then
 echo "## 1. initial full sync, 4 GiB disk with 1 GiB of data, into qemu-nbd"
 qemu_nbd_target t1
+sync # the previous writes' writeback must not land inside the timed copy
 t=$(now)
 "$BIN" primary --disk "d=$W/p.raw,replica=nbd+unix:///d?socket=$W/t1.sock,sync=full" \
     --export-listen "unix:$W/p1.nbd" --control "unix:$W/p1.qmp" --start 2>/dev/null & PIDS+=($!)
@@ -68,6 +69,7 @@ kill "$P1"; wait "$P1" 2>/dev/null || true
 cmp -s "$W/p.raw" "$W/t1.raw" || { echo "coloblk's copy differs" >&2; exit 1; }
 
 qemu_nbd_target t2
+sync
 t=$(now)
 nbdcopy "$W/p.raw" "nbd+unix:///d?socket=$W/t2.sock"
 nbdc=$(since "$t")
