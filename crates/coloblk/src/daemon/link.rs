@@ -477,7 +477,9 @@ impl DiskLink {
                     json!({"disk": self.name, "generation": g.to_string()}),
                 );
                 anyhow::bail!(
-                    "split brain: both disks served as a primary after their last shared                      generation {g}; nothing is copied. Run replication-discard-changes                      (coloblk ctl discard-changes --disk {}) on the side whose changes are to be                      discarded",
+                    "split brain: both disks served as a primary after their last shared \
+                     generation {g}; nothing is copied. Run replication-discard-changes (coloblk \
+                     ctl discard-changes --disk {}) on the side whose changes are to be discarded",
                     self.name
                 );
             }

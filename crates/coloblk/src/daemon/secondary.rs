@@ -612,7 +612,9 @@ async fn open(args: &SecondaryArgs, pool: &IoPool) -> anyhow::Result<Plan> {
         }
         if state.lock().state().merging {
             anyhow::bail!(
-                "disk '{}': a failover merge into {} began and did not finish; its buffers are                  gone, so the disk is half-merged and is not served. Copy the disk from the                  primary, or remove {} to serve it as it is",
+                "disk '{}': a failover merge into {} began and did not finish; its buffers are \
+                 gone, so the disk is half-merged and is not served. Copy the disk from the \
+                 primary, or remove {} to serve it as it is",
                 spec.name,
                 spec.path.display(),
                 state.lock().path().display()
