@@ -57,6 +57,13 @@ impl Cluster {
         );
         String::from_utf8_lossy(&out.stdout).to_string()
     }
+    /// Both images, once asserted byte-equal (`why` is the failure's message).
+    fn equal_disks(&self, why: &str) -> (Vec<u8>, Vec<u8>) {
+        let a = std::fs::read(self.p("primary.raw")).unwrap();
+        let b = std::fs::read(self.p("secondary.raw")).unwrap();
+        assert_eq!(first_difference(&a, &b), None, "{why}");
+        (a, b)
+    }
     fn status(&self, qmp: &str) -> serde_json::Value {
         let out = run(coloblk().args(["ctl", "--json", "--control", &self.unix(qmp), "status"]));
         serde_json::from_slice(&out.stdout).unwrap()
@@ -527,13 +534,7 @@ fn stop_then_start_on_a_primary_really_starts_and_checkpoints_mean_equal_disks()
     qemu_io(&c.vm(), "write -P 0x52 2M 64k");
     wait_protected(&c.unix("primary.qmp"));
     c.ok("primary.qmp", "checkpoint");
-    let a = std::fs::read(c.p("primary.raw")).unwrap();
-    let b = std::fs::read(c.p("secondary.raw")).unwrap();
-    assert_eq!(
-        first_difference(&a, &b),
-        None,
-        "disks differ after a checkpoint"
-    );
+    let (_, b) = c.equal_disks("disks differ after a checkpoint");
     assert!(b[MIB as usize..][..65536].iter().all(|&x| x == 0x51));
     assert!(b[2 * MIB as usize..][..65536].iter().all(|&x| x == 0x52));
 }
@@ -640,13 +641,7 @@ fn a_restarted_primary_syncs_before_its_first_checkpoint() {
     }
     c.primary = Some(spawn_primary(c.dir.path(), "async"));
     c.ok("primary.qmp", "checkpoint");
-    let a = std::fs::read(c.p("primary.raw")).unwrap();
-    let b = std::fs::read(c.p("secondary.raw")).unwrap();
-    assert_eq!(
-        first_difference(&a, &b),
-        None,
-        "disks differ after a checkpoint"
-    );
+    let (_, b) = c.equal_disks("disks differ after a checkpoint");
     assert!(
         b[4 * MIB as usize..][..4 * MIB as usize]
             .iter()
@@ -905,13 +900,7 @@ fn a_killed_secondary_restarted_under_fio_is_resynced_without_a_command() {
     );
     let st = wait_protected(&c.unix("primary.qmp"));
     c.ok("primary.qmp", "checkpoint");
-    let a = std::fs::read(c.p("primary.raw")).unwrap();
-    let b = std::fs::read(c.p("secondary.raw")).unwrap();
-    assert_eq!(
-        first_difference(&a, &b),
-        None,
-        "disks differ after the resync"
-    );
+    let _ = c.equal_disks("disks differ after the resync");
     // The comparison of all 64 MiB finds what the outage dirtied, inside fio's 8 MiB: the
     // resync sends that, not the disk.
     let sent = st["disks"][0]["resync"]["sent-bytes"].as_u64().unwrap();
@@ -1100,13 +1089,7 @@ fn a_primary_killed_under_fio_resyncs_its_write_log_and_ends_equal() {
     let sent = d["resync"]["sent-bytes"].as_u64().unwrap();
     assert!(sent <= 8 * MIB, "sent {sent} bytes for an 8 MiB log");
     c.ok("primary.qmp", "checkpoint");
-    let a = std::fs::read(c.p("primary.raw")).unwrap();
-    let b = std::fs::read(c.p("secondary.raw")).unwrap();
-    assert_eq!(
-        first_difference(&a, &b),
-        None,
-        "disks differ after the resync"
-    );
+    let (a, _) = c.equal_disks("disks differ after the resync");
     assert!(
         a[24 * MIB as usize..32 * MIB as usize]
             .iter()
@@ -1150,13 +1133,7 @@ fn a_restarted_secondary_is_no_usable_copy_until_resynced_and_checkpointed() {
     assert_eq!(d["resync"]["done-bytes"], MIB, "{st}");
     c.ok("primary.qmp", "checkpoint");
     assert_eq!(c.status("secondary.qmp")["disks"][0]["consistent"], true);
-    let a = std::fs::read(c.p("primary.raw")).unwrap();
-    let b = std::fs::read(c.p("secondary.raw")).unwrap();
-    assert_eq!(
-        first_difference(&a, &b),
-        None,
-        "disks differ after the resync"
-    );
+    let (_, b) = c.equal_disks("disks differ after the resync");
     assert!(
         b[8 * MIB as usize..9 * MIB as usize]
             .iter()
