@@ -160,12 +160,6 @@ pub struct PrimaryStatus {
     pub resync: ResyncStatus,
 }
 
-/// The persistent write log and what to do at the first write served without the secondary.
-struct WriteLog {
-    log: Arc<crate::state::ExtentLog>,
-    alone: Box<dyn Fn() -> Result<(), String> + Send + Sync>,
-}
-
 /// The primary node. Cloning shares it.
 #[derive(Clone)]
 pub struct PrimaryNode {
@@ -184,8 +178,9 @@ struct Inner {
     comparing: Arc<AtomicU64>,
     /// The secondary took over: VM writes are refused (two VMs must never both write).
     fenced: AtomicBool,
-    /// The persistent write log, when the daemon keeps state.
-    log: std::sync::OnceLock<WriteLog>,
+    /// What to do before a write is served without the secondary, when the daemon keeps
+    /// state (the write log itself is in `shared`, where a refused flush reads it too).
+    alone: std::sync::OnceLock<Box<dyn Fn() -> Result<(), String> + Send + Sync>>,
     task: tokio::task::JoinHandle<()>,
     resync_task: tokio::task::JoinHandle<()>,
 }
@@ -244,7 +239,7 @@ impl PrimaryNode {
                 resync,
                 comparing,
                 fenced: AtomicBool::new(false),
-                log: std::sync::OnceLock::new(),
+                alone: std::sync::OnceLock::new(),
                 task,
                 resync_task,
             }),
@@ -272,16 +267,13 @@ impl PrimaryNode {
         log: Arc<crate::state::ExtentLog>,
         alone: impl Fn() -> Result<(), String> + Send + Sync + 'static,
     ) {
-        let _ = self.inner.shared.log.set(log.clone());
-        let _ = self.inner.log.set(WriteLog {
-            log,
-            alone: Box::new(alone),
-        });
+        let _ = self.inner.shared.log.set(log);
+        let _ = self.inner.alone.set(Box::new(alone));
     }
 
     /// The persistent write log, if one is set.
     pub fn write_log(&self) -> Option<&Arc<crate::state::ExtentLog>> {
-        self.inner.log.get().map(|l| &l.log)
+        self.inner.shared.log.get()
     }
 
     /// Drops the link (the secondary is being replaced): writes are recorded as dirty until
@@ -551,16 +543,18 @@ impl PrimaryNode {
             None => None,
         };
         // In the log before the local write starts, held until the change is handed on.
-        let _logged = match (self.inner.log.get(), range) {
-            (Some(wl), Some((o, l))) => {
+        let _logged = match (self.inner.shared.log.get(), range) {
+            (Some(log), Some((o, l))) => {
                 let fail = |e: String| {
                     BlockError::new(blockdev::ErrorKind::Io(None), blockdev::Op::Write, o)
                         .context(format!("the write log: {e}"))
                 };
-                if !self.forwarding() || self.inner.shared.usable_link().is_none() {
-                    (wl.alone)().map_err(fail)?;
+                if (!self.forwarding() || self.inner.shared.usable_link().is_none())
+                    && let Some(alone) = self.inner.alone.get()
+                {
+                    alone().map_err(fail)?;
                 }
-                Some(wl.log.record(o, l).await.map_err(|e| fail(e.to_string()))?)
+                Some(log.record(o, l).await.map_err(|e| fail(e.to_string()))?)
             }
             _ => None,
         };
