@@ -92,6 +92,16 @@ struct Disk {
 }
 
 impl Disk {
+    /// Changes the disk's persistent state and saves it before returning.
+    fn save(
+        &self,
+        change: impl FnOnce(&mut replication::state::DiskState),
+    ) -> Result<(), ControlError> {
+        self.state.lock().update(change).map_err(|e| {
+            ControlError::Refused(format!("disk '{}': saving its state: {e}", self.name))
+        })
+    }
+
     /// Clusters preserved by copy-before-write since the daemon started.
     fn cbw_copies(&self) -> u64 {
         use std::sync::atomic::Ordering::Relaxed;
@@ -245,20 +255,15 @@ impl Group for SecondaryGroup {
             // The primary's generation: the one this disk is equal in, from now on.
             if let Some((_, g)) = req.generations.iter().find(|(n, _)| *n == d.name) {
                 let g = *g;
-                d.state
-                    .lock()
-                    .update(|s| {
-                        s.view.synced_at = Some(g);
-                        s.view.host_restarted = false;
-                        s.view.current = Some(g);
-                        s.view.base = None;
-                        s.view.was_primary = false;
-                        s.view.discard = false;
-                        s.view.promoted_from = None;
-                    })
-                    .map_err(|e| {
-                        ControlError::Refused(format!("disk '{}': saving its state: {e}", d.name))
-                    })?;
+                d.save(|s| {
+                    s.view.synced_at = Some(g);
+                    s.view.host_restarted = false;
+                    s.view.current = Some(g);
+                    s.view.base = None;
+                    s.view.was_primary = false;
+                    s.view.discard = false;
+                    s.view.promoted_from = None;
+                })?;
             }
         }
         let ms = t.elapsed().as_secs_f64() * 1000.0;
@@ -336,20 +341,15 @@ impl Group for SecondaryGroup {
             // of its own, failed over from the one it was equal in), and until the merge ends
             // it is half-merged (a restart refuses to serve it).
             for d in &self.disks {
-                d.state
-                    .lock()
-                    .update(|s| {
-                        // A retry of a failed merge keeps where the first attempt left from.
-                        if !s.merging {
-                            s.view.promoted_from = s.view.synced_at.or(s.view.current);
-                            s.view.current = Some(replication::state::Gen::new());
-                            s.view.synced_at = None;
-                        }
-                        s.merging = true;
-                    })
-                    .map_err(|e| {
-                        ControlError::Refused(format!("disk '{}': saving its state: {e}", d.name))
-                    })?;
+                d.save(|s| {
+                    // A retry of a failed merge keeps where the first attempt left from.
+                    if !s.merging {
+                        s.view.promoted_from = s.view.synced_at.or(s.view.current);
+                        s.view.current = Some(replication::state::Gen::new());
+                        s.view.synced_at = None;
+                    }
+                    s.merging = true;
+                })?;
             }
         }
         self.group.stop(failover).await?;
@@ -455,11 +455,7 @@ impl Group for SecondaryGroup {
     }
 
     fn discard_changes(&self, disk: &str) -> Result<(), ControlError> {
-        self.disk(disk)?
-            .state
-            .lock()
-            .update(|s| s.view.discard = true)
-            .map_err(|e| ControlError::Refused(format!("disk '{disk}': saving its state: {e}")))
+        self.disk(disk)?.save(|s| s.view.discard = true)
     }
 
     async fn sync_begin(&self, disk: &str) -> Result<(), ControlError> {
@@ -469,10 +465,7 @@ impl Group for SecondaryGroup {
         self.coloblk_primary.store(true, Ordering::SeqCst);
         // On disk before the first copy lands: a restart mid-sync must not find the disk
         // called equal in the old generation.
-        d.state
-            .lock()
-            .update(|s| s.view.synced_at = None)
-            .map_err(|e| ControlError::Refused(format!("disk '{disk}': saving its state: {e}")))?;
+        d.save(|s| s.view.synced_at = None)?;
         if d.consistent.swap(false, Ordering::SeqCst) {
             tracing::warn!(
                 disk,
