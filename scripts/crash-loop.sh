@@ -6,8 +6,10 @@
 #
 # primary:   kill -9 the primary under fio, during a checkpoint, or during the resync that
 #            follows its previous restart; restart it on the same disk; wait until protected;
-#            checkpoint; the two images must be equal.
-# secondary: the same, killing the secondary.
+#            checkpoint; the two images must be equal, and fio must find the data it wrote and
+#            verified at the start (the first 16 MiB, never written again) unchanged.
+# secondary: the same, killing the secondary; its load is fio with verify (written, then read
+#            back through the primary), which must finish without an error.
 # merge:     kill -9 the secondary during a failover merge: its restart must refuse to serve
 #            the half-merged disk (and say so), never serve it as if it were complete.
 # Prints one line per iteration and a summary; exits 1 at the first failure.
@@ -41,10 +43,34 @@ start_primary() {
         2>>p.log & P=$!; PIDS+=($P)
     wait_sock p.qmp
 }
-load() { # fio random writes until killed (or its server dies)
-    fio --name=l --ioengine=nbd --uri="nbd+unix:///d?socket=$W/p.sock" --rw=randwrite \
-        --bs=4k,64k --iodepth=16 --size=$SIZE --time_based --runtime=30 \
-        --randseed=$RANDOM >/dev/null 2>&1 & F=$!
+# The first 16 MiB hold data fio wrote and verified once at the start ("kept"); every later
+# write goes above it, so after each recovery fio can verify the kept data again.
+KEPT=(--name=kept --ioengine=nbd --rw=randwrite --bs=4k --iodepth=16 --offset=0 --size=16M
+    --verify=crc32c --verify_fatal=1 --randseed=7)
+kept() { # write|verify URI: write and verify the kept data, or only verify it
+    local mode=(--do_verify=1)
+    [ "$1" = verify ] && mode=(--verify_only)
+    fio "${KEPT[@]}" "${mode[@]}" --uri="$2" >kept.log 2>&1 ||
+        { echo "iteration ${i:-0}: fio found the kept data changed ($2):" >&2; grep -m5 verify kept.log >&2; exit 1; }
+}
+load() { # fio random writes above the kept data until killed (or its server dies); for a
+    # secondary's kill, a verified run instead: written, then read back through the primary
+    if [ "$WHO" = secondary ]; then
+        fio --name=l --ioengine=nbd --uri="nbd+unix:///d?socket=$W/p.sock" --rw=randwrite \
+            --bs=4k --iodepth=16 --offset=16M --size=48M --verify=crc32c --verify_fatal=1 \
+            --randseed=$RANDOM >verify.log 2>&1 & F=$!
+    else
+        fio --name=l --ioengine=nbd --uri="nbd+unix:///d?socket=$W/p.sock" --rw=randwrite \
+            --bs=4k,64k --iodepth=16 --offset=16M --size=$((${SIZE%M} - 16))M --time_based \
+            --runtime=30 --randseed=$RANDOM >/dev/null 2>&1 & F=$!
+    fi
+}
+stop_load() { # the random writes end; a secondary's verified run must finish without an error
+    if [ "$WHO" = secondary ]; then
+        wait "$F" || { echo "iteration $i: fio's verified writes failed while the secondary was killed:" >&2; tail -5 verify.log >&2; exit 1; }
+    else
+        kill "$F" 2>/dev/null || true; wait "$F" 2>/dev/null || true
+    fi
 }
 check_equal() {
     # As an orchestrator does: a checkpoint refused (the primary may notice the lost link only
@@ -56,6 +82,7 @@ check_equal() {
         sleep 0.5
     done
     cmp -s p.raw s.raw || { echo "iteration $1: the disks differ after recovery" >&2; cmp p.raw s.raw | head -1 >&2; exit 1; }
+    kept verify "nbd+unix:///d?socket=$W/p.sock"
 }
 
 SIZE=64M; [ "$WHO" = merge ] && SIZE=512M
@@ -63,6 +90,7 @@ truncate -s $SIZE p.raw s.raw
 start_secondary
 start_primary
 ctl p.qmp wait-protected >/dev/null
+[ "$WHO" = merge ] || kept write "nbd+unix:///d?socket=$W/p.sock"
 moments=(load checkpoint resync)
 for i in $(seq "$N"); do
     if [ "$WHO" = merge ]; then
@@ -119,10 +147,9 @@ for i in $(seq "$N"); do
     if [ "$WHO" = primary ]; then kill -9 "$P"; wait "$P" 2>/dev/null || true
     else kill -9 "$S"; wait "$S" 2>/dev/null || true; fi
     [ "$moment" = checkpoint ] && { wait "$C" 2>/dev/null || true; }
-    kill "$F" 2>/dev/null || true; wait "$F" 2>/dev/null || true
-    if [ "$WHO" = primary ]; then start_primary; else start_secondary; fi
+    if [ "$WHO" = primary ]; then stop_load; start_primary; else start_secondary; stop_load; fi
     # Half the time, more writes while the pair heals.
-    if [ $((RANDOM % 2)) = 0 ]; then load; ms; kill "$F" 2>/dev/null || true; wait "$F" 2>/dev/null || true; fi
+    if [ $((RANDOM % 2)) = 0 ]; then load; ms; stop_load; fi
     check_equal "$i"
     echo "iteration $i: $WHO killed during $moment: recovered, disks equal"
 done
