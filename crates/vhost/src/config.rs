@@ -156,10 +156,16 @@ mod tests {
     fn read_only_offers_ro_and_neither_discard_nor_write_zeroes() {
         let ro = DeviceConfig::new("d", &info(512, true), false).features();
         assert_ne!(ro & 1 << VIRTIO_BLK_F_RO, 0);
-        assert_eq!(ro & (1 << VIRTIO_BLK_F_DISCARD | 1 << VIRTIO_BLK_F_WRITE_ZEROES), 0);
+        assert_eq!(
+            ro & (1 << VIRTIO_BLK_F_DISCARD | 1 << VIRTIO_BLK_F_WRITE_ZEROES),
+            0
+        );
         let rw = DeviceConfig::new("d", &info(512, false), false).features();
         assert_eq!(rw & 1 << VIRTIO_BLK_F_RO, 0);
         assert_ne!(rw & 1 << VIRTIO_BLK_F_DISCARD, 0);
-        assert_ne!(DeviceConfig::new("d", &info(512, false), true).features() & 1 << VIRTIO_BLK_F_RO, 0);
+        assert_ne!(
+            DeviceConfig::new("d", &info(512, false), true).features() & 1 << VIRTIO_BLK_F_RO,
+            0
+        );
     }
 }

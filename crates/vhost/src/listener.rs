@@ -51,7 +51,16 @@ impl VhostUserExport {
         let name = format!("vhost-user {name}");
         let thread = std::thread::Builder::new()
             .name("vhost-user".into())
-            .spawn(move || serve(Listener::from(listener), backend, &name, &path2, &stop2, &current2))
+            .spawn(move || {
+                serve(
+                    Listener::from(listener),
+                    backend,
+                    &name,
+                    &path2,
+                    &stop2,
+                    &current2,
+                )
+            })
             .map_err(|e| Error::new(ErrorKind::Thread, &path).source(e))?;
         Ok(VhostUserExport {
             path,
@@ -126,5 +135,7 @@ fn serve(
             Err(e) => info!(path = %path.display(), "vhost-user: connection ended: {e}"),
         }
         *current.lock() = None;
+        drop(daemon);
+        backend.forget_memory();
     }
 }

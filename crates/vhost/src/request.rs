@@ -65,7 +65,10 @@ impl Segments {
                 head.push(*s);
                 left -= s.len;
             } else if left > 0 {
-                head.push(Segment { addr: s.addr, len: left });
+                head.push(Segment {
+                    addr: s.addr,
+                    len: left,
+                });
                 tail.push(Segment {
                     addr: s.addr.unchecked_add(left),
                     len: s.len - left,
@@ -79,7 +82,10 @@ impl Segments {
     }
 
     /// Copies the buffers' bytes out of guest memory (the caller bounded their length).
-    pub fn gather<M: GuestMemory + ?Sized>(&self, mem: &M) -> Result<Vec<u8>, vm_memory::GuestMemoryError> {
+    pub fn gather<M: GuestMemory + ?Sized>(
+        &self,
+        mem: &M,
+    ) -> Result<Vec<u8>, vm_memory::GuestMemoryError> {
         let mut out = vec![0u8; self.len() as usize];
         let mut at = 0;
         for s in &self.0 {
@@ -91,7 +97,11 @@ impl Segments {
     }
 
     /// Copies `data` into the buffers, as far as both go; returns the bytes copied.
-    pub fn scatter<M: GuestMemory + ?Sized>(&self, mem: &M, data: &[u8]) -> Result<usize, vm_memory::GuestMemoryError> {
+    pub fn scatter<M: GuestMemory + ?Sized>(
+        &self,
+        mem: &M,
+        data: &[u8],
+    ) -> Result<usize, vm_memory::GuestMemoryError> {
         let mut at = 0;
         for s in &self.0 {
             if at == data.len() {
@@ -220,7 +230,11 @@ where
             addr: d.addr(),
             len: u64::from(d.len()),
         };
-        let access = if d.is_write_only() { Permissions::Write } else { Permissions::Read };
+        let access = if d.is_write_only() {
+            Permissions::Write
+        } else {
+            Permissions::Read
+        };
         if !mem.check_range(seg.addr, seg.len as usize, access) {
             refused.get_or_insert(Malformed::BadAddress);
         }
@@ -250,7 +264,9 @@ where
     if header.len() < HEADER_LEN {
         return Err(refuse(Malformed::ShortHeader));
     }
-    let header = header.gather(mem).map_err(|_| refuse(Malformed::BadAddress))?;
+    let header = header
+        .gather(mem)
+        .map_err(|_| refuse(Malformed::BadAddress))?;
     let kind = u32::from_le_bytes(header[0..4].try_into().expect("4 bytes"));
     let sector = u64::from_le_bytes(header[8..16].try_into().expect("8 bytes"));
     let in_ = Segments(writable.into_iter().filter(|s| s.len > 0).collect());
@@ -319,7 +335,11 @@ where
                 let sectors = u32::from_le_bytes(r[8..12].try_into().expect("4 bytes"));
                 let flags = u32::from_le_bytes(r[12..16].try_into().expect("4 bytes"));
                 // Discard has no flags; write-zeroes only UNMAP.
-                let known = if zeroes { VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP } else { 0 };
+                let known = if zeroes {
+                    VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP
+                } else {
+                    0
+                };
                 if flags & !known != 0 {
                     return Err(refuse(Malformed::Unsupported));
                 }
@@ -414,22 +434,65 @@ mod tests {
         let refused = |chain: Vec<Descriptor>| parse(chain, &m, &c).unwrap_err();
         let status = Descriptor::new(0x3000, 1, W, 0);
         // Past the end of the disk.
-        let r = refused(vec![header(&m, 0, VIRTIO_BLK_T_IN, 2048), Descriptor::new(0x1000, 512, W, 0), status]);
-        assert_eq!((r.why, r.status), (Malformed::OutOfRange, Some(GuestAddress(0x3000))));
+        let r = refused(vec![
+            header(&m, 0, VIRTIO_BLK_T_IN, 2048),
+            Descriptor::new(0x1000, 512, W, 0),
+            status,
+        ]);
+        assert_eq!(
+            (r.why, r.status),
+            (Malformed::OutOfRange, Some(GuestAddress(0x3000)))
+        );
         assert_eq!(r.status_code(), S_IOERR);
         // Sector overflow.
-        assert_eq!(refused(vec![header(&m, 0, VIRTIO_BLK_T_OUT, u64::MAX), Descriptor::new(0x1000, 512, 0, 0), status]).why, Malformed::OutOfRange);
+        assert_eq!(
+            refused(vec![
+                header(&m, 0, VIRTIO_BLK_T_OUT, u64::MAX),
+                Descriptor::new(0x1000, 512, 0, 0),
+                status
+            ])
+            .why,
+            Malformed::OutOfRange
+        );
         // Not whole sectors.
-        assert_eq!(refused(vec![header(&m, 0, VIRTIO_BLK_T_OUT, 0), Descriptor::new(0x1000, 100, 0, 0), status]).why, Malformed::BadLength);
+        assert_eq!(
+            refused(vec![
+                header(&m, 0, VIRTIO_BLK_T_OUT, 0),
+                Descriptor::new(0x1000, 100, 0, 0),
+                status
+            ])
+            .why,
+            Malformed::BadLength
+        );
         // Buffers outside guest memory.
-        assert_eq!(refused(vec![header(&m, 0, VIRTIO_BLK_T_IN, 0), Descriptor::new(0xffff_0000, 512, W, 0), status]).why, Malformed::BadAddress);
+        assert_eq!(
+            refused(vec![
+                header(&m, 0, VIRTIO_BLK_T_IN, 0),
+                Descriptor::new(0xffff_0000, 512, W, 0),
+                status
+            ])
+            .why,
+            Malformed::BadAddress
+        );
         // No status byte at all.
         let r = refused(vec![header(&m, 0, VIRTIO_BLK_T_FLUSH, 0)]);
         assert_eq!((r.why, r.status), (Malformed::NoStatus, None));
         // A short header.
-        assert_eq!(refused(vec![Descriptor::new(0, 8, 0, 0), status]).why, Malformed::ShortHeader);
+        assert_eq!(
+            refused(vec![Descriptor::new(0, 8, 0, 0), status]).why,
+            Malformed::ShortHeader
+        );
         // Readable after writable.
-        assert_eq!(refused(vec![header(&m, 0, VIRTIO_BLK_T_IN, 0), status, Descriptor::new(0x1000, 512, 0, 0), status]).why, Malformed::ReadableAfterWritable);
+        assert_eq!(
+            refused(vec![
+                header(&m, 0, VIRTIO_BLK_T_IN, 0),
+                status,
+                Descriptor::new(0x1000, 512, 0, 0),
+                status
+            ])
+            .why,
+            Malformed::ReadableAfterWritable
+        );
         // Too long a chain.
         let mut long = vec![header(&m, 0, VIRTIO_BLK_T_IN, 0)];
         long.extend((0..MAX_DESCRIPTORS).map(|_| Descriptor::new(0x1000, 512, W, 0)));
@@ -458,14 +521,23 @@ mod tests {
         assert_eq!(
             r.command,
             Command::WriteZeroes {
-                ranges: vec![Range { offset: 2048, len: 4096 }],
+                ranges: vec![Range {
+                    offset: 2048,
+                    len: 4096
+                }],
                 unmap: true
             }
         );
-        assert_eq!(parse(chain(), &m, &cfg(true)).unwrap_err().why, Malformed::ReadOnly);
+        assert_eq!(
+            parse(chain(), &m, &cfg(true)).unwrap_err().why,
+            Malformed::ReadOnly
+        );
         // Discard takes no flags.
         let mut chain = chain();
         chain[0] = header(&m, 0, VIRTIO_BLK_T_DISCARD, 0);
-        assert_eq!(parse(chain, &m, &cfg(false)).unwrap_err().why, Malformed::Unsupported);
+        assert_eq!(
+            parse(chain, &m, &cfg(false)).unwrap_err().why,
+            Malformed::Unsupported
+        );
     }
 }
