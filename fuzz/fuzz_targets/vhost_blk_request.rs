@@ -73,7 +73,7 @@ fuzz_target!(|data: &[u8]| {
             match &req.command {
                 Command::Read { offset, dst: segs } | Command::Write { offset, src: segs } => {
                     in_memory(&mem, segs);
-                    assert_eq!(segs.len() % SECTOR, 0);
+                    assert!(segs.len().is_multiple_of(SECTOR));
                     assert!(segs.len() <= u64::from(MAX_DATA));
                     assert!(within(*offset, segs.len()));
                     if matches!(req.command, Command::Write { .. }) {

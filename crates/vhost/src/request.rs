@@ -271,7 +271,7 @@ where
     let sector = u64::from_le_bytes(header[8..16].try_into().expect("8 bytes"));
     let in_ = Segments(writable.into_iter().filter(|s| s.len > 0).collect());
     let data_at = |len: u64| -> Result<u64, Refused> {
-        if len % SECTOR != 0 {
+        if !len.is_multiple_of(SECTOR) {
             return Err(refuse(Malformed::BadLength));
         }
         if len > u64::from(MAX_DATA) {
@@ -320,7 +320,7 @@ where
         }
         VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES => {
             let n = out.len() / RANGE_LEN;
-            if out.len() % RANGE_LEN != 0 || n == 0 || !in_.is_empty() {
+            if !out.len().is_multiple_of(RANGE_LEN) || n == 0 || !in_.is_empty() {
                 return Err(refuse(Malformed::BadLength));
             }
             if n > u64::from(MAX_ZERO_SEGMENTS) {
