@@ -68,7 +68,12 @@ fuzz_target!(|data: &[u8]| {
     match parse(descs, &mem, &cfg) {
         Ok(req) => {
             assert!(n <= MAX_DESCRIPTORS);
-            assert!(mem.address_in_range(req.status));
+            assert!(GuestMemory::check_range(
+                &mem,
+                req.status,
+                1,
+                vm_memory::Permissions::Write
+            ));
             let within = |off: u64, l: u64| off.checked_add(l).is_some_and(|e| e <= cfg.len);
             match &req.command {
                 Command::Read { offset, dst: segs } | Command::Write { offset, src: segs } => {
