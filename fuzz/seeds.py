@@ -529,6 +529,34 @@ QCOW2_SEEDS = {
 }
 
 
+# vhost_blk_request: byte 0 the device (bit 0 read-only, bit 1 4 KiB), byte 1 the number of
+# descriptors, 10 bytes each (addr u32, len u32, flags u16; 2 = device-writable), then guest
+# memory from address 0 (the header at 0, ranges at 0x10).
+def vhost_chain(mode, descs, memory):
+    out = bytes([mode, len(descs)])
+    for addr, length, flags in descs:
+        out += struct.pack("<IIH", addr, length, flags)
+    return out + memory
+
+
+def blk_header(kind, sector):
+    return struct.pack("<IIQ", kind, 0, sector)
+
+
+VHOST_SEEDS = {
+    "read": vhost_chain(0, [(0, 16, 0), (0x1000, 4096, 2), (0x3000, 1, 2)], blk_header(0, 8)),
+    "write": vhost_chain(0, [(0, 16, 0), (0x1000, 1024, 0), (0x3000, 1, 2)], blk_header(1, 0)),
+    "flush": vhost_chain(0, [(0, 16, 0), (0x3000, 1, 2)], blk_header(4, 0)),
+    "get_id": vhost_chain(0, [(0, 16, 0), (0x1000, 20, 2), (0x3000, 1, 2)], blk_header(8, 0)),
+    "write_zeroes": vhost_chain(0, [(0, 16, 0), (0x10, 16, 0), (0x3000, 1, 2)],
+                                blk_header(13, 0) + struct.pack("<QII", 4, 8, 1)),
+    "discard_ro": vhost_chain(1, [(0, 16, 0), (0x10, 16, 0), (0x3000, 1, 2)],
+                              blk_header(11, 0) + struct.pack("<QII", 0, 8, 0)),
+    "read_past_end": vhost_chain(2, [(0, 16, 0), (0x1000, 4096, 2), (0x3000, 1, 2)],
+                                 blk_header(0, 4)),
+}
+
+
 def write(target, name, data):
     d = os.path.join(OUT, target)
     os.makedirs(d, exist_ok=True)
@@ -556,6 +584,8 @@ def main():
         write("cli_specs", name, data)
     for name, data in QCOW2_SEEDS.items():
         write("qcow2_header", name, data)
+    for name, data in VHOST_SEEDS.items():
+        write("vhost_blk_request", name, data)
 
 
 if __name__ == "__main__":

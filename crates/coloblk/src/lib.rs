@@ -6,6 +6,7 @@
 
 pub mod config;
 pub mod disk_spec;
+pub mod export_addr;
 
 /// A mistake on the command line found after parsing (a disk named twice): the binary exits
 /// with 2, as for the mistakes the parser finds itself.

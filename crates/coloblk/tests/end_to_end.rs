@@ -133,7 +133,10 @@ fn spawn_primary_named(d: &Path, (disk, tag): (&str, &str), to: &str, mode: &str
     let p = common::spawn_primary(
         &d.join(disk),
         &d.join(format!("{to}replica.sock")),
-        (&d.join(format!("{tag}primary.sock")), &control),
+        (
+            &format!("unix:{}", d.join(format!("{tag}primary.sock")).display()),
+            &control,
+        ),
         &d.join(format!("{to}secondary.qmp")),
         mode,
     );

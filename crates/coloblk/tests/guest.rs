@@ -3,6 +3,11 @@
 //! orchestrator does it (QMP `stop`, coordinated checkpoint, `cont`), then the primary's host
 //! dies (QEMU and the primary killed with -9 together) and the secondary fails over.
 //!
+//! The same run attaches the guests over vhost-user-blk (the daemons' `vhost-user:PATH`
+//! exports) instead of NBD, and a raw guest on `coloblk serve` checks that attachment's own
+//! features: data, flush, discard, two queues, the device id, a read-only disk, and a QEMU
+//! killed and started again on the same socket.
+//!
 //! KVM only where /proc/cpuinfo shows vmx or svm and /dev/kvm opens (`GUEST_ACCEL` overrides),
 //! else TCG; the test prints which one ran.
 
@@ -45,9 +50,62 @@ fn accel() -> String {
     .to_string()
 }
 
-/// A QEMU running the guest on the NBD export `uri`, its console in `console`, its monitor at
-/// `qmp`.
-fn boot(dir: &Path, name: &str, uri: &str, workload: &str) -> (Proc, PathBuf, PathBuf) {
+/// How a guest reaches a disk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Attach {
+    /// QEMU's NBD client.
+    Nbd,
+    /// QEMU's vhost-user-blk-pci, two queues.
+    VhostUser,
+}
+
+/// A disk of a guest: an NBD URI or a vhost-user socket.
+enum Drive {
+    Nbd(String),
+    VhostUser(PathBuf),
+}
+
+/// Guest RAM in MiB (the memfd backend vhost-user shares has this size).
+const GUEST_MIB: u32 = 256;
+
+/// The QEMU options attaching `drives` (vda, vdb, ... in order). vhost-user needs the guest's
+/// RAM in shared memory the daemon can map.
+fn drive_args(drives: &[Drive]) -> Vec<String> {
+    let mut args = Vec::new();
+    if drives.iter().any(|d| matches!(d, Drive::VhostUser(_))) {
+        args.extend([
+            "-object".into(),
+            format!("memory-backend-memfd,id=mem,size={GUEST_MIB}M,share=on"),
+            "-machine".into(),
+            "memory-backend=mem".into(),
+        ]);
+    }
+    for (i, d) in drives.iter().enumerate() {
+        match d {
+            Drive::Nbd(uri) => args.extend([
+                "-drive".into(),
+                format!("file={uri},format=raw,if=virtio,cache=none"),
+            ]),
+            Drive::VhostUser(path) => args.extend([
+                "-chardev".into(),
+                format!("socket,id=vu{i},path={}", path.display()),
+                "-device".into(),
+                format!("vhost-user-blk-pci,chardev=vu{i},num-queues=2"),
+            ]),
+        }
+    }
+    args
+}
+
+/// A QEMU running the guest (`smp` CPUs) on `drives`, its console in `console`, its monitor
+/// at `qmp`.
+fn boot(
+    dir: &Path,
+    name: &str,
+    drives: &[Drive],
+    smp: u8,
+    workload: &str,
+) -> (Proc, PathBuf, PathBuf) {
     let q = qemu_colo();
     let (kernel, initrd) = guest();
     let console = dir.join(format!("{name}.console"));
@@ -60,9 +118,8 @@ fn boot(dir: &Path, name: &str, uri: &str, workload: &str) -> (Proc, PathBuf, Pa
         .arg(&q.bios)
         .arg("-L")
         .arg(&q.data)
-        .args([
-            "-M", "pc", "-accel", &accel, "-m", "256", "-display", "none",
-        ])
+        .args(["-M", "pc", "-accel", &accel, "-display", "none"])
+        .args(["-m", &GUEST_MIB.to_string(), "-smp", &smp.to_string()])
         .args(["-nodefaults", "-no-reboot", "-kernel"])
         .arg(kernel)
         .arg("-initrd")
@@ -73,8 +130,7 @@ fn boot(dir: &Path, name: &str, uri: &str, workload: &str) -> (Proc, PathBuf, Pa
         .arg(format!("file:{}", console.display()))
         .arg("-qmp")
         .arg(format!("unix:{},server=on,wait=off", qmp.display()))
-        .arg("-drive")
-        .arg(format!("file={uri},format=raw,if=virtio,cache=none"));
+        .args(drive_args(drives));
     let log = std::fs::File::create(dir.join(format!("{name}.log"))).unwrap();
     cmd.stdout(log.try_clone().unwrap()).stderr(log);
     let p = Proc::spawn(&format!("guest {name}"), &mut cmd);
@@ -158,6 +214,17 @@ fn fsck_clean(disk: &Path) {
 /// of the primary's guest's later ones, and writes more.
 #[test]
 fn ext4_guest_checkpoint_kill_failover() {
+    checkpoint_kill_failover(Attach::Nbd);
+}
+
+/// The same over vhost-user-blk: the primary's VM on the primary's vhost-user export, the
+/// speculative and the fresh guest on the secondary's.
+#[test]
+fn ext4_guest_checkpoint_kill_failover_vhost_user() {
+    checkpoint_kill_failover(Attach::VhostUser);
+}
+
+fn checkpoint_kill_failover(attach: Attach) {
     if !common::require("mkfs.ext4") || !common::require("e2fsck") {
         return;
     }
@@ -165,6 +232,26 @@ fn ext4_guest_checkpoint_kill_failover() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let u = |n: &str| format!("unix:{}", d.join(n).display());
+    let vhost = |p: &Path| format!("vhost-user:{}", p.display());
+    // Each attachment: where the primary's VM and the secondary's guests find their disk.
+    let (export, vm_drive, top_drive) = match attach {
+        Attach::Nbd => (
+            u("primary.sock"),
+            Drive::Nbd(format!(
+                "nbd+unix:///vm0?socket={}",
+                d.join("primary.sock").display()
+            )),
+            Drive::Nbd(format!(
+                "nbd+unix:///vm0?socket={}",
+                d.join("top.sock").display()
+            )),
+        ),
+        Attach::VhostUser => (
+            vhost(&d.join("primary.vhost")),
+            Drive::VhostUser(d.join("primary.vhost")),
+            Drive::VhostUser(d.join("top.vhost")),
+        ),
+    };
     ext4_image(&d.join("secondary.raw"));
     std::fs::copy(d.join("secondary.raw"), d.join("primary.raw")).unwrap();
     let mut secondary = Proc::spawn(
@@ -174,6 +261,7 @@ fn ext4_guest_checkpoint_kill_failover() {
             .arg(format!("vm0={}", d.join("secondary.raw").display()))
             .args(["--replica-listen", &u("replica.sock")])
             .args(["--export-listen", &u("top.sock")])
+            .args(["--export-listen", &vhost(&d.join("top.vhost"))])
             .args(["--control", &u("secondary.qmp"), "--buffer-dir"])
             .arg(d)
             .arg("--start"),
@@ -182,19 +270,20 @@ fn ext4_guest_checkpoint_kill_failover() {
     let mut primary = spawn_primary(
         &d.join("primary.raw"),
         &d.join("replica.sock"),
-        (&d.join("primary.sock"), &d.join("primary.qmp")),
+        (&export, &d.join("primary.qmp")),
         &d.join("secondary.qmp"),
         "sync",
     );
     wait_protected(&u("primary.qmp"));
 
     // The VM writes five files, then (after 3 s) more until it is killed.
-    let uri = format!(
-        "nbd+unix:///vm0?socket={}",
-        d.join("primary.sock").display()
+    let (mut vm, console, vm_qmp) = boot(
+        d,
+        "pvm",
+        &[vm_drive],
+        1,
+        "guest.workload=write guest.args=a,5,more",
     );
-    let (mut vm, console, vm_qmp) =
-        boot(d, "pvm", &uri, "guest.workload=write guest.args=a,5,more");
     wait_said(&mut vm, &console, "wrote 5 files a-*");
     assert_eq!(qmp_execute(&vm_qmp, "stop", "{}"), "return: {}");
     let reply = qmp_execute(&d.join("primary.qmp"), "replication-checkpoint", "{}");
@@ -209,7 +298,13 @@ fn ext4_guest_checkpoint_kill_failover() {
     // The speculative VM on the secondary's view (the checkpoint plus its own writes) writes
     // files while the primary's VM goes on writing.
     let top = format!("nbd+unix:///vm0?socket={}", d.join("top.sock").display());
-    let (mut svm, svm_console, _) = boot(d, "svm", &top, "guest.workload=write guest.args=s,3");
+    let (mut svm, svm_console, _) = boot(
+        d,
+        "svm",
+        std::slice::from_ref(&top_drive),
+        1,
+        "guest.workload=write guest.args=s,3",
+    );
     wait_said(&mut svm, &svm_console, "done");
     svm.wait_exit(Duration::from_secs(30));
     wait_said(&mut vm, &console, "wrote 1 files more1-*");
@@ -235,7 +330,13 @@ fn ext4_guest_checkpoint_kill_failover() {
 
     // A fresh guest on the survivor's export: the checkpoint's files and the speculative VM's,
     // none of the primary's VM's later ones; and it writes more.
-    let (mut fresh, console, _) = boot(d, "fresh", &top, "guest.workload=check guest.args=b,2");
+    let (mut fresh, console, _) = boot(
+        d,
+        "fresh",
+        &[top_drive],
+        1,
+        "guest.workload=check guest.args=b,2",
+    );
     let lines = wait_said(&mut fresh, &console, "done");
     let files: Vec<&String> = lines.iter().filter(|l| l.starts_with("file ")).collect();
     let names = (0..5)
@@ -248,5 +349,111 @@ fn ext4_guest_checkpoint_kill_failover() {
     run(Command::new("e2fsck")
         .arg("-fn")
         .arg(d.join("secondary.raw")));
-    eprintln!("guest end to end in {:?}", t.elapsed());
+    eprintln!("guest end to end ({attach:?}) in {:?}", t.elapsed());
+}
+
+/// The md5 of 1 MiB of `yes TEXT`.
+fn mib_md5(text: &str) -> String {
+    let out = stdout(Command::new("sh").arg("-c").arg(format!(
+        "yes {text} | head -c 1048576 | md5sum | cut -d' ' -f1"
+    )));
+    out.trim().to_string()
+}
+
+/// A raw guest (two CPUs) on `coloblk serve`'s vhost-user sockets: it sees the export's name
+/// as its serial and two queues, writes 1 MiB from each CPU at once (fsync'd: flushes) and
+/// discards 1 MiB; QEMU is then killed and a new one started on the same socket reads all
+/// three back, and finds the second, read-only disk read-only. The image afterwards is exactly
+/// what the guest wrote (the discarded MiB a hole of zeroes, the rest untouched); the
+/// read-only image is unchanged.
+#[test]
+fn vhost_user_guest_raw_reconnect_read_only() {
+    let t = Instant::now();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (disk, ro) = (d.join("disk.raw"), d.join("ro.raw"));
+    let before = common::pattern(7, 8 << 20);
+    std::fs::write(&disk, &before).unwrap();
+    std::fs::write(&ro, common::pattern(8, 1 << 20)).unwrap();
+    let (sock, ro_sock) = (d.join("disk.vhost"), d.join("ro.vhost"));
+    let mut serve = Proc::spawn(
+        "coloblk serve",
+        coloblk()
+            .arg("serve")
+            .arg("--export")
+            .arg(format!("vm0={}", disk.display()))
+            .arg("--export")
+            .arg(format!("ro={},readonly", ro.display()))
+            .arg("--listen")
+            .arg(format!("vhost-user:{},export=vm0", sock.display()))
+            .arg("--listen")
+            .arg(format!("vhost-user:{},export=ro", ro_sock.display())),
+    );
+    wait_socket(&sock, &mut serve);
+    wait_socket(&ro_sock, &mut serve);
+
+    let (mut vm, console, _) = boot(
+        d,
+        "raw-write",
+        &[Drive::VhostUser(sock.clone())],
+        2,
+        "guest.workload=raw-write",
+    );
+    let lines = wait_said(&mut vm, &console, "written");
+    assert!(
+        lines.iter().any(|l| l == "serial vm0 queues 2"),
+        "{lines:?}"
+    );
+    // QEMU dies; a new one attaches to the same socket.
+    vm.child.kill().unwrap();
+    vm.child.wait().unwrap();
+    let (mut vm, console, _) = boot(
+        d,
+        "raw-check",
+        &[Drive::VhostUser(sock), Drive::VhostUser(ro_sock)],
+        2,
+        "guest.workload=raw-check",
+    );
+    let lines = wait_said(&mut vm, &console, "done");
+    let zeroes = stdout(
+        Command::new("sh")
+            .arg("-c")
+            .arg("head -c 1048576 /dev/zero | md5sum | cut -d' ' -f1"),
+    );
+    let want = format!(
+        "md5 a {} b {} d {}",
+        mib_md5("vhost-a"),
+        mib_md5("vhost-b"),
+        zeroes.trim()
+    );
+    assert!(lines.contains(&want), "want '{want}' in {lines:?}");
+    assert!(lines.iter().any(|l| l == "vdb ro 1"), "{lines:?}");
+    assert!(lines.iter().any(|l| l == "vdb write refused"), "{lines:?}");
+    vm.wait_exit(Duration::from_secs(30));
+    serve.signal("TERM");
+    assert!(
+        serve.wait_exit(Duration::from_secs(30)).success(),
+        "coloblk serve failed to stop cleanly"
+    );
+
+    let mut want = before;
+    let text = |t: &str| {
+        stdout(
+            Command::new("sh")
+                .arg("-c")
+                .arg(format!("yes {t} | head -c 1048576")),
+        )
+    };
+    want[1 << 20..2 << 20].copy_from_slice(text("vhost-a").as_bytes());
+    want[3 << 20..4 << 20].copy_from_slice(text("vhost-b").as_bytes());
+    want[5 << 20..6 << 20].fill(0);
+    assert!(
+        std::fs::read(&disk).unwrap() == want,
+        "the image is not what the guest wrote"
+    );
+    assert!(
+        std::fs::read(&ro).unwrap() == common::pattern(8, 1 << 20),
+        "the read-only image changed"
+    );
+    eprintln!("vhost-user raw guest in {:?}", t.elapsed());
 }

@@ -1321,7 +1321,7 @@ async fn qemu_secondary_behind_a_coloblk_primary() {
         let mut primary = spawn_primary(
             &primary_disk,
             &d.join("qemu/nbd.sock"),
-            (&sock, &control),
+            (&unix(&sock), &control),
             &d.join("qemu/peer.qmp"),
             "sync",
         );

@@ -21,15 +21,18 @@ mod listen;
 mod metrics;
 pub mod security;
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::Context;
 use blockdev::IoPool;
+use coloblk::export_addr::{self, ExportAddr};
 use nbd::addr::SocketAddr;
-use nbd::server::{Server, TlsPolicy};
+use nbd::server::{Export, ExportSet, Server, TlsPolicy};
 use qmp::QmpServer;
 use tracing::info;
+use vhost_blk::VhostUserExport;
 
 use crate::control::{Control, Group};
 
@@ -81,12 +84,55 @@ impl Endpoint {
     }
 }
 
-/// What a daemon opened: its NBD endpoints and, for a replicating daemon, its group.
+/// A vhost-user-blk export of a daemon: one disk on one socket, the same device object the
+/// NBD server hands out (so replication and failover see its writes alike).
+pub struct VhostEndpoint {
+    /// Who connects, for messages.
+    pub who: &'static str,
+    /// The socket.
+    pub path: PathBuf,
+    /// The disk.
+    pub export: Arc<Export>,
+}
+
+/// The listeners of `addrs` for `who`: the NBD ones share `server` (which serves `exports`),
+/// each vhost-user one serves its disk of `exports`.
+pub fn export_endpoints(
+    who: &'static str,
+    addrs: &[ExportAddr],
+    exports: &ExportSet,
+    server: Arc<Server>,
+) -> anyhow::Result<(Vec<Endpoint>, Vec<VhostEndpoint>)> {
+    let all = exports.list();
+    let names: Vec<&str> = all.iter().map(|e| e.name.as_str()).collect();
+    export_addr::check(addrs, &names).map_err(coloblk::UsageError)?;
+    let (mut nbd, mut vhost) = (Vec::new(), Vec::new());
+    for a in addrs {
+        match a {
+            ExportAddr::Nbd(addr) => nbd.push(Endpoint::new(who, addr.clone(), server.clone())),
+            ExportAddr::VhostUser { path, export } => {
+                let name = export_addr::vhost_disk(export.as_deref(), &names)
+                    .map_err(|e| coloblk::UsageError(format!("{a}: {e}")))?;
+                let export = exports.get(name).context("a checked disk name")?;
+                vhost.push(VhostEndpoint {
+                    who,
+                    path: path.clone(),
+                    export,
+                });
+            }
+        }
+    }
+    Ok((nbd, vhost))
+}
+
+/// What a daemon opened: its export endpoints and, for a replicating daemon, its group.
 pub struct Plan {
     /// The process's name in the QMP greeting ("coloblk primary").
     pub name: &'static str,
     /// The NBD servers.
     pub endpoints: Vec<Endpoint>,
+    /// The vhost-user-blk exports.
+    pub vhost: Vec<VhostEndpoint>,
     /// The replication group and the daemon options (none for `serve`).
     pub group: Option<(Arc<dyn Group>, DaemonArgs)>,
 }
@@ -126,6 +172,19 @@ where
         info!(addr = %e.addr, tls = mode, "listening for {}", e.who);
         bound.push((l, tls));
     }
+    let mut vhost_bound = Vec::new();
+    for v in &plan.vhost {
+        let addr = SocketAddr::Unix(v.path.clone());
+        let l = sec.bind(&addr).await.with_context(|| {
+            format!(
+                "cannot listen on vhost-user:{} for {}",
+                v.path.display(),
+                v.who
+            )
+        })?;
+        info!(path = %v.path.display(), disk = %v.export.name, "vhost-user listening for {}", v.who);
+        vhost_bound.push(l);
+    }
     if let Some((group, args)) = &plan.group {
         if args.start {
             group
@@ -155,6 +214,12 @@ where
         let server = e.server.clone();
         serving.spawn(async move { server.serve_with(l, tls).await });
     }
+    let mut vhost = Vec::new();
+    for (v, l) in plan.vhost.iter().zip(vhost_bound) {
+        let export = start_vhost(v, &l)?;
+        // The listener stays: dropping it removes the socket file at exit.
+        vhost.push((export, l));
+    }
     wait_for_signal().await?;
     info!("shutting down: finishing requests, flushing");
     for e in &plan.endpoints {
@@ -178,6 +243,15 @@ where
             }
         }
     }
+    for (export, listener) in vhost {
+        let path = export.path().display().to_string();
+        if let Err(err) = export.stop().await {
+            failed.get_or_insert(anyhow::anyhow!(
+                "final flush of the disk behind vhost-user:{path} failed: {err}"
+            ));
+        }
+        drop(listener);
+    }
     if let Some(e) = failed {
         return Err(e);
     }
@@ -186,6 +260,27 @@ where
     }
     info!("stopped cleanly");
     Ok(ExitCode::SUCCESS)
+}
+
+/// Starts serving a bound vhost-user socket: the library takes a blocking std listener, so it
+/// gets a duplicate of the bound socket's descriptor.
+fn start_vhost(v: &VhostEndpoint, l: &net::Listener) -> anyhow::Result<VhostUserExport> {
+    use std::os::fd::AsFd;
+    let net::Listener::Unix(unix, _) = l else {
+        anyhow::bail!("vhost-user:{} is not a unix socket", v.path.display());
+    };
+    let fd = unix
+        .as_fd()
+        .try_clone_to_owned()
+        .with_context(|| format!("vhost-user:{}", v.path.display()))?;
+    Ok(VhostUserExport::start(
+        std::os::unix::net::UnixListener::from(fd),
+        v.path.clone(),
+        &v.export.name,
+        v.export.dev.clone(),
+        v.export.read_only,
+        tokio::runtime::Handle::current(),
+    )?)
 }
 
 /// Waits for SIGTERM or SIGINT.

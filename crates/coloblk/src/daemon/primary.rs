@@ -10,6 +10,7 @@ use anyhow::Context;
 use async_trait::async_trait;
 use blockdev::IoPool;
 use clap::Args;
+use coloblk::export_addr::ExportAddr;
 use nbd::addr::SocketAddr;
 use nbd::server::{Export, ExportSet, Server, ServerConfig};
 use parking_lot::Mutex;
@@ -23,7 +24,7 @@ use tracing::{info, warn};
 use super::link::{
     DiskLink, LinkConfig, PEER_COMMAND_TIMEOUT, SyncMode, Target, peer_commands, peer_session,
 };
-use super::{DaemonArgs, Endpoint, Plan};
+use super::{DaemonArgs, Plan};
 use crate::control::status::{
     CheckpointReply, Compared, PrimaryCheckpoint, PrimaryDisk, PrimaryStatus, Resync, Status,
     StopReply,
@@ -65,9 +66,11 @@ pub struct PrimaryArgs {
     #[arg(long, value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
 
-    /// Where the VM reaches its disks over NBD: unix:PATH or tcp:HOST:PORT.
+    /// Where the VM reaches its disks: unix:PATH or tcp:HOST:PORT (NBD, every disk), or
+    /// vhost-user:PATH[,export=NAME] (vhost-user-blk for QEMU, one disk: name it when there
+    /// are several). Repeat to listen on several.
     #[arg(long, value_name = "ADDR", required = true)]
-    pub export_listen: Option<SocketAddr>,
+    pub export_listen: Vec<ExportAddr>,
 
     /// async: a write completes when the local write is done and the forward follows
     /// (checkpoints drain); sync: it also waits for the secondary, as QEMU does.
@@ -732,10 +735,6 @@ impl PrimaryGroup {
 
 /// Opens the disks and builds the VM's export; the links come up on their own.
 async fn open(args: &PrimaryArgs, pool: &IoPool) -> anyhow::Result<Plan> {
-    let export_listen = args
-        .export_listen
-        .clone()
-        .context("--export-listen is required")?;
     let mut disks = Vec::new();
     for spec in &args.disks {
         let (uri, sync) = replica_options(spec, args.peer_control.is_some());
@@ -778,13 +777,13 @@ async fn open(args: &PrimaryArgs, pool: &IoPool) -> anyhow::Result<Plan> {
     let group = new_group(disks, &settings)?;
     group.start_links();
     let exports = group.exports();
+    let server = Server::new(exports.clone(), ServerConfig::default());
+    let (endpoints, vhost) =
+        super::export_endpoints("the VM", &args.export_listen, &exports, server)?;
     Ok(Plan {
         name: "coloblk primary",
-        endpoints: vec![Endpoint::new(
-            "the VM",
-            export_listen,
-            Server::new(exports, ServerConfig::default()),
-        )],
+        endpoints,
+        vhost,
         group: Some((group, args.daemon.clone())),
     })
 }

@@ -10,6 +10,7 @@ use anyhow::Context;
 use async_trait::async_trait;
 use blockdev::{ImageFormat, IoPool, OpenOptions, Qcow2Backing};
 use clap::Args;
+use coloblk::export_addr::ExportAddr;
 use nbd::addr::SocketAddr;
 use nbd::server::{Export, ExportSet, Server, ServerConfig};
 use parking_lot::Mutex;
@@ -53,9 +54,11 @@ pub struct SecondaryArgs {
     #[arg(long, value_name = "ADDR", required = true)]
     pub replica_listen: Option<SocketAddr>,
 
-    /// Where the speculative VM reaches its view of each disk (NBD export NAME).
+    /// Where the speculative VM reaches its view of each disk: unix:PATH or tcp:HOST:PORT
+    /// (NBD export NAME), or vhost-user:PATH[,export=NAME] (vhost-user-blk for QEMU, one disk:
+    /// name it when there are several). Repeat to listen on several.
     #[arg(long, value_name = "ADDR", required = true)]
-    pub export_listen: Option<SocketAddr>,
+    pub export_listen: Vec<ExportAddr>,
 
     /// Directory for the overlay buffers (sparse, unlinked files; tmpfs is best, as QEMU
     /// recommends a ramdisk). `memory` keeps them in the process instead.
@@ -580,10 +583,6 @@ async fn open(args: &SecondaryArgs, pool: &IoPool) -> anyhow::Result<Plan> {
         .replica_listen
         .clone()
         .context("--replica-listen is required")?;
-    let export_listen = args
-        .export_listen
-        .clone()
-        .context("--export-listen is required")?;
     let mut disks: Vec<Disk> = Vec::new();
     let mut group = ReplicationGroup::new();
     let mut managed = false;
@@ -667,14 +666,17 @@ async fn open(args: &SecondaryArgs, pool: &IoPool) -> anyhow::Result<Plan> {
     // its final flush failing is expected; the top export serves the VM then, and its flush
     // is the one that matters.
     replica.flush_matters = Box::new(move || !failed_over.load(Ordering::SeqCst));
-    let top = Endpoint::new(
+    let top_server = Server::new(top_exports.clone(), config);
+    let (top, vhost) = super::export_endpoints(
         "the speculative VM",
-        export_listen,
-        Server::new(top_exports, config),
-    );
+        &args.export_listen,
+        &top_exports,
+        top_server,
+    )?;
     Ok(Plan {
         name: "coloblk secondary",
-        endpoints: vec![replica, top],
+        endpoints: std::iter::once(replica).chain(top).collect(),
+        vhost,
         group: Some((Promotable::new(group, switches), args.daemon.clone())),
     })
 }

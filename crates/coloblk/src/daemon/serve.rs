@@ -2,18 +2,22 @@
 
 use blockdev::IoPool;
 use clap::Args;
-use nbd::addr::SocketAddr;
+use coloblk::export_addr::ExportAddr;
 use nbd::server::{Export, ExportSet, Server, ServerConfig};
 use tracing::info;
 
-use super::{Endpoint, Plan};
+use super::Plan;
 use crate::disk_spec::DiskSpec;
 
 #[derive(Args, Debug)]
 #[command(after_help = "Examples:\n  \
     coloblk serve --export disk=/var/lib/vm/disk.raw --listen unix:/run/disk.sock\n  \
-    coloblk serve --export a=a.qcow2,format=qcow2 --export b=b.raw,readonly --listen tcp:127.0.0.1:10809\n\n\
+    coloblk serve --export a=a.qcow2,format=qcow2 --export b=b.raw,readonly --listen tcp:127.0.0.1:10809\n  \
+    coloblk serve --export vm0=vm0.raw --listen vhost-user:/run/vm0.vhost\n\n\
     Clients reach an export as nbd+unix:///NAME?socket=PATH or nbd://HOST:PORT/NAME.\n\
+    QEMU attaches a vhost-user socket with (guest memory must be shared):\n  \
+    -object memory-backend-memfd,id=mem,size=1G,share=on -machine memory-backend=mem\n  \
+    -chardev socket,id=c0,path=/run/vm0.vhost -device vhost-user-blk-pci,chardev=c0,num-queues=2\n\
     SIGTERM or SIGINT: stop accepting, finish in-flight requests, flush, exit 0.")]
 pub struct ServeArgs {
     /// An export: NAME=PATH[,format=raw|qcow2][,readonly][,direct]. Repeat for several.
@@ -22,9 +26,11 @@ pub struct ServeArgs {
           value_parser = crate::disk_spec::export)]
     exports: Vec<DiskSpec>,
 
-    /// Where to listen: unix:PATH or tcp:HOST:PORT. Repeat to listen on several.
+    /// Where to listen: unix:PATH or tcp:HOST:PORT (NBD, every export), or
+    /// vhost-user:PATH[,export=NAME] (vhost-user-blk for QEMU, one export: name it when there
+    /// are several). Repeat to listen on several.
     #[arg(long = "listen", value_name = "ADDR", required = true)]
-    listen: Vec<SocketAddr>,
+    listen: Vec<ExportAddr>,
 
     #[command(flatten)]
     security: super::security::SecurityArgs,
@@ -48,15 +54,13 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<std::process::ExitCode> {
             export.read_only = spec.read_only;
             exports.add(export);
         }
-        let server = Server::new(exports, ServerConfig::default());
-        let endpoints = args
-            .listen
-            .iter()
-            .map(|addr| Endpoint::new("clients", addr.clone(), server.clone()))
-            .collect();
+        let server = Server::new(exports.clone(), ServerConfig::default());
+        let (endpoints, vhost) =
+            super::export_endpoints("clients", &args.listen, &exports, server)?;
         Ok(Plan {
             name: "coloblk serve",
             endpoints,
+            vhost,
             group: None,
         })
     })

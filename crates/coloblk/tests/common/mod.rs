@@ -164,12 +164,13 @@ pub fn serve(dir: &Path, exports: &[&str]) -> Served {
 }
 
 /// `coloblk primary` over `disk` in `mode`, forwarding to the export `vm0` on the unix socket
-/// `replica`, serving the VM at `export` and control at `control`, checkpointing the secondary
+/// `replica`, serving the VM at the address `export` (`unix:PATH`, `vhost-user:PATH`) and
+/// control at `control`, checkpointing the secondary
 /// through its control socket `peer`; started, returned once its control socket listens.
 pub fn spawn_primary(
     disk: &Path,
     replica: &Path,
-    (export, control): (&Path, &Path),
+    (export, control): (&str, &Path),
     peer: &Path,
     mode: &str,
 ) -> Proc {
@@ -183,7 +184,7 @@ pub fn spawn_primary(
                 disk.display(),
                 replica.display()
             ))
-            .args(["--export-listen", &unix(export)])
+            .args(["--export-listen", export])
             .args(["--control", &unix(control)])
             .args(["--peer-control", &unix(peer)])
             .args(["--mode", mode, "--start"]),
