@@ -32,7 +32,8 @@ cell() {
         2>/dev/null & PIDS+=($!)
     local p=$!
     wait_sock p.qmp
-    "$AFTER" ctl --control unix:p.qmp --timeout 60 wait-protected >/dev/null
+    # Each build's own ctl: the status fields it waits on changed between builds.
+    "$bin" ctl --control unix:p.qmp --timeout 60 wait-protected >/dev/null
     ( while sleep 1; do "$AFTER" ctl --control unix:p.qmp checkpoint >/dev/null 2>&1 || true; done ) &
     local ck=$!
     sync
