@@ -22,8 +22,14 @@ use common::{Proc, coloblk, qmp_execute, run, spawn_primary, stdout, wait_protec
 
 const DISK_MIB: u64 = 64;
 
-/// The guest's kernel and initramfs, built (or taken from the cache in target/guest).
+/// The guest's kernel and initramfs, built (or taken from the cache in target/guest) once per
+/// test process (build-guest also locks its cache against other processes).
 fn guest() -> (PathBuf, PathBuf) {
+    static GUEST: std::sync::OnceLock<(PathBuf, PathBuf)> = std::sync::OnceLock::new();
+    GUEST.get_or_init(build_guest).clone()
+}
+
+fn build_guest() -> (PathBuf, PathBuf) {
     let root = repo_root();
     let out = stdout(
         Command::new("bash")
@@ -59,9 +65,9 @@ enum Attach {
     VhostUser,
 }
 
-/// A disk of a guest: an NBD URI or a vhost-user socket.
+/// A disk of a guest: the unix socket of an NBD export `vm0`, or a vhost-user socket.
 enum Drive {
-    Nbd(String),
+    Nbd(PathBuf),
     VhostUser(PathBuf),
 }
 
@@ -82,9 +88,17 @@ fn drive_args(drives: &[Drive]) -> Vec<String> {
     }
     for (i, d) in drives.iter().enumerate() {
         match d {
-            Drive::Nbd(uri) => args.extend([
-                "-drive".into(),
-                format!("file={uri},format=raw,if=virtio,cache=none"),
+            // With reconnect-delay QEMU holds the guest's I/O while the daemon restarts, and
+            // reconnects, instead of failing it.
+            Drive::Nbd(sock) => args.extend([
+                "-blockdev".into(),
+                format!(
+                    "driver=nbd,node-name=disk{i},server.type=unix,server.path={},export=vm0,\
+                     reconnect-delay=10",
+                    sock.display()
+                ),
+                "-device".into(),
+                format!("virtio-blk-pci,drive=disk{i}"),
             ]),
             Drive::VhostUser(path) => args.extend([
                 "-chardev".into(),
@@ -224,6 +238,39 @@ fn ext4_guest_checkpoint_kill_failover_vhost_user() {
     checkpoint_kill_failover(Attach::VhostUser);
 }
 
+/// An ext4 image as `primary.raw` and `secondary.raw` in `d`, a secondary (NBD and vhost-user
+/// top exports `top.sock`, `top.vhost`) and a sync primary exporting at `export`, protected.
+fn ext4_pair(d: &Path, export: &str) -> (Proc, Proc) {
+    let u = |n: &str| format!("unix:{}", d.join(n).display());
+    ext4_image(&d.join("secondary.raw"));
+    std::fs::copy(d.join("secondary.raw"), d.join("primary.raw")).unwrap();
+    let mut secondary = Proc::spawn(
+        "coloblk secondary",
+        coloblk()
+            .args(["secondary", "--disk"])
+            .arg(format!("vm0={}", d.join("secondary.raw").display()))
+            .args(["--replica-listen", &u("replica.sock")])
+            .args(["--export-listen", &u("top.sock")])
+            .args([
+                "--export-listen",
+                &format!("vhost-user:{}", d.join("top.vhost").display()),
+            ])
+            .args(["--control", &u("secondary.qmp"), "--buffer-dir"])
+            .arg(d)
+            .arg("--start"),
+    );
+    wait_socket(&d.join("secondary.qmp"), &mut secondary);
+    let primary = spawn_primary(
+        &d.join("primary.raw"),
+        &d.join("replica.sock"),
+        (export, &d.join("primary.qmp")),
+        &d.join("secondary.qmp"),
+        "sync",
+    );
+    wait_protected(&u("primary.qmp"));
+    (secondary, primary)
+}
+
 fn checkpoint_kill_failover(attach: Attach) {
     if !common::require("mkfs.ext4") || !common::require("e2fsck") {
         return;
@@ -237,14 +284,8 @@ fn checkpoint_kill_failover(attach: Attach) {
     let (export, vm_drive, top_drive) = match attach {
         Attach::Nbd => (
             u("primary.sock"),
-            Drive::Nbd(format!(
-                "nbd+unix:///vm0?socket={}",
-                d.join("primary.sock").display()
-            )),
-            Drive::Nbd(format!(
-                "nbd+unix:///vm0?socket={}",
-                d.join("top.sock").display()
-            )),
+            Drive::Nbd(d.join("primary.sock")),
+            Drive::Nbd(d.join("top.sock")),
         ),
         Attach::VhostUser => (
             vhost(&d.join("primary.vhost")),
@@ -252,29 +293,7 @@ fn checkpoint_kill_failover(attach: Attach) {
             Drive::VhostUser(d.join("top.vhost")),
         ),
     };
-    ext4_image(&d.join("secondary.raw"));
-    std::fs::copy(d.join("secondary.raw"), d.join("primary.raw")).unwrap();
-    let mut secondary = Proc::spawn(
-        "coloblk secondary",
-        coloblk()
-            .args(["secondary", "--disk"])
-            .arg(format!("vm0={}", d.join("secondary.raw").display()))
-            .args(["--replica-listen", &u("replica.sock")])
-            .args(["--export-listen", &u("top.sock")])
-            .args(["--export-listen", &vhost(&d.join("top.vhost"))])
-            .args(["--control", &u("secondary.qmp"), "--buffer-dir"])
-            .arg(d)
-            .arg("--start"),
-    );
-    wait_socket(&d.join("secondary.qmp"), &mut secondary);
-    let mut primary = spawn_primary(
-        &d.join("primary.raw"),
-        &d.join("replica.sock"),
-        (&export, &d.join("primary.qmp")),
-        &d.join("secondary.qmp"),
-        "sync",
-    );
-    wait_protected(&u("primary.qmp"));
+    let (_secondary, mut primary) = ext4_pair(d, &export);
 
     // The VM writes five files, then (after 3 s) more until it is killed.
     let (mut vm, console, vm_qmp) = boot(
@@ -456,4 +475,82 @@ fn vhost_user_guest_raw_reconnect_read_only() {
         "the read-only image changed"
     );
     eprintln!("vhost-user raw guest in {:?}", t.elapsed());
+}
+
+/// A primary killed with -9 and started again under a running guest is a pause, not an error:
+/// QEMU (`reconnect-delay`) holds the guest's I/O and reconnects; the new primary finds its
+/// state, resyncs its write log, and after the orchestrator's checkpoint both disks are the
+/// same clean file system, holding every file the guest wrote before, during and after.
+#[test]
+fn a_primary_restarted_under_a_running_guest_is_a_pause_not_an_error() {
+    if !common::require("mkfs.ext4") || !common::require("e2fsck") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let u = |n: &str| format!("unix:{}", d.join(n).display());
+    let (_secondary, mut primary) = ext4_pair(d, &u("primary.sock"));
+    let (mut vm, console, vm_qmp) = boot(
+        d,
+        "pvm",
+        &[Drive::Nbd(d.join("primary.sock"))],
+        1,
+        "guest.workload=write guest.args=a,3,more",
+    );
+    wait_said(&mut vm, &console, "wrote 1 files more1-*");
+    primary.child.kill().unwrap();
+    primary.child.wait().unwrap();
+    let before = said(&console).len();
+    // Meanwhile the guest's I/O waits (reconnect-delay): what it writes later needs the new primary.
+    std::thread::sleep(Duration::from_secs(1));
+    let primary = spawn_primary(
+        &d.join("primary.raw"),
+        &d.join("replica.sock"),
+        (&u("primary.sock"), &d.join("primary.qmp")),
+        &d.join("secondary.qmp"),
+        "sync",
+    );
+    let start = Instant::now();
+    while said(&console).len() < before + 3 {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the guest wrote nothing after the primary's restart: {:?}",
+            said(&console)
+        );
+        assert!(vm.child.try_wait().unwrap().is_none(), "the guest died");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(qmp_execute(&vm_qmp, "stop", "{}"), "return: {}");
+    wait_protected(&u("primary.qmp"));
+    let reply = qmp_execute(&d.join("primary.qmp"), "replication-checkpoint", "{}");
+    assert!(reply.starts_with("return: "), "{reply}");
+    let lines = said(&console);
+    assert!(
+        !lines.iter().any(|l| l.starts_with("failed")),
+        "the guest saw an error: {lines:?}"
+    );
+    let p = std::fs::read(d.join("primary.raw")).unwrap();
+    assert!(
+        std::fs::read(d.join("secondary.raw")).unwrap() == p,
+        "after the restart and a checkpoint the secondary's disk is not the primary's"
+    );
+    fsck_clean(&d.join("primary.raw"));
+    vm.child.kill().unwrap();
+    primary.signal("TERM");
+}
+
+/// The README's "Use it with QEMU" lines are the ones these tests run.
+#[test]
+fn the_readme_shows_the_qemu_options_the_guest_tests_use() {
+    let readme = std::fs::read_to_string(repo_root().join("README.md")).unwrap();
+    let shown = [
+        Drive::Nbd("/run/coloblk/vm.nbd".into()),
+        Drive::VhostUser("/run/coloblk/vm.vhost".into()),
+    ];
+    for drive in shown {
+        for pair in drive_args(&[drive]).chunks(2) {
+            let line = pair.join(" ");
+            assert!(readme.contains(&line), "README.md lacks `{line}`");
+        }
+    }
 }
