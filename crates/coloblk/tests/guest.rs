@@ -501,7 +501,8 @@ fn a_primary_restarted_under_a_running_guest_is_a_pause_not_an_error() {
     primary.child.kill().unwrap();
     primary.child.wait().unwrap();
     let before = said(&console).len();
-    // Meanwhile the guest's I/O waits (reconnect-delay): what it writes later needs the new primary.
+    // Meanwhile the guest's I/O waits (reconnect-delay); what it writes next needs the new
+    // primary.
     std::thread::sleep(Duration::from_secs(1));
     let primary = spawn_primary(
         &d.join("primary.raw"),
