@@ -7,10 +7,12 @@
 //! clusters in both overlays. Store slots are not reused until the node is done, so a reader
 //! that looked a cluster up just before it was forgotten still reads the right bytes.
 //!
-//! VM I/O during the merge (and after a failed merge, in FAILOVER_FAILED) follows QEMU's
-//! FAILOVER_FAILED routing: a write to a cluster held by an overlay goes to the active
-//! overlay (and is merged with it), any other write goes straight to the disk; reads see
-//! active, hidden, disk as always. A merged cluster is held by no overlay, so the merge never
+//! VM I/O during the merge (and after a failed merge, in FAILOVER_FAILED): reads see active,
+//! hidden, disk as always. Writes, when the node keeps a merge record (module `journal`):
+//! the clusters they touch that an overlay holds are merged first, then they go to the disk,
+//! once the record says those clusters are merged. Without a record, QEMU's FAILOVER_FAILED
+//! routing: a write to a cluster held by an overlay goes to the active overlay (and is merged
+//! with it), any other write goes straight to the disk. A merged cluster is held by no overlay, so the merge never
 //! has to revisit anything and always terminates. Reads are consistent throughout: a cluster's
 //! disk bytes change only when they already equal its view, or when the VM writes them.
 //!

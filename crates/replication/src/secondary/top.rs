@@ -4,7 +4,7 @@
 //! |--------------------------|------------------------------|------------------------------------|
 //! | NONE                     | EIO                          | EIO                                |
 //! | RUNNING                  | active -> hidden -> disk     | active overlay                     |
-//! | FAILOVER, FAILOVER_FAILED| active -> hidden -> disk     | the disk, once the clusters an overlay holds are merged (and, with a merge record, recorded merged) |
+//! | FAILOVER, FAILOVER_FAILED| active -> hidden -> disk     | with a merge record: the disk, once the clusters an overlay holds are merged and recorded; without: active if the cluster is held by an overlay, else the disk (QEMU's FAILOVER_FAILED routing) |
 //! | DONE                     | disk                         | disk                               |
 //!
 //! In the active overlay, whole blocks are written as they come; a block the request covers
@@ -359,11 +359,16 @@ impl Node {
         self.active.is_allocated(c) || self.hidden.contains(c)
     }
 
-    /// A VM write during or after a failed failover: the clusters an overlay still holds are
-    /// merged first, then the write goes to the disk. Nothing new goes into the overlays, so
-    /// the merge record's frozen maps stay true, and a write to a cluster merged in this
-    /// merge waits until the record says so (a resumed merge then never redoes that cluster
-    /// over it).
+    /// A VM write during or after a failed failover.
+    ///
+    /// With a merge record: the clusters an overlay still holds are merged first, then the
+    /// write goes to the disk. Nothing new goes into the overlays, so the record's frozen maps
+    /// stay true, and a write to a cluster merged in this merge waits until the record says
+    /// so (a resumed merge then never redoes that cluster over it).
+    ///
+    /// Without (overlays that die with the process): QEMU's FAILOVER_FAILED routing, clusters
+    /// held by an overlay go to the active overlay, others straight to the disk (so a VM
+    /// write there succeeds even while the disk fails).
     pub(crate) async fn write_routed(
         &self,
         offset: u64,
@@ -374,6 +379,9 @@ impl Node {
         if len == 0 {
             return Ok(());
         }
+        let Some(journal) = self.journal() else {
+            return self.write_routed_qemu(offset, content, flags).await;
+        };
         let clusters = self.geo.clusters(offset, len);
         let held: Vec<u64> = clusters
             .clone()
@@ -382,10 +390,40 @@ impl Node {
         if !held.is_empty() {
             self.merge_now(&held).await?;
         }
-        if let Some(j) = self.journal() {
-            j.wait_recorded(clusters).await?;
-        }
+        journal.wait_recorded(clusters).await?;
         self.write_disk(offset, content, flags).await
+    }
+
+    /// QEMU's routing (see [`write_routed`](Self::write_routed)).
+    async fn write_routed_qemu(
+        &self,
+        offset: u64,
+        content: Content,
+        flags: WriteFlags,
+    ) -> Result<()> {
+        let g = self.geo;
+        let len = content.len();
+        let _guard = self.active.locks.lock(self.write_locks(offset, len)).await;
+        let end = offset + len;
+        let last = g.cluster_of(end - 1);
+        let mut c = g.cluster_of(offset);
+        while c <= last {
+            let held = self.held_by_overlay(c);
+            let mut d = c + 1;
+            while d <= last && self.held_by_overlay(d) == held {
+                d += 1;
+            }
+            let lo = offset.max(g.start(c));
+            let hi = end.min(g.start(d - 1) + g.cluster_len(d - 1));
+            let part = content.slice(lo - offset..hi - offset);
+            if held {
+                self.write_active_locked(lo, part, false).await?;
+            } else {
+                self.write_disk(lo, part, flags).await?;
+            }
+            c = d;
+        }
+        Ok(())
     }
 
     pub(crate) async fn write_disk(
