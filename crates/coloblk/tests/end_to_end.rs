@@ -1326,3 +1326,78 @@ fn a_split_brain_is_refused_until_one_side_is_discarded() {
         "A's alone write is gone"
     );
 }
+
+/// A secondary killed with -9 during its failover merge, after a VM write into the view while
+/// it merged: the restart resumes the merge (status says so), the disk ends as the view at
+/// failover plus that write, byte for byte, and is then served plain. The merge is large
+/// (192 MiB) so that the kill lands inside it; an attempt where it finished first is redone.
+#[test]
+fn a_secondary_killed_during_the_merge_resumes_it_and_keeps_the_vm_writes() {
+    require("qemu-io");
+    const BIG: u64 = 256 * MIB;
+    for attempt in 1..=3 {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        raw_image(d, "secondary.raw", BIG);
+        raw_image(d, "primary.raw", BIG);
+        let mut c = Cluster {
+            secondary: spawn_secondary(d, &["--start"]),
+            primary: None,
+            dir,
+        };
+        c.primary = Some(spawn_primary(c.dir.path(), "sync"));
+        qemu_io(&c.vm(), "write -P 0x21 0 16M");
+        c.ok("primary.qmp", "checkpoint");
+        qemu_io(&c.vm(), "write -P 0x22 64M 8M");
+        qemu_io(&c.view(), "write -P 0x5c 8M 192M");
+        let mut expected = read_export(&c.view(), c.dir.path(), "view.raw");
+        drop(c.primary.take());
+        let mut failover = c.ctl_spawn("secondary.qmp", "failover");
+        for _ in 0..500 {
+            if c.status("secondary.qmp")["disks"][0]["stage"] != "running" {
+                break;
+            }
+        }
+        // Into the merging view: at 100 MiB, held by the active overlay until merged.
+        qemu_io(&c.view(), "write -P 0x6d 100M 1M");
+        expected[(100 * MIB) as usize..(101 * MIB) as usize].fill(0x6d);
+        signal(&c.secondary, "KILL");
+        let _ = c.secondary.child.wait();
+        let _ = failover.wait();
+        for f in ["replica.sock", "top.sock", "secondary.qmp"] {
+            let _ = std::fs::remove_file(c.p(f));
+        }
+        c.secondary = spawn_secondary(c.dir.path(), &["--start"]);
+        let st = c.status("secondary.qmp");
+        let resumed = st["disks"][0]["failover"]["resumed"] == true;
+        let state = c.p("secondary.raw.coloblk");
+        for _ in 0..400 {
+            let s = std::fs::read_to_string(state.join("state")).unwrap();
+            if s.contains("\"merging\": false") && !state.join("merge").exists() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let st = c.status("secondary.qmp");
+        assert_eq!(st["disks"][0]["stage"], "done", "{st}");
+        assert!(
+            !state.join("merge").exists(),
+            "the record outlived the merge"
+        );
+        let disk = std::fs::read(c.p("secondary.raw")).unwrap();
+        assert_eq!(
+            first_difference(&disk, &expected),
+            None,
+            "attempt {attempt} (resumed: {resumed}): the disk is not the promised view"
+        );
+        if !resumed {
+            continue;
+        }
+        // Served plain now: a VM write lands on the disk.
+        qemu_io(&c.view(), "write -P 0x7e 0 64k");
+        let disk = std::fs::read(c.p("secondary.raw")).unwrap();
+        assert!(disk[..65536].iter().all(|&b| b == 0x7e));
+        return;
+    }
+    panic!("in 3 attempts the merge always finished before the kill");
+}
