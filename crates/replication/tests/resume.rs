@@ -213,8 +213,7 @@ fn a_merge_recorded_in_another_boot_of_the_host_is_refused_not_resumed() {
             &state(&c.dir),
             Some("00000000-another-boot"),
         )
-        .err()
-        .expect("refused")
+        .expect_err("refused")
         .to_string()
     });
     assert!(e.contains("another boot of this host"), "{e}");
