@@ -621,11 +621,6 @@ async fn open(args: &SecondaryArgs, pool: &IoPool) -> anyhow::Result<Plan> {
             // A merge cut short by the death of the process resumes from its record; without
             // one (overlays that cannot outlive the process, or a host restart), the disk is
             // half-merged and is not served.
-            let cfg = SecondaryConfig {
-                cluster_size: args.cluster_size,
-                store: OverlayStore::Memory,
-                pool: pool.clone(),
-            };
             let boot = replication::state::boot_id();
             let half = |why: String| {
                 anyhow::anyhow!(
@@ -637,7 +632,7 @@ async fn open(args: &SecondaryArgs, pool: &IoPool) -> anyhow::Result<Plan> {
                     dir.display()
                 )
             };
-            match SecondaryNode::resume(node.disk().clone(), &cfg, &dir, boot.as_deref()) {
+            match SecondaryNode::resume(node.disk().clone(), pool.clone(), &dir, boot.as_deref()) {
                 Ok(Some(n)) => {
                     resumed = true;
                     n

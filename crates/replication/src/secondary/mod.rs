@@ -392,10 +392,11 @@ impl SecondaryNode {
     /// again (the same bytes: no VM write touched them since), records the end and goes to
     /// DONE. `Ok(None)` when `dir` holds no record. Refused when the record was written
     /// in another boot of the host (`this_boot` is [`crate::state::boot_id`]): the overlays'
-    /// bytes were never flushed and cannot be trusted. Must run inside a tokio runtime.
+    /// bytes were never flushed and cannot be trusted. `pool` serves the store files. Must
+    /// run inside a tokio runtime.
     pub fn resume(
         disk: Arc<dyn BlockDev>,
-        config: &SecondaryConfig,
+        pool: IoPool,
         dir: &Path,
         this_boot: Option<&str>,
     ) -> Result<Option<Self>, ReplicationError> {
@@ -409,8 +410,8 @@ impl SecondaryNode {
         if rec.boot.is_none() || rec.boot.as_deref() != this_boot {
             return Err(fail(format!(
                 "it was written in another boot of this host ({}, now {}): the overlays' \
-                 buffers did not survive the restart (or were never flushed), so the disk is \
-                 half-merged",
+                 buffers did not survive the restart (or were never flushed) and cannot be \
+                 trusted",
                 rec.boot.as_deref().unwrap_or("unknown"),
                 this_boot.unwrap_or("unknown")
             )));
@@ -431,8 +432,7 @@ impl SecondaryNode {
             )
         } else {
             let open = |p: &Path| {
-                FileStore::open_kept(p, rec.len, config.pool.clone())
-                    .map_err(|e| fail(e.to_string()))
+                FileStore::open_kept(p, rec.len, pool.clone()).map_err(|e| fail(e.to_string()))
             };
             (
                 Arc::new(open(&rec.active_file)?),
