@@ -8,10 +8,12 @@
 //!                              them; rewritten when a VM write waits for it, and at the end
 //! ```
 //!
-//! Both are written atomically with a digest (`state::write_atomic`). No overlay byte is
-//! flushed: after a crash of the process the store files' pages are still in the page cache;
-//! after a crash of the host they are not to be trusted, and the boot id tells (the merge is
-//! then refused, never resumed).
+//! Both are replaced atomically with a digest (`state::write_atomic_unsynced`), and nothing
+//! here is flushed, neither the record nor an overlay byte: after a crash of the process the
+//! page cache holds them all; after a crash of the host the overlays are not to be trusted,
+//! and the record is then refused whatever survived of it (another boot id, a digest that
+//! does not match, or no record at all while the disk's state, which is flushed, says
+//! `merging`). So the record costs the failover no flush.
 //!
 //! Why a resumed merge cannot clobber a VM write: from failover begin on nothing new goes into
 //! the overlays (a VM write to a cluster an overlay still holds merges that cluster first, then
@@ -29,7 +31,7 @@ use parking_lot::Mutex;
 use tokio::sync::{Notify, watch};
 
 use super::geometry::Geometry;
-use crate::state::{read_checked, write_atomic};
+use crate::state::{read_checked, write_atomic_unsynced};
 
 /// The frozen maps.
 const RECORD: &str = "merge";
@@ -142,7 +144,6 @@ impl Journal {
     }
 
     /// Writes the record of a merge about to begin (blocking: call it off the runtime).
-    #[allow(clippy::too_many_arguments)]
     pub fn create(
         dir: &Path,
         geo: Geometry,
@@ -187,7 +188,7 @@ impl Journal {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(record_error(dir, e)),
         }
-        write_atomic(dir, RECORD, &body).map_err(|e| record_error(dir, e))?;
+        write_atomic_unsynced(dir, RECORD, &body).map_err(|e| record_error(dir, e))?;
         Ok(Journal::new(
             dir,
             id,
@@ -285,7 +286,7 @@ impl Journal {
                 Err(e) => return Err(e),
             }
         }
-        crate::state::sync_dir(dir)
+        Ok(())
     }
 
     /// Index of cluster `c` in `todo`.
@@ -344,7 +345,7 @@ impl Journal {
         bits.iter()
             .for_each(|w| body.extend_from_slice(&w.to_le_bytes()));
         let dir = self.dir.clone();
-        let r = tokio::task::spawn_blocking(move || write_atomic(&dir, PROGRESS, &body))
+        let r = tokio::task::spawn_blocking(move || write_atomic_unsynced(&dir, PROGRESS, &body))
             .await
             .map_err(|e| e.to_string())
             .and_then(|r| r.map_err(|e| e.to_string()));
