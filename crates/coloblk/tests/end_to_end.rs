@@ -87,20 +87,26 @@ fn spawn_secondary(dir: &Path, extra: &[&str]) -> Proc {
 /// A secondary over `disk` in `dir`, its sockets and buffer named with `tag` (`TAGreplica.sock`,
 /// `TAGtop.sock`, `TAGsecondary.qmp`, `TAGbuffer`), listening.
 fn spawn_secondary_named(dir: &Path, disk: &str, tag: &str, extra: &[&str]) -> Proc {
-    let u = |n: &str| format!("unix:{}", dir.join(format!("{tag}{n}")).display());
     let mut s = Proc::spawn(
         "coloblk secondary",
-        coloblk()
-            .args(["secondary", "--disk"])
-            .arg(format!("vm0={}", dir.join(disk).display()))
-            .args(["--replica-listen", &u("replica.sock")])
-            .args(["--export-listen", &u("top.sock")])
-            .args(["--control", &u("secondary.qmp"), "--buffer-dir"])
-            .arg(dir.join(format!("{tag}buffer")))
-            .args(extra),
+        &mut secondary_command(dir, disk, tag, extra),
     );
     wait_socket(&dir.join(format!("{tag}secondary.qmp")), &mut s);
     s
+}
+
+/// The command line of [`spawn_secondary_named`].
+fn secondary_command(dir: &Path, disk: &str, tag: &str, extra: &[&str]) -> Command {
+    let u = |n: &str| format!("unix:{}", dir.join(format!("{tag}{n}")).display());
+    let mut c = coloblk();
+    c.args(["secondary", "--disk"])
+        .arg(format!("vm0={}", dir.join(disk).display()))
+        .args(["--replica-listen", &u("replica.sock")])
+        .args(["--export-listen", &u("top.sock")])
+        .args(["--control", &u("secondary.qmp"), "--buffer-dir"])
+        .arg(dir.join(format!("{tag}buffer")))
+        .args(extra);
+    c
 }
 
 fn cluster(mode: &str) -> Cluster {
@@ -1328,4 +1334,102 @@ fn a_split_brain_is_refused_until_one_side_is_discarded() {
             .all(|&x| x == 0),
         "A's alone write is gone"
     );
+}
+
+/// A secondary killed with -9 during its failover merge, after a VM write into the view while
+/// it merged: a restart that finds the record of another boot of the host refuses the disk as
+/// half-merged; a restart in this boot resumes the merge (status says so), the disk ends as
+/// the view at failover plus that write, byte for byte, and is then served plain. The merge is large
+/// (192 MiB) so that the kill lands inside it; an attempt where it finished first is redone.
+#[test]
+fn a_secondary_killed_during_the_merge_resumes_it_and_keeps_the_vm_writes() {
+    require("qemu-io");
+    const BIG: u64 = 256 * MIB;
+    for attempt in 1..=3 {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        raw_image(d, "secondary.raw", BIG);
+        raw_image(d, "primary.raw", BIG);
+        let mut c = Cluster {
+            secondary: spawn_secondary(d, &["--start"]),
+            primary: None,
+            dir,
+        };
+        c.primary = Some(spawn_primary(c.dir.path(), "sync"));
+        qemu_io(&c.vm(), "write -P 0x21 0 16M");
+        c.ok("primary.qmp", "checkpoint");
+        qemu_io(&c.vm(), "write -P 0x22 64M 8M");
+        qemu_io(&c.view(), "write -P 0x5c 8M 192M");
+        let mut expected = read_export(&c.view(), c.dir.path(), "view.raw");
+        drop(c.primary.take());
+        let mut failover = c.ctl_spawn("secondary.qmp", "failover");
+        for _ in 0..500 {
+            if c.status("secondary.qmp")["disks"][0]["stage"] != "running" {
+                break;
+            }
+        }
+        // Into the merging view: at 100 MiB, held by the active overlay until merged.
+        qemu_io(&c.view(), "write -P 0x6d 100M 1M");
+        expected[(100 * MIB) as usize..(101 * MIB) as usize].fill(0x6d);
+        signal(&c.secondary, "KILL");
+        let _ = c.secondary.child.wait();
+        let _ = failover.wait();
+        for f in ["replica.sock", "top.sock", "secondary.qmp"] {
+            let _ = std::fs::remove_file(c.p(f));
+        }
+        let state = c.p("secondary.raw.coloblk");
+        if let Some(record) = replication::state::read_checked(&state, "merge").unwrap() {
+            // As if the host had restarted since (another boot id in the record): refused as
+            // half-merged, nothing served.
+            let boot = replication::state::boot_id().unwrap();
+            let nl = record.iter().position(|&b| b == b'\n').unwrap();
+            let head = std::str::from_utf8(&record[..nl]).unwrap();
+            assert!(head.contains(&boot), "the record names the boot: {head}");
+            let mut other = head.replacen(&boot, "another-boot", 1).into_bytes();
+            other.extend_from_slice(&record[nl..]);
+            replication::state::write_atomic(&state, "merge", &other).unwrap();
+            let out = secondary_command(c.dir.path(), "secondary.raw", "", &["--start"])
+                .output()
+                .unwrap();
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(!out.status.success(), "{err}");
+            assert!(
+                err.contains("another boot of this host") && err.contains("half-merged"),
+                "{err}"
+            );
+            assert!(!c.p("top.sock").exists(), "nothing is served");
+            replication::state::write_atomic(&state, "merge", &record).unwrap();
+        }
+        c.secondary = spawn_secondary(c.dir.path(), &["--start"]);
+        let st = c.status("secondary.qmp");
+        let resumed = st["disks"][0]["failover"]["resumed"] == true;
+        for _ in 0..400 {
+            let s = std::fs::read_to_string(state.join("state")).unwrap();
+            if s.contains("\"merging\": false") && !state.join("merge").exists() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let st = c.status("secondary.qmp");
+        assert_eq!(st["disks"][0]["stage"], "done", "{st}");
+        assert!(
+            !state.join("merge").exists(),
+            "the record outlived the merge"
+        );
+        let disk = std::fs::read(c.p("secondary.raw")).unwrap();
+        assert_eq!(
+            first_difference(&disk, &expected),
+            None,
+            "attempt {attempt} (resumed: {resumed}): the disk is not the promised view"
+        );
+        if !resumed {
+            continue;
+        }
+        // Served plain now: a VM write lands on the disk.
+        qemu_io(&c.view(), "write -P 0x7e 0 64k");
+        let disk = std::fs::read(c.p("secondary.raw")).unwrap();
+        assert!(disk[..65536].iter().all(|&b| b == 0x7e));
+        return;
+    }
+    panic!("in 3 attempts the merge always finished before the kill");
 }

@@ -57,6 +57,14 @@ pub enum ReplicationError {
         /// The cluster size asked for.
         cluster_size: u64,
     },
+    /// A failover merge recorded by a process that died cannot be resumed.
+    #[error("the failover merge recorded in {} cannot be resumed: {why}", dir.display())]
+    CannotResume {
+        /// The directory of the record (the disk's state directory).
+        dir: std::path::PathBuf,
+        /// Why not.
+        why: String,
+    },
     /// The internal overlay store could not be created.
     #[error("cannot create the overlay store")]
     Store(#[source] BlockError),

@@ -535,10 +535,13 @@ pub fn render_status(st: &Status) -> String {
             let mut rows = vec![header(&["ACTIVE", "HIDDEN", "CBW COPIES", "FAILOVER"])];
             rows.extend(s.disks.iter().map(|d| {
                 let f = &d.failover;
-                let progress = match f.total_bytes {
+                let mut progress = match f.total_bytes {
                     0 => "-".into(),
                     t => format!("{}%", f.done_bytes * 100 / t),
                 };
+                if f.resumed && d.stage == "failover" {
+                    progress.push_str(" (resuming after a restart)");
+                }
                 row(
                     &d.name,
                     &d.stage,

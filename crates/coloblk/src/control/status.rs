@@ -159,6 +159,8 @@ pub struct Failover {
     pub done_bytes: u64,
     /// Bytes to merge in all.
     pub total_bytes: u64,
+    /// The merge was begun by a daemon that died, and this one resumed it.
+    pub resumed: bool,
 }
 
 /// A secondary's last checkpoint.

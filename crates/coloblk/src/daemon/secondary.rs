@@ -126,6 +126,31 @@ impl Disk {
     }
 }
 
+/// Records the disk whole once its merge is done (its stage says so, and not before), then
+/// removes the merge record, which a restart reads only while the disk is marked merging.
+fn record_when_merged(d: &Disk) {
+    let (node, state, name) = (d.node.clone(), d.state.clone(), d.name.clone());
+    tokio::spawn(async move {
+        loop {
+            match node.stage() {
+                Stage::Done => break,
+                Stage::Failover => {}
+                // Failed: still half-merged (a retry may finish it).
+                _ => return,
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        let mut st = state.lock();
+        if let Err(e) = st.update(|s| s.merging = false) {
+            tracing::error!(disk = %name, "the merge is done but cannot be recorded: {e}");
+            return;
+        }
+        if let Err(e) = SecondaryNode::discard_merge_record(st.path()) {
+            tracing::warn!(disk = %name, "the merge is done; its record stays: {e}");
+        }
+    });
+}
+
 /// The secondary's disks as one replication group.
 pub struct SecondaryGroup {
     disks: Vec<Disk>,
@@ -360,24 +385,9 @@ impl Group for SecondaryGroup {
             self.failed_over.store(true, Ordering::SeqCst);
         }
         if will_merge {
-            // The merge runs on after this reply: a disk is recorded whole when its stage
-            // says the merge is done, and not before.
+            // The merge runs on after this reply.
             for d in &self.disks {
-                let (node, state, name) = (d.node.clone(), d.state.clone(), d.name.clone());
-                tokio::spawn(async move {
-                    loop {
-                        match node.stage() {
-                            Stage::Done => break,
-                            Stage::Failover => {}
-                            // Failed: still half-merged (a retry may finish it).
-                            _ => return,
-                        }
-                        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-                    }
-                    if let Err(e) = state.lock().update(|s| s.merging = false) {
-                        tracing::error!(disk = %name, "the merge is done but cannot be recorded: {e}");
-                    }
-                });
+                record_when_merged(d);
             }
         }
         Ok(StopReply::default())
@@ -400,6 +410,7 @@ impl Group for SecondaryGroup {
                     failover: Failover {
                         done_bytes: s.failover.done,
                         total_bytes: s.failover.total,
+                        resumed: s.resumed,
                     },
                     consistent: d.consistent.load(Ordering::SeqCst),
                     primary_connected: self.replica.clients(&d.name) > 0,
@@ -586,6 +597,7 @@ async fn open(args: &SecondaryArgs, pool: &IoPool) -> anyhow::Result<Plan> {
     let mut disks: Vec<Disk> = Vec::new();
     let mut group = ReplicationGroup::new();
     let mut managed = false;
+    let mut any_resumed = false;
     for spec in &args.disks {
         let node = build_node(spec, args, pool)?;
         let state = super::state::open(spec, args.state_dir.as_deref(), node.disk().len())?;
@@ -602,16 +614,41 @@ async fn open(args: &SecondaryArgs, pool: &IoPool) -> anyhow::Result<Plan> {
                     .with_context(|| format!("disk '{}': saving its state", spec.name))?;
             }
         }
-        if state.lock().state().merging {
-            anyhow::bail!(
-                "disk '{}': a failover merge into {} began and did not finish; its buffers are \
-                 gone, so the disk is half-merged and is not served. Copy the disk from the \
-                 primary, or remove {} to serve it as it is",
-                spec.name,
-                spec.path.display(),
-                state.lock().path().display()
-            );
-        }
+        let dir = state.lock().path().to_path_buf();
+        let mut resumed = false;
+        let node = if state.lock().state().merging {
+            // A merge cut short by the death of the process resumes from its record; without
+            // one (overlays that cannot outlive the process, or a host restart), the disk is
+            // half-merged and is not served.
+            let boot = replication::state::boot_id();
+            let half = |why: String| {
+                anyhow::anyhow!(
+                    "disk '{}': a failover merge into {} began and did not finish; {why}, so \
+                     the disk is half-merged and is not served. Copy the disk from the \
+                     primary, or remove {} to serve it as it is",
+                    spec.name,
+                    spec.path.display(),
+                    dir.display()
+                )
+            };
+            match SecondaryNode::resume(node.disk().clone(), pool.clone(), &dir, boot.as_deref()) {
+                Ok(Some(n)) => {
+                    resumed = true;
+                    n
+                }
+                Ok(None) => return Err(half("its buffers were not kept".into())),
+                Err(e) => return Err(half(e.to_string())),
+            }
+        } else {
+            // A record left after the merge's end was saved: nothing needs it.
+            if SecondaryNode::has_merge_record(&dir) {
+                SecondaryNode::discard_merge_record(&dir).with_context(|| {
+                    format!("disk '{}': removing a finished merge's record", spec.name)
+                })?;
+            }
+            node
+        };
+        node.keep_merge_record_in(dir);
         if state.lock().state().view.synced_at.is_some() {
             // A coloblk primary made this disk a copy before the restart: until it syncs
             // again, the disk is no usable copy (the buffer of the epoch is gone).
@@ -620,14 +657,20 @@ async fn open(args: &SecondaryArgs, pool: &IoPool) -> anyhow::Result<Plan> {
         }
         group.add(spec.name.clone(), Arc::new(node.clone()));
         info!(disk = %spec.name, path = %spec.path.display(), len = node.disk().len(), "disk ready");
-        disks.push(Disk {
+        any_resumed |= resumed;
+        let disk = Disk {
             name: spec.name.clone(),
             node,
             past_copies: 0.into(),
             stopped: false.into(),
             consistent: false.into(),
             state,
-        });
+        };
+        if resumed {
+            disk.stopped.store(true, Ordering::Relaxed);
+            record_when_merged(&disk);
+        }
+        disks.push(disk);
     }
     let replica_exports = ExportSet::new();
     let top_exports = ExportSet::new();
@@ -644,7 +687,8 @@ async fn open(args: &SecondaryArgs, pool: &IoPool) -> anyhow::Result<Plan> {
         top_exports.add(Export::new(d.name.clone(), switch.clone()));
         switches.push((d.name.clone(), switch, top));
     }
-    let failed_over = Arc::new(AtomicBool::new(false));
+    // A resumed merge is a failover under way: the old primary stays fenced.
+    let failed_over = Arc::new(AtomicBool::new(any_resumed));
     // One payload budget for both servers: the daemon's memory is bounded as a whole.
     let config = ServerConfig::default();
     let replica_server = Server::new(replica_exports, config.clone());

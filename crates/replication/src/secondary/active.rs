@@ -123,6 +123,28 @@ impl Active {
         e.zero = e.zero.minus(data).union(zero);
     }
 
+    /// Every entry as the merge record stores it: cluster, slot (`u32::MAX`: none),
+    /// allocated and zero blocks.
+    pub fn entries(&self) -> Vec<(u64, u32, u128, u128)> {
+        self.map
+            .read()
+            .iter()
+            .map(|(&c, e)| (c, e.slot, e.alloc.bits(), e.zero.bits()))
+            .collect()
+    }
+
+    /// Puts back an entry of the merge record.
+    pub fn restore(&self, (c, slot, alloc, zero): (u64, u32, u128, u128)) {
+        self.map.write().insert(
+            c,
+            ActiveCluster {
+                alloc: Blocks::from_bits(alloc),
+                zero: Blocks::from_bits(zero),
+                slot,
+            },
+        );
+    }
+
     pub fn remove(&self, c: u64) {
         self.map.write().remove(&c);
     }

@@ -100,7 +100,7 @@ impl Node {
             (Stage::Failover | Stage::Done, _) => Ok(()),
             (Stage::None, _) | (Stage::FailoverFailed, false) => Err(ReplicationError::NotRunning),
             (Stage::Running | Stage::FailoverFailed, true) => {
-                failover::begin(self);
+                failover::begin(self).await;
                 Ok(())
             }
             (Stage::Running, false) => {

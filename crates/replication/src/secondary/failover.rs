@@ -7,10 +7,12 @@
 //! clusters in both overlays. Store slots are not reused until the node is done, so a reader
 //! that looked a cluster up just before it was forgotten still reads the right bytes.
 //!
-//! VM I/O during the merge (and after a failed merge, in FAILOVER_FAILED) follows QEMU's
-//! FAILOVER_FAILED routing: a write to a cluster held by an overlay goes to the active
-//! overlay (and is merged with it), any other write goes straight to the disk; reads see
-//! active, hidden, disk as always. A merged cluster is held by no overlay, so the merge never
+//! VM I/O during the merge (and after a failed merge, in FAILOVER_FAILED): reads see active,
+//! hidden, disk as always. Writes, when the node keeps a merge record (module `journal`):
+//! the clusters they touch that an overlay holds are merged first, then they go to the disk,
+//! once the record says those clusters are merged. Without a record, QEMU's FAILOVER_FAILED
+//! routing: a write to a cluster held by an overlay goes to the active overlay (and is merged
+//! with it), any other write goes straight to the disk. A merged cluster is held by no overlay, so the merge never
 //! has to revisit anything and always terminates. Reads are consistent throughout: a cluster's
 //! disk bytes change only when they already equal its view, or when the VM writes them.
 //!
@@ -27,6 +29,7 @@ use blockdev::{BlockError, ErrorKind, Op, Result, WriteFlags, ZeroFlags};
 use bytes::{Bytes, BytesMut};
 
 use super::hidden::Preserved;
+use super::journal::Journal;
 use super::piece::{Piece, coalesce, read_pieces_into, runs};
 use super::{Node, ReplicationEvent, Stage};
 
@@ -61,7 +64,7 @@ impl Progress {
         self.done.store(0, Ordering::Relaxed);
     }
 
-    fn add(&self, n: u64) {
+    pub fn add(&self, n: u64) {
         self.done.fetch_add(n, Ordering::Relaxed);
     }
 }
@@ -74,25 +77,48 @@ enum Cover {
     Zero,
 }
 
-/// Enters FAILOVER and spawns the merge. The caller holds the gate exclusive.
-pub(crate) fn begin(node: &Arc<Node>) {
+/// Enters FAILOVER and spawns the merge. The caller holds the gate exclusive, so the maps
+/// are frozen while the merge record (if the node keeps one) is written.
+pub(crate) async fn begin(node: &Arc<Node>) {
     node.status.lock().failed_over = true;
     let todo = node.dirty_clusters();
+    // A retry after FAILOVER_FAILED keeps the first attempt's record: its maps hold what is
+    // left, and its progress is still true.
+    let dir = node.journal_dir.lock().clone();
+    if node.journal().is_none()
+        && let Some(dir) = dir
+    {
+        match node.write_record(&dir).await {
+            Ok(Some(j)) => {
+                tokio::spawn(j.clone().recorder());
+                *node.journal.lock() = Some(j);
+            }
+            Ok(None) => tracing::warn!(
+                "the overlays cannot outlive the process: a crash during this merge leaves \
+                 a half-merged disk"
+            ),
+            Err(e) => tracing::warn!(
+                error = %e,
+                "no merge record: a crash during this merge leaves a half-merged disk"
+            ),
+        }
+    }
     let total = todo.iter().map(|&c| node.geo.cluster_len(c)).sum();
     node.progress.reset(total);
+    start(node, todo, total);
+}
+
+/// Goes to FAILOVER and spawns the merge of `todo`.
+pub(crate) fn start(node: &Arc<Node>, todo: Vec<u64>, bytes: u64) {
     node.set_stage(Stage::Failover);
-    tracing::info!(
-        bytes = total,
-        clusters = todo.len(),
-        "failover merge starting"
-    );
+    tracing::info!(bytes, clusters = todo.len(), "failover merge starting");
     tokio::spawn(run(node.clone(), todo));
 }
 
 async fn run(node: Arc<Node>, todo: Vec<u64>) {
     let started = Instant::now();
-    let buffers = Buffers::default();
-    let mut result = merge(&node, &todo, &buffers).await;
+    let buffers = &node.buffers;
+    let mut result = merge(&node, &todo, buffers).await;
     let merged = started.elapsed();
     if result.is_ok() {
         result = node.disk.flush().await;
@@ -100,19 +126,30 @@ async fn run(node: Arc<Node>, todo: Vec<u64>) {
     let flushed = started.elapsed() - merged;
     let _gate = node.gate.write().await;
     if result.is_ok() {
-        // Nothing can have been added (VM writes to merged clusters go to the disk), but if it
-        // had, it is merged here, with the VM held off.
+        // Nothing can have been added (VM writes merge what they touch first, then go to
+        // the disk), but if it had, it is merged here, with the VM held off.
         let left = node.dirty_clusters();
         if !left.is_empty() {
-            result = node.merge_batches(&left, &buffers).await;
+            result = node.merge_batches(&left, buffers).await;
             if result.is_ok() {
                 result = node.disk.flush().await;
             }
         }
     }
-    drop(buffers);
+    // Recorded whole before DONE: from then on VM writes no longer wait for the record, and a
+    // restart must not redo any cluster they may overwrite.
+    let journal = node.journal();
+    if result.is_ok()
+        && let Some(j) = &journal
+    {
+        result = j.finish().await;
+    }
+    buffers.clear();
     match result {
         Ok(()) => {
+            if let Some(j) = &journal {
+                j.remove_files();
+            }
             if let Err(e) = node.empty_overlays(true).await {
                 tracing::warn!(error = %e, "failover done, but the overlays were not emptied");
             }
@@ -150,9 +187,14 @@ const WRITEBACK_EVERY: u64 = 32 << 20;
 /// Batch buffers, reused: a fresh 4 MiB allocation per batch costs page faults and zeroing,
 /// which on a merge of hundreds of MiB were as much CPU as the copying itself.
 #[derive(Default)]
-struct Buffers(parking_lot::Mutex<Vec<BytesMut>>);
+pub(crate) struct Buffers(parking_lot::Mutex<Vec<BytesMut>>);
 
 impl Buffers {
+    /// Gives the memory back once the merge is over.
+    fn clear(&self) {
+        self.0.lock().clear();
+    }
+
     /// A buffer of `len` bytes; its content is whatever the last batch left (every byte the
     /// batch writes is read into it first).
     fn take(&self, len: usize) -> BytesMut {
@@ -242,11 +284,53 @@ impl Node {
         Ok(())
     }
 
+    /// Merges `held` (ascending) now, for a VM write about to go to the disk there.
+    pub(crate) async fn merge_now(&self, held: &[u64]) -> Result<()> {
+        self.merge_batches(held, &self.buffers).await
+    }
+
+    /// Writes the merge record into `dir`: names the overlays' store files and saves the
+    /// frozen maps. `None` when a store cannot be named (its content dies with the process).
+    async fn write_record(&self, dir: &std::path::Path) -> Result<Option<Arc<Journal>>> {
+        let Some(active_file) = self.active.store.keep("merge-active")? else {
+            return Ok(None);
+        };
+        let Some(hidden_file) = self.hidden.store.keep("merge-hidden")? else {
+            let _ = std::fs::remove_file(&active_file);
+            return Ok(None);
+        };
+        let (hidden, active) = (self.hidden.entries(), self.active.entries());
+        let (dir, geo) = (dir.to_path_buf(), self.geo);
+        let boot = crate::state::boot_id();
+        let files = [active_file.clone(), hidden_file.clone()];
+        let r = tokio::task::spawn_blocking(move || {
+            Journal::create(&dir, geo, boot, active_file, hidden_file, &hidden, &active)
+        })
+        .await
+        .unwrap_or_else(|e| {
+            Err(BlockError::new(ErrorKind::Io(None), Op::Write, 0)
+                .context(format!("writing the merge record: {e}")))
+        });
+        if r.is_err() {
+            files.iter().for_each(|f| drop(std::fs::remove_file(f)));
+        }
+        r.map(|j| Some(Arc::new(j)))
+    }
+
     /// Merges consecutive clusters into the disk and forgets them; returns the bytes merged.
+    /// Clusters no overlay holds any more (a VM write merged them first) are left alone.
     async fn merge_run(&self, run: Range<u64>, buffers: &Buffers) -> Result<u64> {
         let g = self.geo;
         let clusters: Vec<u64> = run.clone().collect();
         let _guard = self.active.locks.exclusive(&clusters).await;
+        let held: Vec<u64> = clusters
+            .into_iter()
+            .filter(|&c| self.held_by_overlay(c))
+            .collect();
+        let (Some(&first), Some(&last)) = (held.first(), held.last()) else {
+            return Ok(0);
+        };
+        let run = first..last + 1;
         let base = g.start(run.start);
         let end = g.start(run.end - 1) + g.cluster_len(run.end - 1);
         let buf = buffers.take((end - base) as usize);
@@ -336,8 +420,13 @@ impl Node {
         }
         buffers.give(buf);
 
+        // Marked merged before it is forgotten: a VM write that then finds the cluster held
+        // by no overlay waits for a record that covers it.
+        if let Some(j) = self.journal() {
+            j.mark(&held);
+        }
         let mut merged = 0;
-        for c in run.clone() {
+        for &c in &held {
             self.active.remove(c);
             self.hidden.remove(c);
             self.progress.add(g.cluster_len(c));

@@ -120,11 +120,11 @@ pub(crate) struct Blocks([u64; 2]);
 impl Blocks {
     pub const EMPTY: Blocks = Blocks([0, 0]);
 
-    fn from_bits(b: u128) -> Self {
+    pub fn from_bits(b: u128) -> Self {
         Blocks([b as u64, (b >> 64) as u64])
     }
 
-    fn bits(self) -> u128 {
+    pub fn bits(self) -> u128 {
         u128::from(self.0[0]) | (u128::from(self.0[1]) << 64)
     }
 

@@ -72,6 +72,16 @@ impl Hidden {
         self.map.read().keys().copied().collect()
     }
 
+    /// Every entry as the merge record stores it (slot `u32::MAX`: zero).
+    pub fn entries(&self) -> Vec<(u64, u32)> {
+        self.map.read().iter().map(|(&c, &s)| (c, s)).collect()
+    }
+
+    /// Puts back an entry of the merge record.
+    pub fn restore(&self, c: u64, raw: u32) {
+        self.map.write().insert(c, raw);
+    }
+
     pub fn count(&self) -> usize {
         self.map.read().len()
     }

@@ -33,13 +33,14 @@ mod epoch;
 mod failover;
 mod geometry;
 mod hidden;
+mod journal;
 mod overlay;
 mod piece;
 mod replica;
 mod store;
 mod top;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use blockdev::{BlockDev, BlockError, ErrorKind, IoPool, Op};
@@ -59,6 +60,7 @@ use epoch::Epoch;
 use failover::Progress;
 use geometry::Geometry;
 use hidden::Hidden;
+use journal::Journal;
 
 /// Where the internal overlays keep their bytes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -111,6 +113,8 @@ pub struct NodeStatus {
     pub cluster_size: u64,
     /// Merge progress of the current or last failover.
     pub failover: FailoverProgress,
+    /// The merge was begun by a process that died, and this one resumed it.
+    pub resumed: bool,
 }
 
 /// Mutable state, changed under the gate's write side (except the sticky error, which the
@@ -136,9 +140,21 @@ pub(crate) struct Node {
     stage_tx: watch::Sender<Stage>,
     progress: Progress,
     events: broadcast::Sender<ReplicationEvent>,
+    /// Where a failover writes its merge record (the disk's state directory), if anywhere.
+    journal_dir: Mutex<Option<PathBuf>>,
+    /// The running (or last) merge's record.
+    journal: Mutex<Option<Arc<Journal>>>,
+    /// The merge was resumed from a record.
+    resumed: std::sync::atomic::AtomicBool,
+    /// The merge's batch buffers.
+    buffers: failover::Buffers,
 }
 
 impl Node {
+    fn journal(&self) -> Option<Arc<Journal>> {
+        self.journal.lock().clone()
+    }
+
     fn emit(&self, event: ReplicationEvent) {
         let _ = self.events.send(event);
     }
@@ -238,6 +254,10 @@ impl SecondaryNode {
                 stage_tx,
                 progress: Progress::default(),
                 events,
+                journal_dir: Mutex::new(None),
+                journal: Mutex::new(None),
+                resumed: false.into(),
+                buffers: failover::Buffers::default(),
             }),
         })
     }
@@ -306,6 +326,7 @@ impl SecondaryNode {
             hidden_clusters: self.node.hidden.count(),
             cluster_size: self.node.geo.cluster,
             failover: self.failover_progress(),
+            resumed: self.node.resumed.load(std::sync::atomic::Ordering::Relaxed),
         }
     }
 
@@ -351,6 +372,116 @@ impl SecondaryNode {
     /// Without, discards the overlays and goes to DONE.
     pub async fn stop(&self, failover: bool) -> Result<(), ReplicationError> {
         self.node.stop(failover).await
+    }
+
+    /// Makes a failover write its merge record into `dir` (the disk's state directory), so
+    /// that a merge cut short by a crash of the process can be [resumed](Self::resume). Only
+    /// overlays that can outlive the process (buffer-directory files) are recorded; with
+    /// others a crash during the merge leaves a half-merged disk.
+    pub fn keep_merge_record_in(&self, dir: PathBuf) {
+        *self.node.journal_dir.lock() = Some(dir);
+    }
+
+    /// Whether `dir` holds a merge record.
+    pub fn has_merge_record(dir: &Path) -> bool {
+        dir.join("merge").exists()
+    }
+
+    /// Resumes the failover merge recorded in `dir` by a process that died: the node comes
+    /// back in FAILOVER with the frozen maps of the clusters not recorded merged, merges them
+    /// again (the same bytes: no VM write touched them since), records the end and goes to
+    /// DONE. `Ok(None)` when `dir` holds no record. Refused when the record was written
+    /// in another boot of the host (`this_boot` is [`crate::state::boot_id`]): the overlays'
+    /// bytes were never flushed and cannot be trusted. `pool` serves the store files. Must
+    /// run inside a tokio runtime.
+    pub fn resume(
+        disk: Arc<dyn BlockDev>,
+        pool: IoPool,
+        dir: &Path,
+        this_boot: Option<&str>,
+    ) -> Result<Option<Self>, ReplicationError> {
+        let fail = |why: String| ReplicationError::CannotResume {
+            dir: dir.to_path_buf(),
+            why,
+        };
+        let Some(rec) = Journal::load(dir).map_err(fail)? else {
+            return Ok(None);
+        };
+        if rec.boot.is_none() || rec.boot.as_deref() != this_boot {
+            return Err(fail(format!(
+                "it was written in another boot of this host ({}, now {}): the overlays' \
+                 buffers did not survive the restart (or were never flushed) and cannot be \
+                 trusted",
+                rec.boot.as_deref().unwrap_or("unknown"),
+                this_boot.unwrap_or("unknown")
+            )));
+        }
+        if rec.len != disk.len() {
+            return Err(fail(format!(
+                "it is for a {}-byte disk, this one has {} bytes",
+                rec.len,
+                disk.len()
+            )));
+        }
+        let left = rec.journal.unrecorded();
+        let (active, hidden): (Arc<dyn Overlay>, Arc<dyn Overlay>) = if left.is_empty() {
+            // Everything is merged: the store files are not needed (and may be gone).
+            (
+                Arc::new(MemoryStore::new(rec.len)),
+                Arc::new(MemoryStore::new(rec.len)),
+            )
+        } else {
+            let open = |p: &Path| {
+                FileStore::open_kept(p, rec.len, pool.clone()).map_err(|e| fail(e.to_string()))
+            };
+            (
+                Arc::new(open(&rec.active_file)?),
+                Arc::new(open(&rec.hidden_file)?),
+            )
+        };
+        let me = Self::with_overlays(disk, rec.cluster, active, hidden)?;
+        let node = &me.node;
+        let keep = |c: u64| left.binary_search(&c).is_ok();
+        for &(c, raw) in rec.hidden.iter().filter(|e| keep(e.0)) {
+            node.hidden.restore(c, raw);
+        }
+        for &e in rec.active.iter().filter(|e| keep(e.0)) {
+            node.active.restore(e);
+        }
+        *node.journal_dir.lock() = Some(dir.to_path_buf());
+        tokio::spawn(rec.journal.clone().recorder());
+        *node.journal.lock() = Some(rec.journal);
+        node.status.lock().failed_over = true;
+        node.resumed
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        let g = node.geo;
+        let all: u64 = rec
+            .hidden
+            .iter()
+            .map(|e| e.0)
+            .chain(rec.active.iter().filter(|e| e.2 != 0).map(|e| e.0))
+            .collect::<std::collections::BTreeSet<u64>>()
+            .into_iter()
+            .map(|c| g.cluster_len(c))
+            .sum();
+        let todo = node.dirty_clusters();
+        let bytes: u64 = todo.iter().map(|&c| g.cluster_len(c)).sum();
+        node.progress.reset(all);
+        node.progress.add(all - bytes);
+        tracing::warn!(
+            dir = %dir.display(),
+            bytes_left = bytes,
+            "resuming a failover merge cut short by the death of the process"
+        );
+        failover::start(node, todo, bytes);
+        Ok(Some(me))
+    }
+
+    /// Removes the merge record in `dir` and the store files it names: once the merge's end
+    /// is recorded where the caller looks first (the disk's state), or when the record is
+    /// stale.
+    pub fn discard_merge_record(dir: &Path) -> std::io::Result<()> {
+        Journal::discard(dir)
     }
 
     /// Waits until no failover merge is running; `Err(IoError)` if the node is in

@@ -69,6 +69,15 @@ pub trait Overlay: Send + Sync + 'static {
 
     /// Makes written bytes durable, where that means anything.
     async fn flush(&self) -> Result<()>;
+
+    /// Gives the store's content a name that outlives the process (`what` goes into it), so
+    /// that a failover merge cut short by a crash can be resumed from it; `None` when the
+    /// store cannot (its content dies with the process, or lives where the node cannot
+    /// reopen it). Called with no I/O in flight.
+    fn keep(&self, what: &str) -> Result<Option<std::path::PathBuf>> {
+        let _ = what;
+        Ok(None)
+    }
 }
 
 /// An overlay kept in a block device named by the user (a qcow2 image, a raw file, ...).

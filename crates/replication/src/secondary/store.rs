@@ -160,19 +160,29 @@ pub struct FileStore {
     pool: IoPool,
 }
 
-/// Creates an unlinked file in `dir`.
-fn unlinked_file(dir: &Path) -> Result<File> {
+/// A fresh name for a store file in `dir` (unique per process, time and call).
+fn store_name(dir: &Path, what: &str) -> PathBuf {
     static SEQ: AtomicU64 = AtomicU64::new(0);
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos())
         .unwrap_or(0);
-    let name = format!(
-        "coloblk-overlay-{}-{nanos}-{}.buf",
+    dir.join(format!(
+        "coloblk-{what}-{}-{nanos}-{}.buf",
         std::process::id(),
         SEQ.fetch_add(1, Ordering::Relaxed)
-    );
-    let path = dir.join(name);
+    ))
+}
+
+/// Creates an unlinked file in `dir`: an `O_TMPFILE` one where the file system has them (it
+/// can be given a name later, see [`FileStore::keep`]), else a named one unlinked at once.
+fn unlinked_file(dir: &Path) -> Result<File> {
+    use rustix::fs::{Mode, OFlags};
+    let flags = OFlags::RDWR | OFlags::TMPFILE | OFlags::CLOEXEC;
+    if let Ok(fd) = rustix::fs::open(dir, flags, Mode::RUSR | Mode::WUSR) {
+        return Ok(File::from(fd));
+    }
+    let path = store_name(dir, "overlay");
     let file = OpenOptions::new()
         .read(true)
         .write(true)
@@ -199,6 +209,28 @@ impl FileStore {
             file: RwLock::new(Arc::new(file)),
             written: AtomicBool::new(false),
             dir: dir.to_path_buf(),
+            pool,
+        })
+    }
+
+    /// Reopens a store file that [`keep`](Overlay::keep) named, for a merge resumed after the
+    /// process died. The file keeps its name until the caller removes it.
+    pub fn open_kept(path: &Path, len: u64, pool: IoPool) -> Result<Self> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(|e| {
+                BlockError::from_io(e, Op::Open, 0)
+                    .context(format!("cannot open kept overlay store {}", path.display()))
+            })?;
+        let dir = path.parent().unwrap_or(Path::new(".")).to_path_buf();
+        Ok(FileStore {
+            len,
+            slots: SlotCounter::default(),
+            file: RwLock::new(Arc::new(file)),
+            written: AtomicBool::new(true),
+            dir,
             pool,
         })
     }
@@ -306,8 +338,31 @@ impl Overlay for FileStore {
         Ok(())
     }
 
+    /// Names the current (`O_TMPFILE`) file in the buffer directory: one `linkat` through
+    /// `/proc/self/fd`, no copy and no flush. A file made the old way (named, then unlinked)
+    /// cannot be named again: that is an error, and the merge then cannot be resumed.
+    fn keep(&self, what: &str) -> Result<Option<PathBuf>> {
+        use std::os::fd::AsRawFd;
+        let file = self.current();
+        let path = store_name(&self.dir, what);
+        let fd = format!("/proc/self/fd/{}", file.as_raw_fd());
+        rustix::fs::linkat(
+            rustix::fs::CWD,
+            fd.as_str(),
+            rustix::fs::CWD,
+            &path,
+            rustix::fs::AtFlags::SYMLINK_FOLLOW,
+        )
+        .map_err(|e| {
+            BlockError::from_io(e.into(), Op::Create, 0)
+                .context(format!("cannot name the overlay store {}", path.display()))
+        })?;
+        Ok(Some(path))
+    }
+
     /// Nothing to do: the overlay is thrown away at every checkpoint and useless after a crash
-    /// of this host, so paying for fdatasync would buy nothing.
+    /// of this host, so paying for fdatasync would buy nothing (a failover merge resumed
+    /// after a crash of the process finds its bytes in the page cache).
     async fn flush(&self) -> Result<()> {
         Ok(())
     }

@@ -4,7 +4,7 @@
 //! |--------------------------|------------------------------|------------------------------------|
 //! | NONE                     | EIO                          | EIO                                |
 //! | RUNNING                  | active -> hidden -> disk     | active overlay                     |
-//! | FAILOVER, FAILOVER_FAILED| active -> hidden -> disk     | active if the cluster is held by an overlay, else the disk (QEMU's FAILOVER_FAILED routing) |
+//! | FAILOVER, FAILOVER_FAILED| active -> hidden -> disk     | with a merge record: the disk, once the clusters an overlay holds are merged and recorded; without: active if the cluster is held by an overlay, else the disk (QEMU's FAILOVER_FAILED routing) |
 //! | DONE                     | disk                         | disk                               |
 //!
 //! In the active overlay, whole blocks are written as they come; a block the request covers
@@ -355,12 +355,20 @@ impl Node {
     }
 
     /// Whether cluster `c` is held by an overlay (QEMU: allocated above the base).
-    fn held_by_overlay(&self, c: u64) -> bool {
+    pub(crate) fn held_by_overlay(&self, c: u64) -> bool {
         self.active.is_allocated(c) || self.hidden.contains(c)
     }
 
-    /// A VM write during or after a failed failover: clusters held by an overlay go to the
-    /// active overlay, others straight to the disk.
+    /// A VM write during or after a failed failover.
+    ///
+    /// With a merge record: the clusters an overlay still holds are merged first, then the
+    /// write goes to the disk. Nothing new goes into the overlays, so the record's frozen maps
+    /// stay true, and a write to a cluster merged in this merge waits until the record says
+    /// so (a resumed merge then never redoes that cluster over it).
+    ///
+    /// Without (overlays that die with the process): QEMU's FAILOVER_FAILED routing, clusters
+    /// held by an overlay go to the active overlay, others straight to the disk (so a VM
+    /// write there succeeds even while the disk fails).
     pub(crate) async fn write_routed(
         &self,
         offset: u64,
@@ -371,7 +379,30 @@ impl Node {
         if len == 0 {
             return Ok(());
         }
+        let Some(journal) = self.journal() else {
+            return self.write_routed_qemu(offset, content, flags).await;
+        };
+        let clusters = self.geo.clusters(offset, len);
+        let held: Vec<u64> = clusters
+            .clone()
+            .filter(|&c| self.held_by_overlay(c))
+            .collect();
+        if !held.is_empty() {
+            self.merge_now(&held).await?;
+        }
+        journal.wait_recorded(clusters).await?;
+        self.write_disk(offset, content, flags).await
+    }
+
+    /// QEMU's routing (see [`write_routed`](Self::write_routed)).
+    async fn write_routed_qemu(
+        &self,
+        offset: u64,
+        content: Content,
+        flags: WriteFlags,
+    ) -> Result<()> {
         let g = self.geo;
+        let len = content.len();
         let _guard = self.active.locks.lock(self.write_locks(offset, len)).await;
         let end = offset + len;
         let last = g.cluster_of(end - 1);

@@ -22,6 +22,18 @@ const MAGIC: &str = "coloblk-state";
 
 /// Writes `body` to `dir/name` so that a crash leaves either the old file or the new one.
 pub fn write_atomic(dir: &Path, name: &str, body: &[u8]) -> Result<(), StateError> {
+    write_replacing(dir, name, body, true)
+}
+
+/// The same against a crash of the process only: no fsync, so after a crash of the host the
+/// file may be the old one, the new one, absent, or damaged (its digest then refuses it). For
+/// files whose content a host crash makes worthless anyway (the merge record: the overlays it
+/// describes were never flushed), where an fsync would only cost time.
+pub fn write_atomic_unsynced(dir: &Path, name: &str, body: &[u8]) -> Result<(), StateError> {
+    write_replacing(dir, name, body, false)
+}
+
+fn write_replacing(dir: &Path, name: &str, body: &[u8], sync: bool) -> Result<(), StateError> {
     let path = dir.join(name);
     let tmp = dir.join(format!("{name}.tmp"));
     let io = |e: io::Error, what: &str| StateError::io(&path, what, e);
@@ -30,9 +42,14 @@ pub fn write_atomic(dir: &Path, name: &str, body: &[u8]) -> Result<(), StateErro
     f.write_all(head.as_bytes())
         .and_then(|()| f.write_all(body))
         .map_err(|e| io(e, "writing"))?;
-    f.sync_all().map_err(|e| io(e, "syncing"))?;
+    if sync {
+        f.sync_all().map_err(|e| io(e, "syncing"))?;
+    }
     drop(f);
     fs::rename(&tmp, &path).map_err(|e| io(e, "renaming into place"))?;
+    if !sync {
+        return Ok(());
+    }
     sync_dir(dir).map_err(|e| io(e, "syncing the directory of"))
 }
 
@@ -99,6 +116,11 @@ mod tests {
             Some(&b"{\"a\":1}"[..])
         );
         assert!(!d.path().join("s.tmp").exists());
+        write_atomic_unsynced(d.path(), "u", b"unsynced").unwrap();
+        assert_eq!(
+            read_checked(d.path(), "u").unwrap().as_deref(),
+            Some(&b"unsynced"[..])
+        );
         let whole = fs::read(d.path().join("s")).unwrap();
         // Cut short, one byte changed, another version, not ours at all.
         let cut = whole[..whole.len() - 1].to_vec();

@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-pub use file::{FORMAT_VERSION, read_checked, write_atomic};
+pub use file::{FORMAT_VERSION, read_checked, sync_dir, write_atomic, write_atomic_unsynced};
 pub use generation::{Gen, GenView, Outcome, PROTOCOL, decide};
 pub use log::{EXTENT, ExtentLog, Recorded};
 
