@@ -94,10 +94,11 @@ for round in $(seq "$ROUNDS"); do
             ours-* | qemu-*) read -r iops bw _ < <(/usr/bin/python3 bench/nbd-write.py "${URI[$cell]}" "$rw" "$bs" "$qd" "$SECS") ;;
             *) read -r iops bw _ < <(fio_run "${URI[$cell]}" "$rw" "$bs" "$qd") ;;
             esac
+            # An async primary may still hold a queue of forwards: drain it before reading the
+            # CPU, so that forwarding what fio wrote is counted whether or not it had left yet.
+            case $cell in async-*) "$BIN" ctl --control "unix:$W/$cell-p.qmp" checkpoint >/dev/null ;; esac
             s1=$(cpu_secs "$srv") c1=$([ -n "$sec" ] && cpu_secs "$sec" || echo 0)
             echo "$name|$cell|$iops|$bw|$(awk "BEGIN{print $s1 - $s0}")|$(awk "BEGIN{print $c1 - $c0}")" >>"$RESULTS"
-            # An async primary may still hold a queue of forwards: drain it now.
-            case $cell in async-*) "$BIN" ctl --control "unix:$W/$cell-p.qmp" checkpoint >/dev/null ;; esac
         done
     done
     echo "round $round of $ROUNDS done" >&2

@@ -181,14 +181,11 @@ async fn our_client_over_unix_checks_the_chain_and_the_servers_name_in_the_authz
     assert_eq!(contents(&dev).await, expected_after_write(12));
 }
 
-/// A whole disk of pipelined writes over TLS lands exactly. (Under load TLS holds records the
-/// socket would not take; the client's writer flushes every batch, which
-/// `client::writer::tests` checks deterministically.)
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pipelined_writes_over_tls_all_complete() {
-    let pki = Pki::new();
-    let sock = pki.path("p.sock");
-    let (dev, addr, _server) = our_server(
+/// Our server requiring TLS on a unix socket and our client connected to it, with a 5 s
+/// request timeout so that a frame held back anywhere shows as a failed request.
+async fn tls_over_unix(pki: &Pki) -> (Arc<MemoryDev>, Arc<NbdClient>, Arc<Server>) {
+    let sock = pki.path("tls.sock");
+    let (dev, addr, server) = our_server(
         &format!("unix:{}", sock.display()),
         TlsPolicy::Required(pki.server_tls(&[])),
         ServerConfig::default(),
@@ -198,11 +195,19 @@ async fn pipelined_writes_over_tls_all_complete() {
         request_timeout: Some(Duration::from_secs(5)),
         ..client_config(&pki.creds, &[])
     };
-    let c = Arc::new(
-        NbdClient::connect_uri(&uri("nbds", &addr, "disk"), config)
-            .await
-            .unwrap(),
-    );
+    let c = NbdClient::connect_uri(&uri("nbds", &addr, "disk"), config)
+        .await
+        .unwrap();
+    (dev, Arc::new(c), server)
+}
+
+/// A whole disk of pipelined writes over TLS lands exactly. (Under load TLS holds records the
+/// socket would not take; the client's writer flushes every batch, which
+/// `client::writer::tests` checks deterministically.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_writes_over_tls_all_complete() {
+    let pki = Pki::new();
+    let (dev, c, _server) = tls_over_unix(&pki).await;
     let data = testutil::pattern(51, DISK as usize);
 
     let writes = (0..DISK / 4096).map(|i| {
@@ -220,6 +225,118 @@ async fn pipelined_writes_over_tls_all_complete() {
         results.iter().find(|r| r.is_err())
     );
     assert_eq!(contents(&dev).await, data.to_vec());
+}
+
+/// A burst of writes of every size, from 1 byte to several TLS records, followed by a flush and
+/// one read of the whole disk (a 1 MiB reply, 64 records): every frame must arrive (a frame held back in a buffer shows as a
+/// request timing out) and the bytes must be exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_small_and_large_writes_then_a_flush_all_arrive_over_tls() {
+    let pki = Pki::new();
+    let (dev, c, _server) = tls_over_unix(&pki).await;
+    let data = testutil::pattern(61, DISK as usize);
+    // Small writes over the first half, sizes cycling through odd ones; two 256 KiB writes
+    // (16 records each) over the second half.
+    let mut pieces = Vec::new();
+    let mut at = 0;
+    for size in [1, 27, 511, 4096, 5000, 16384, 16411, 9000].iter().cycle() {
+        let end = (at + size).min(DISK as usize / 2);
+        pieces.push(at..end);
+        at = end;
+        if at == DISK as usize / 2 {
+            break;
+        }
+    }
+    pieces.push(at..at + (256 << 10));
+    pieces.push(at + (256 << 10)..DISK as usize);
+    let requests = pieces
+        .iter()
+        .map(|r| {
+            let (c, chunk, offset) = (c.clone(), data.slice(r.clone()), r.start as u64);
+            tokio::spawn(async move { c.write(offset, chunk, WriteFlags::default()).await })
+        })
+        .collect::<Vec<_>>();
+    let flush = {
+        let c = c.clone();
+        tokio::spawn(async move { c.flush().await })
+    };
+
+    for (r, t) in pieces.iter().zip(requests) {
+        t.await
+            .unwrap()
+            .unwrap_or_else(|e| panic!("write of {r:?}: {e}"));
+    }
+    flush.await.unwrap().expect("the flush after the burst");
+    let back = c
+        .read(0, DISK as usize)
+        .await
+        .expect("one read of the whole disk");
+    assert_eq!(back, data, "read back over TLS");
+    assert_eq!(contents(&dev).await, data.to_vec());
+}
+
+/// The payload's encryption is most of what TLS costs the replica link, so every link uses TLS
+/// 1.3's AES-128-GCM: our client asks for it first, and our server picks it even from a client
+/// that lists AES-256 first (rustls's default order; QEMU's and nbdkit's gnutls may too).
+#[tokio::test]
+async fn tls_links_use_aes_128_gcm_whatever_the_client_lists_first() {
+    use rustls::CipherSuite::{TLS13_AES_128_GCM_SHA256, TLS13_AES_256_GCM_SHA384};
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+
+    let pki = Pki::new();
+    let server = pki.server_tls(&[]);
+    let serve = |stream: tokio::io::DuplexStream| {
+        let server = server.clone();
+        tokio::spawn(async move {
+            let (s, _) = server.accept(stream).await.expect("our server's handshake");
+            s.get_ref().1.negotiated_cipher_suite().unwrap().suite()
+        })
+    };
+
+    let ours = TlsClient::new(&TlsCreds::load(&pki.creds).unwrap(), Authz::default()).unwrap();
+    let (a, b) = tokio::io::duplex(1 << 16);
+    let accepted = serve(b);
+    let (s, _) = ours.connect(None, a).await.expect("our client's handshake");
+    let chosen = s.get_ref().1.negotiated_cipher_suite().unwrap().suite();
+    assert_eq!(
+        (chosen, accepted.await.unwrap()),
+        (TLS13_AES_128_GCM_SHA256, TLS13_AES_128_GCM_SHA256)
+    );
+
+    let provider = rustls::crypto::ring::default_provider();
+    assert_eq!(
+        provider.cipher_suites[0].suite(),
+        TLS13_AES_256_GCM_SHA384,
+        "the other client must list AES-256 first for this test to mean anything"
+    );
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_slice(pki.ca.cert_pem.as_bytes()).unwrap())
+        .unwrap();
+    let chain = CertificateDer::pem_file_iter(pki.creds.join("client-cert.pem"))
+        .unwrap()
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    let key = PrivateKeyDer::from_pem_file(pki.creds.join("client-key.pem")).unwrap();
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .unwrap();
+    let (a, b) = tokio::io::duplex(1 << 16);
+    let accepted = serve(b);
+    let name = ServerName::try_from("localhost").unwrap();
+    let s = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, a)
+        .await
+        .expect("an AES-256-first client's handshake");
+    let chosen = s.get_ref().1.negotiated_cipher_suite().unwrap().suite();
+    assert_eq!(
+        (chosen, accepted.await.unwrap()),
+        (TLS13_AES_128_GCM_SHA256, TLS13_AES_128_GCM_SHA256)
+    );
 }
 
 #[tokio::test]

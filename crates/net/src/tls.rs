@@ -274,8 +274,15 @@ impl Authz {
     }
 }
 
+/// The ring provider with TLS 1.3's AES-128-GCM first. Encrypting and decrypting the payload is
+/// the largest part of what TLS costs the replica link, and AES-128 takes 10 rounds where
+/// AES-256 takes 14; AES-128-GCM is TLS 1.3's mandatory suite, so every peer (gnutls in QEMU,
+/// qemu-nbd, nbdkit; OpenSSL) has it. Every other suite stays offered, in ring's order.
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    let mut p = rustls::crypto::ring::default_provider();
+    p.cipher_suites
+        .sort_by_key(|s| s.suite() != rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
+    Arc::new(p)
 }
 
 fn config_error(e: rustls::Error, what: &str) -> TlsError {
@@ -312,12 +319,14 @@ impl TlsServer {
             .map_err(|e| {
                 TlsError::new(TlsErrorKind::Credentials, "cannot verify clients").with_source(e)
             })?;
-        let config = rustls::ServerConfig::builder_with_provider(provider())
+        let mut config = rustls::ServerConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
             .map_err(|e| config_error(e, "TLS versions"))?
             .with_client_cert_verifier(verifier)
             .with_single_cert(id.chain, id.key)
             .map_err(|e| config_error(e, "server-cert.pem and server-key.pem do not match"))?;
+        // Our order, not the client's: a client may list AES-256 first (rustls's own default does).
+        config.ignore_client_order = true;
         Ok(TlsServer {
             acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(config)),
             authz,
