@@ -1,6 +1,6 @@
 //! NBD over TLS with mutual x509 authentication, against real peers: our client against
 //! qemu-nbd (`--tls-creds`, `--tls-authz`) and nbdkit (`--tls=require`), our server against
-//! qemu-io and nbdinfo, and both of ours together. Every refusal (a plain client, a wrong CA,
+//! qemu-io, qemu-img and nbdinfo, and both of ours together. Every refusal (a plain client, a wrong CA,
 //! an expired certificate, no client certificate, a name not in the authz list) must give a clear
 //! error and write nothing: the exports' bytes are compared exactly afterwards.
 //!
@@ -799,6 +799,67 @@ async fn qemu_io_without_a_client_certificate_is_refused() {
 
     assert!(!ok, "{out}");
     assert_eq!(bytes, original());
+}
+
+/// qemu-img, QEMU's other client, copies a whole image into our TLS-required server
+/// (`convert -n` to `--target-image-opts` with the credentials object); the export then holds
+/// exactly the image's bytes. Without a client certificate it is refused and nothing changes.
+#[tokio::test]
+async fn qemu_img_converts_an_image_into_our_tls_server() {
+    require(&["qemu-img"]);
+    let pki = Pki::new();
+    let src = pki.path("src.raw");
+    let data = testutil::pattern(41, DISK as usize);
+    std::fs::write(&src, &data).unwrap();
+    let (dev, addr, _server) = our_server(
+        "tcp:127.0.0.1:0",
+        TlsPolicy::Required(pki.server_tls(&[&dn("client")])),
+        ServerConfig::default(),
+    )
+    .await;
+    let SocketAddr::Tcp { host, port } = addr else {
+        unreachable!()
+    };
+    let convert = move |creds: PathBuf| {
+        let out = Command::new("qemu-img")
+            .args(["convert", "-n", "-f", "raw"])
+            .arg("--object")
+            .arg(format!(
+                "tls-creds-x509,id=tls0,dir={},endpoint=client",
+                creds.display()
+            ))
+            .arg(&src)
+            .arg("--target-image-opts")
+            .arg(format!(
+                "driver=nbd,server.type=inet,server.host={host},server.port={port},\
+                 export=disk,tls-creds=tls0"
+            ))
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+
+    let nocert = pki.client_dir("nocert", None);
+    let conv = convert.clone();
+    let (ok, err) = tokio::task::spawn_blocking(move || conv(nocert))
+        .await
+        .unwrap();
+    assert!(!ok, "qemu-img without a client certificate got in");
+    assert_eq!(
+        contents(&dev).await,
+        original(),
+        "refused, yet written: {err}"
+    );
+
+    let creds = pki.creds.clone();
+    let (ok, err) = tokio::task::spawn_blocking(move || convert(creds))
+        .await
+        .unwrap();
+    assert!(ok, "{err}");
+    assert_eq!(contents(&dev).await, data.to_vec());
 }
 
 #[tokio::test]
