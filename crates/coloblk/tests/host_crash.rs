@@ -168,6 +168,12 @@ fn blocks_written(image: &[u8], data: &[u8], blocks: std::ops::Range<usize>, who
 fn host_crash(mode: &str, how: Durable) {
     require("nbdfuse");
     require("nbdsh");
+    // A machine without FUSE (a container without /dev/fuse) cannot cut a disk this way: say
+    // so loudly rather than fail the suite over the machine.
+    if !Path::new("/dev/fuse").exists() {
+        eprintln!("host_crash: SKIPPED, no /dev/fuse on this machine");
+        return;
+    }
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let p_disk = Cuttable::new(d, "primary");
