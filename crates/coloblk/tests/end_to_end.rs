@@ -84,31 +84,6 @@ fn spawn_secondary(dir: &Path, extra: &[&str]) -> Proc {
     spawn_secondary_named(dir, "secondary.raw", "", extra)
 }
 
-/// A secondary over `disk` in `dir`, its sockets and buffer named with `tag` (`TAGreplica.sock`,
-/// `TAGtop.sock`, `TAGsecondary.qmp`, `TAGbuffer`), listening.
-fn spawn_secondary_named(dir: &Path, disk: &str, tag: &str, extra: &[&str]) -> Proc {
-    let mut s = Proc::spawn(
-        "coloblk secondary",
-        &mut secondary_command(dir, disk, tag, extra),
-    );
-    wait_socket(&dir.join(format!("{tag}secondary.qmp")), &mut s);
-    s
-}
-
-/// The command line of [`spawn_secondary_named`].
-fn secondary_command(dir: &Path, disk: &str, tag: &str, extra: &[&str]) -> Command {
-    let u = |n: &str| format!("unix:{}", dir.join(format!("{tag}{n}")).display());
-    let mut c = coloblk();
-    c.args(["secondary", "--disk"])
-        .arg(format!("vm0={}", dir.join(disk).display()))
-        .args(["--replica-listen", &u("replica.sock")])
-        .args(["--export-listen", &u("top.sock")])
-        .args(["--control", &u("secondary.qmp"), "--buffer-dir"])
-        .arg(dir.join(format!("{tag}buffer")))
-        .args(extra);
-    c
-}
-
 fn cluster(mode: &str) -> Cluster {
     cluster_with(mode, &["--start"])
 }

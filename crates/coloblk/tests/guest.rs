@@ -18,7 +18,10 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::qemu::{qemu_colo, repo_root};
-use common::{Proc, coloblk, qmp_execute, run, spawn_primary, stdout, wait_protected, wait_socket};
+use common::{
+    Proc, coloblk, qmp_execute, run, spawn_primary, spawn_secondary_named, stdout, wait_protected,
+    wait_socket,
+};
 
 const DISK_MIB: u64 = 64;
 
@@ -244,22 +247,13 @@ fn ext4_pair(d: &Path, export: &str) -> (Proc, Proc) {
     let u = |n: &str| format!("unix:{}", d.join(n).display());
     ext4_image(&d.join("secondary.raw"));
     std::fs::copy(d.join("secondary.raw"), d.join("primary.raw")).unwrap();
-    let mut secondary = Proc::spawn(
-        "coloblk secondary",
-        coloblk()
-            .args(["secondary", "--disk"])
-            .arg(format!("vm0={}", d.join("secondary.raw").display()))
-            .args(["--replica-listen", &u("replica.sock")])
-            .args(["--export-listen", &u("top.sock")])
-            .args([
-                "--export-listen",
-                &format!("vhost-user:{}", d.join("top.vhost").display()),
-            ])
-            .args(["--control", &u("secondary.qmp"), "--buffer-dir"])
-            .arg(d)
-            .arg("--start"),
+    let top_vhost = format!("vhost-user:{}", d.join("top.vhost").display());
+    let secondary = spawn_secondary_named(
+        d,
+        "secondary.raw",
+        "",
+        &["--export-listen", &top_vhost, "--start"],
     );
-    wait_socket(&d.join("secondary.qmp"), &mut secondary);
     let primary = spawn_primary(
         &d.join("primary.raw"),
         &d.join("replica.sock"),

@@ -180,37 +180,22 @@ fn host_crash(mode: &str, how: Durable) {
     let s_disk = Cuttable::new(d, "secondary");
     let unix = |n: &str| format!("unix:{}", d.join(n).display());
 
-    let mut secondary = Proc::spawn(
-        "coloblk secondary",
-        coloblk()
-            .args(["secondary", "--disk"])
-            .arg(format!("vm0={}", s_disk.disk().display()))
-            .args(["--replica-listen", &unix("replica.sock")])
-            .args(["--export-listen", &unix("top.sock")])
-            .args(["--control", &unix("secondary.qmp"), "--buffer-dir"])
-            .arg(d.join("buffer"))
-            .arg("--state-dir")
-            .arg(d.join("secondary-state"))
-            .arg("--start"),
+    let secondary_state = d.join("secondary-state").display().to_string();
+    let secondary = spawn_secondary_named(
+        d,
+        &s_disk.disk().display().to_string(),
+        "",
+        &["--state-dir", &secondary_state, "--start"],
     );
-    wait_socket(&d.join("secondary.qmp"), &mut secondary);
-    let mut primary = Proc::spawn(
-        "coloblk primary",
-        coloblk()
-            .args(["primary", "--disk"])
-            .arg(format!(
-                "vm0={},replica={}",
-                p_disk.disk().display(),
-                unix_uri("vm0", &d.join("replica.sock"))
-            ))
-            .args(["--export-listen", &unix("primary.sock")])
-            .args(["--control", &unix("primary.qmp")])
-            .args(["--peer-control", &unix("secondary.qmp")])
-            .arg("--state-dir")
-            .arg(d.join("primary-state"))
-            .args(["--mode", mode, "--start"]),
+    let primary_state = d.join("primary-state").display().to_string();
+    let primary = spawn_primary_with(
+        &p_disk.disk(),
+        &d.join("replica.sock"),
+        (&unix("primary.sock"), &d.join("primary.qmp")),
+        &d.join("secondary.qmp"),
+        mode,
+        &["--state-dir", &primary_state],
     );
-    wait_socket(&d.join("primary.qmp"), &mut primary);
     wait_protected(&unix("primary.qmp"));
 
     let data = data();

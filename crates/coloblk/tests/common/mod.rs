@@ -174,6 +174,18 @@ pub fn spawn_primary(
     peer: &Path,
     mode: &str,
 ) -> Proc {
+    spawn_primary_with(disk, replica, (export, control), peer, mode, &[])
+}
+
+/// [`spawn_primary`] with `extra` options on its command line.
+pub fn spawn_primary_with(
+    disk: &Path,
+    replica: &Path,
+    (export, control): (&str, &Path),
+    peer: &Path,
+    mode: &str,
+    extra: &[&str],
+) -> Proc {
     let unix = |p: &Path| format!("unix:{}", p.display());
     let mut p = Proc::spawn(
         "coloblk primary",
@@ -187,10 +199,36 @@ pub fn spawn_primary(
             .args(["--export-listen", export])
             .args(["--control", &unix(control)])
             .args(["--peer-control", &unix(peer)])
-            .args(["--mode", mode, "--start"]),
+            .args(["--mode", mode, "--start"])
+            .args(extra),
     );
     wait_socket(control, &mut p);
     p
+}
+
+/// A secondary over `disk` in `dir` (or at `disk`, an absolute path), its sockets and buffer named with `tag` (`TAGreplica.sock`,
+/// `TAGtop.sock`, `TAGsecondary.qmp`, `TAGbuffer`), listening.
+pub fn spawn_secondary_named(dir: &Path, disk: &str, tag: &str, extra: &[&str]) -> Proc {
+    let mut s = Proc::spawn(
+        "coloblk secondary",
+        &mut secondary_command(dir, disk, tag, extra),
+    );
+    wait_socket(&dir.join(format!("{tag}secondary.qmp")), &mut s);
+    s
+}
+
+/// The command line of [`spawn_secondary_named`].
+pub fn secondary_command(dir: &Path, disk: &str, tag: &str, extra: &[&str]) -> Command {
+    let u = |n: &str| format!("unix:{}", dir.join(format!("{tag}{n}")).display());
+    let mut c = coloblk();
+    c.args(["secondary", "--disk"])
+        .arg(format!("vm0={}", dir.join(disk).display()))
+        .args(["--replica-listen", &u("replica.sock")])
+        .args(["--export-listen", &u("top.sock")])
+        .args(["--control", &u("secondary.qmp"), "--buffer-dir"])
+        .arg(dir.join(format!("{tag}buffer")))
+        .args(extra);
+    c
 }
 
 /// Deterministic pseudo-random bytes (xorshift), so tests need no rand crate.
