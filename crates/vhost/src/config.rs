@@ -123,10 +123,11 @@ impl DeviceConfig {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn info(len: u64, read_only: bool) -> DevInfo {
+    /// A device of `len` bytes as the daemons' raw images describe themselves.
+    pub(crate) fn info(len: u64, read_only: bool) -> DevInfo {
         DevInfo {
             len,
             min_block: 512,

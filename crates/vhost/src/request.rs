@@ -367,23 +367,17 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use blockdev::DevInfo;
     use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;
     use vm_memory::GuestMemoryMmap;
 
     const W: u16 = VRING_DESC_F_WRITE as u16;
 
     fn cfg(read_only: bool) -> DeviceConfig {
-        let info = DevInfo {
-            len: 1 << 20,
-            min_block: 512,
-            preferred_block: 4096,
-            max_request: blockdev::MAX_REQUEST,
-            read_only,
-            can_discard: true,
-            fast_zero: true,
-        };
-        DeviceConfig::new("disk", &info, false)
+        DeviceConfig::new(
+            "disk",
+            &crate::config::tests::info(1 << 20, read_only),
+            false,
+        )
     }
 
     fn mem() -> GuestMemoryMmap {
