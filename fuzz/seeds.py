@@ -241,6 +241,28 @@ def nbd_tls_sessions():
     ]
 
 
+def tls_record_items():
+    """Items for tls_records: `mode, a, len(2), bytes`. Mode 0 seals inner type `a` with
+    (mode >> 2) zeroes of padding, 1 writes raw bytes, 2 seals application data."""
+    def item(mode, a, data):
+        return bytes([mode, a]) + struct.pack(">H", len(data)) + data
+    data = lambda n, seed: bytes((i * 7 + seed) % 256 for i in range(n))
+    return [
+        ("data_sizes", item(2, 0, b"") + item(2, 0, b"x") + item(2, 0, data(16384, 1)) + item(2, 0, data(300, 2))),
+        ("padded_data", item(0 | 8 << 2, 23, data(100, 3)) + item(2, 0, data(10, 4))),
+        ("close_notify", item(2, 0, b"abc") + item(0, 21, b"\x01\x00") + item(2, 0, b"after")),
+        ("fatal_alert", item(0, 21, b"\x02\x28") + item(2, 0, b"x")),
+        ("user_canceled", item(0, 21, b"\x01\x5a") + item(2, 0, b"still here")),
+        ("key_update_requested", item(2, 0, b"a") + item(0, 22, b"\x18\x00\x00\x01\x01") + item(2, 0, b"b")),
+        ("key_update_split", item(0, 22, b"\x18\x00") + item(0, 22, b"\x00\x01\x00")),
+        ("ticket", item(0, 22, b"\x04\x00\x00\x0d" + bytes(4) + bytes(4) + b"\x00" + b"\x00\x01\x00" + b"\x00\x00")),
+        ("unknown_inner_type", item(0, 99, b"zzz")),
+        ("raw_plain_header", item(2, 0, b"ok") + item(1, 0, b"\x17\x03\x03\x00\x05hello")),
+        ("raw_overflow", item(1, 0, b"\x17\x03\x03\x48\x01")),
+        ("raw_handshake_type", item(1, 0, b"\x16\x03\x03\x00\x01\x00")),
+    ]
+
+
 def nbd_parser_inputs():
     yield "request_header", request(CMD_READ, 4096, 512, CMD_FLAG_DF, cookie=0x0123456789ABCDEF)
     yield "request_header_write", request(CMD_WRITE, 0, 16, CMD_FLAG_FUA, payload=pattern(16, 6))
@@ -576,6 +598,8 @@ def main():
         write("nbd_server_tls", name, data)
     for name, data in nbd_parser_inputs():
         write("nbd_parsers", name, data)
+    for name, data in tls_record_items():
+        write("tls_records", name, data)
     for name, data in nbd_client_inputs():
         write("nbd_client_replies", name, data)
     for i, uri in enumerate(URIS):

@@ -25,4 +25,4 @@ pub use accept::{Acceptor, Connection};
 pub use addr::{AddrError, SocketAddr, Stream};
 pub use limits::raise_fd_limit;
 pub use listener::{Listener, Peer};
-pub use tls::{Authz, TlsClient, TlsCreds, TlsError, TlsErrorKind, TlsServer};
+pub use tls::{Authz, TlsClient, TlsCreds, TlsError, TlsErrorKind, TlsServer, TlsStream};

@@ -54,7 +54,7 @@ impl TlsPolicy {
 /// The stream a negotiated connection goes on with.
 pub(super) enum Transport<S> {
     Plain(S),
-    Tls(Box<net::tls::server::TlsStream<S>>),
+    Tls(Box<net::tls::TlsStream<S>>),
 }
 
 /// A connection past the handshake.

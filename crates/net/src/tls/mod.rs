@@ -32,7 +32,10 @@ use rustls::server::WebPkiClientVerifier;
 use rustls::{CertificateError, DigitallySignedStruct, RootCertStore, SignatureScheme};
 use tokio::io::{AsyncRead, AsyncWrite};
 
-pub use tokio_rustls::{client, server};
+mod handshake;
+mod record;
+
+pub use record::TlsStream;
 
 /// The CA certificate(s) both ends are checked against.
 pub const CA_CERT: &str = "ca-cert.pem";
@@ -306,7 +309,7 @@ fn peer_dn(certs: Option<&[CertificateDer<'static>]>) -> Result<String, TlsError
 /// The server end: accepts TLS, requires a client certificate signed by the CA and checks its
 /// name against the authz list.
 pub struct TlsServer {
-    acceptor: tokio_rustls::TlsAcceptor,
+    config: Arc<rustls::ServerConfig>,
     authz: Authz,
 }
 
@@ -320,22 +323,26 @@ impl TlsServer {
                 TlsError::new(TlsErrorKind::Credentials, "cannot verify clients").with_source(e)
             })?;
         let mut config = rustls::ServerConfig::builder_with_provider(provider())
-            .with_safe_default_protocol_versions()
+            .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|e| config_error(e, "TLS versions"))?
             .with_client_cert_verifier(verifier)
             .with_single_cert(id.chain, id.key)
             .map_err(|e| config_error(e, "server-cert.pem and server-key.pem do not match"))?;
         // Our order, not the client's: a client may list AES-256 first (rustls's own default does).
         config.ignore_client_order = true;
+        // Our record layer takes the keys from rustls after the handshake.
+        config.enable_secret_extraction = true;
+        // No resumption: every connection shows its certificate, and no ticket key to keep.
+        config.send_tls13_tickets = 0;
         Ok(TlsServer {
-            acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(config)),
+            config: Arc::new(config),
             authz,
         })
     }
 
     /// Runs the server side of the handshake on `stream` and checks the client against the
     /// authz list; returns the TLS stream and the client's distinguished name.
-    pub async fn accept<S>(&self, stream: S) -> Result<(server::TlsStream<S>, String), TlsError>
+    pub async fn accept<S>(&self, stream: S) -> Result<(TlsStream<S>, String), TlsError>
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
@@ -346,18 +353,23 @@ impl TlsServer {
 
     /// Runs the server side of the handshake only (the caller then calls
     /// [`TlsServer::authorise`], so that it can tell the client why it is refused).
-    pub async fn handshake<S>(&self, stream: S) -> Result<(server::TlsStream<S>, String), TlsError>
+    pub async fn handshake<S>(&self, stream: S) -> Result<(TlsStream<S>, String), TlsError>
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
-        let tls = self.acceptor.accept(stream).await.map_err(|e| {
+        let failed = |e: Box<dyn StdError + Send + Sync>| {
             TlsError::new(
                 TlsErrorKind::Handshake,
                 "TLS handshake with the client failed",
             )
             .with_source(e)
-        })?;
-        let dn = peer_dn(tls.get_ref().1.peer_certificates())?;
+        };
+        let conn = rustls::server::UnbufferedServerConnection::new(self.config.clone())
+            .map_err(|e| failed(e.into()))?;
+        let (tls, certs) = handshake::run(conn, stream)
+            .await
+            .map_err(|e| failed(e.into()))?;
+        let dn = peer_dn(Some(&certs))?;
         Ok((tls, dn))
     }
 
@@ -370,8 +382,8 @@ impl TlsServer {
 /// The client end: presents `client-cert.pem`, checks the server's chain, its name when there
 /// is a host to check, and its distinguished name against the authz list.
 pub struct TlsClient {
-    named: tokio_rustls::TlsConnector,
-    unnamed: tokio_rustls::TlsConnector,
+    named: Arc<rustls::ClientConfig>,
+    unnamed: Arc<rustls::ClientConfig>,
     authz: Authz,
 }
 
@@ -386,8 +398,8 @@ impl TlsClient {
         let named = client_config(creds, webpki.clone())?;
         let unnamed = client_config(creds, Arc::new(ChainOnly(webpki)))?;
         Ok(TlsClient {
-            named: tokio_rustls::TlsConnector::from(Arc::new(named)),
-            unnamed: tokio_rustls::TlsConnector::from(Arc::new(unnamed)),
+            named: Arc::new(named),
+            unnamed: Arc::new(unnamed),
             authz,
         })
     }
@@ -400,7 +412,7 @@ impl TlsClient {
         &self,
         host: Option<&str>,
         stream: S,
-    ) -> Result<(client::TlsStream<S>, String), TlsError>
+    ) -> Result<(TlsStream<S>, String), TlsError>
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
@@ -420,14 +432,19 @@ impl TlsClient {
                 ServerName::try_from("localhost").expect("a valid name"),
             ),
         };
-        let tls = connector.connect(name, stream).await.map_err(|e| {
+        let failed = |e: Box<dyn StdError + Send + Sync>| {
             TlsError::new(
                 TlsErrorKind::Handshake,
                 "TLS handshake with the server failed",
             )
             .with_source(e)
-        })?;
-        let dn = peer_dn(tls.get_ref().1.peer_certificates())?;
+        };
+        let conn = rustls::client::UnbufferedClientConnection::new(connector.clone(), name)
+            .map_err(|e| failed(e.into()))?;
+        let (tls, certs) = handshake::run(conn, stream)
+            .await
+            .map_err(|e| failed(e.into()))?;
+        let dn = peer_dn(Some(&certs))?;
         self.authz.check(&dn, "server")?;
         Ok((tls, dn))
     }
@@ -450,8 +467,7 @@ impl fmt::Debug for TlsClient {
 }
 
 /// A client's stream to a control socket: plain, or TLS on it.
-pub type ClientStream =
-    tokio_util::either::Either<crate::Stream, Box<client::TlsStream<crate::Stream>>>;
+pub type ClientStream = tokio_util::either::Either<crate::Stream, Box<TlsStream<crate::Stream>>>;
 
 /// Connects to `addr`, with TLS on a TCP address when `tls` is given (the host checked
 /// against the server's certificate); a unix socket stays plain, as its file mode protects it.
@@ -475,13 +491,17 @@ fn client_config(
     verifier: Arc<dyn ServerCertVerifier>,
 ) -> Result<rustls::ClientConfig, TlsError> {
     let id = creds.identity("client")?.clone();
-    rustls::ClientConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
+    let mut config = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| config_error(e, "TLS versions"))?
         .dangerous()
         .with_custom_certificate_verifier(verifier)
         .with_client_auth_cert(id.chain, id.key)
-        .map_err(|e| config_error(e, "client-cert.pem and client-key.pem do not match"))
+        .map_err(|e| config_error(e, "client-cert.pem and client-key.pem do not match"))?;
+    config.enable_secret_extraction = true;
+    // No resumption: every connection checks the server's certificate again.
+    config.resumption = rustls::client::Resumption::disabled();
+    Ok(config)
 }
 
 /// Checks the chain (and the validity dates, the key usage) but not the name: a unix socket
