@@ -21,6 +21,8 @@ use std::time::Duration;
 use libfuzzer_sys::fuzz_target;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+// Only the runtime helper is used here.
+#[allow(dead_code)]
 #[path = "common/duplex.rs"]
 mod duplex;
 
