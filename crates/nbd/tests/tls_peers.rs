@@ -304,7 +304,7 @@ async fn tls_links_use_aes_128_gcm_whatever_the_client_lists_first() {
         (TLS13_AES_128_GCM_SHA256, TLS13_AES_128_GCM_SHA256)
     );
 
-    let provider = rustls::crypto::ring::default_provider();
+    let provider = rustls::crypto::aws_lc_rs::default_provider();
     assert_eq!(
         provider.cipher_suites[0].suite(),
         TLS13_AES_256_GCM_SHA384,

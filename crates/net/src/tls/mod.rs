@@ -277,12 +277,12 @@ impl Authz {
     }
 }
 
-/// The ring provider with TLS 1.3's AES-128-GCM first. Encrypting and decrypting the payload is
+/// The aws-lc-rs provider with TLS 1.3's AES-128-GCM first. Encrypting and decrypting the payload is
 /// the largest part of what TLS costs the replica link, and AES-128 takes 10 rounds where
 /// AES-256 takes 14; AES-128-GCM is TLS 1.3's mandatory suite, so every peer (gnutls in QEMU,
-/// qemu-nbd, nbdkit; OpenSSL) has it. Every other suite stays offered, in ring's order.
+/// qemu-nbd, nbdkit; OpenSSL) has it. Every other suite stays offered, in the provider's order.
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    let mut p = rustls::crypto::ring::default_provider();
+    let mut p = rustls::crypto::aws_lc_rs::default_provider();
     p.cipher_suites
         .sort_by_key(|s| s.suite() != rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
     Arc::new(p)

@@ -1,14 +1,17 @@
-//! TLS 1.3's record layer after the handshake: our own, on ring's AEAD, with rustls keeping the
+//! TLS 1.3's record layer after the handshake: our own, on aws-lc's AEAD, with rustls keeping the
 //! keys (its kernel-connection API, made for kTLS).
 //!
 //! Why not rustls's buffered stream: on the replica link it copied every byte twice more than
 //! the cipher needs (into a record vector on the way out; into a plaintext vector and out again
-//! on the way in) and read the socket 4 KiB at a time. Here a record is sealed where it will be
-//! sent from and opened where it was read into, and the socket is read and written in chunks of
-//! up to 256 KiB. What remains over a plain socket is the cipher and one cache-hot copy per end.
+//! on the way in) and read the socket 4 KiB at a time. Here a record is sealed from the
+//! caller's buffer straight into the buffer it is sent from (aws-lc seals out of place, the
+//! content type byte included), and opened in place where it was read; the socket is read and
+//! written in chunks of up to 256 KiB. What remains over a plain socket is the cipher and, on
+//! the way in, one cache-hot copy. A record gathered from several pieces (a vectored header and
+//! payload) is copied together first and sealed in place.
 //!
 //! ```text
-//!  poll_write(plain) --copy, seal in place--> tx: [hdr|ciphertext|tag][hdr|...]  --write--> io
+//!  poll_write(plain) --seal out of place--> tx: [hdr|ciphertext|tag][hdr|...]  --write--> io
 //!  io --read up to 256 KiB--> rx: [hdr|ciphertext|tag][hdr|ciph... (partial)
 //!                                      `--open in place--> plaintext --copy--> poll_read(out)
 //! ```
@@ -24,7 +27,7 @@ use std::ops::Range;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
-use ring::aead::{
+use aws_lc_rs::aead::{
     AES_128_GCM, AES_256_GCM, Aad, CHACHA20_POLY1305, LessSafeKey, Nonce, UnboundKey,
 };
 use rustls::client::ClientConnectionData;
@@ -141,9 +144,11 @@ pub struct TlsStream<S> {
     io: S,
     keys: Keys,
     tx: Direction,
-    /// Sealed records not yet taken by the socket: `tx_buf[tx_pos..]`.
+    /// Sealed records not yet taken by the socket: `tx_buf[tx_pos..tx_end]`. The buffer keeps
+    /// its length (zeroed once) so that records are sealed into it without zeroing it again.
     tx_buf: Vec<u8>,
     tx_pos: usize,
+    tx_end: usize,
     /// The peer asked for our KeyUpdate; it goes before our next record.
     owe_key_update: bool,
     /// Our records under one key before we change it: the suite's confidentiality limit.
@@ -187,6 +192,7 @@ impl<S> TlsStream<S> {
             keys,
             tx_buf: Vec::new(),
             tx_pos: 0,
+            tx_end: 0,
             owe_key_update: false,
             key_update_after,
             closed_tx: false,
@@ -228,53 +234,107 @@ impl<S> TlsStream<S> {
     /// Queues bytes for the socket as they are, outside any record.
     #[doc(hidden)]
     pub fn queue_raw_bytes(&mut self, bytes: &[u8]) {
-        self.tx_buf.extend_from_slice(bytes);
+        let at = self.reserve_tx(bytes.len());
+        self.tx_buf[at..at + bytes.len()].copy_from_slice(bytes);
+    }
+
+    /// Room for `n` more bytes after `tx_end`: moves what is pending to the front or grows the
+    /// buffer. Returns where the `n` bytes go.
+    fn reserve_tx(&mut self, n: usize) -> usize {
+        if self.tx_end + n > self.tx_buf.len() {
+            self.tx_buf.copy_within(self.tx_pos..self.tx_end, 0);
+            self.tx_end -= self.tx_pos;
+            self.tx_pos = 0;
+            if self.tx_end + n > self.tx_buf.len() {
+                let len = (self.tx_end + n).max(2 * self.tx_buf.len());
+                self.tx_buf.resize(len.min(self.tx_end + n + CHUNK), 0);
+            }
+        }
+        let at = self.tx_end;
+        self.tx_end += n;
+        at
     }
 
     /// Appends one record of content type `typ` holding the concatenation of `parts`, at most
     /// `MAX_PLAIN` bytes; returns how many bytes it took.
     fn seal(&mut self, typ: u8, parts: &[&[u8]]) -> io::Result<usize> {
-        let start = self.tx_buf.len();
-        self.tx_buf
-            .extend_from_slice(&[APPLICATION_DATA, 3, 3, 0, 0]);
-        let mut taken = 0;
-        for p in parts {
-            let n = p.len().min(MAX_PLAIN - taken);
-            self.tx_buf.extend_from_slice(&p[..n]);
-            taken += n;
+        let taken = parts.iter().map(|p| p.len()).sum::<usize>().min(MAX_PLAIN);
+        if let [one] = parts {
+            // One piece: sealed from where it is into the record, no copy first.
+            self.seal_from(typ, &one[..taken])?;
+            return Ok(taken);
         }
-        self.tx_buf.push(typ);
-        self.finish_record(start)?;
+        let start = self.reserve_tx(HEADER + taken + 1 + TAG);
+        let mut at = start + HEADER;
+        let mut left = taken;
+        for p in parts {
+            let n = p.len().min(left);
+            self.tx_buf[at..at + n].copy_from_slice(&p[..n]);
+            at += n;
+            left -= n;
+        }
+        self.tx_buf[at] = typ;
+        self.seal_at(start, taken + 1)?;
         Ok(taken)
     }
 
     /// A record laid out as `TLSInnerPlaintext` allows: `parts[0]` (the content), the content
     /// type, then `parts[1]` (zero padding).
     fn seal_typed(&mut self, typ: u8, parts: &[&[u8]; 2]) -> io::Result<()> {
-        let start = self.tx_buf.len();
-        self.tx_buf
-            .extend_from_slice(&[APPLICATION_DATA, 3, 3, 0, 0]);
         let n = parts[0].len().min(MAX_PLAIN);
-        self.tx_buf.extend_from_slice(&parts[0][..n]);
-        self.tx_buf.push(typ);
-        self.tx_buf.extend_from_slice(parts[1]);
-        self.finish_record(start)
+        let pad = parts[1].len();
+        let start = self.reserve_tx(HEADER + n + 1 + pad + TAG);
+        let body = start + HEADER;
+        self.tx_buf[body..body + n].copy_from_slice(&parts[0][..n]);
+        self.tx_buf[body + n] = typ;
+        self.tx_buf[body + n + 1..body + n + 1 + pad].copy_from_slice(parts[1]);
+        self.seal_at(start, n + 1 + pad)
     }
 
-    /// Seals the record that starts at `start` in `tx_buf`: its header's length, then the
-    /// ciphertext in place and the tag after it.
-    fn finish_record(&mut self, start: usize) -> io::Result<()> {
-        let len = self.tx_buf.len() - start - HEADER + TAG;
-        self.tx_buf[start + 3..start + HEADER].copy_from_slice(&(len as u16).to_be_bytes());
-        let aad = Aad::from(
-            <[u8; HEADER]>::try_from(&self.tx_buf[start..start + HEADER]).expect("5 bytes"),
-        );
+    fn header(len: usize) -> [u8; HEADER] {
+        let [hi, lo] = (len as u16).to_be_bytes();
+        [APPLICATION_DATA, 3, 3, hi, lo]
+    }
+
+    /// Seals the `plain` bytes after the header at `start` in place, the tag after them (the
+    /// caller reserved the whole record).
+    fn seal_at(&mut self, start: usize, plain: usize) -> io::Result<()> {
+        let header = Self::header(plain + TAG);
+        self.tx_buf[start..start + HEADER].copy_from_slice(&header);
+        let tag_at = start + HEADER + plain;
         let tag = self
             .tx
             .key
-            .seal_in_place_separate_tag(self.tx.nonce(), aad, &mut self.tx_buf[start + HEADER..])
+            .seal_in_place_separate_tag(
+                self.tx.nonce(),
+                Aad::from(header),
+                &mut self.tx_buf[start + HEADER..tag_at],
+            )
             .map_err(|_| protocol("sealing a TLS record failed"))?;
-        self.tx_buf.extend_from_slice(tag.as_ref());
+        self.tx_buf[tag_at..tag_at + TAG].copy_from_slice(tag.as_ref());
+        self.tx.seq += 1;
+        Ok(())
+    }
+
+    /// Seals `content` and the content type `typ` from where they are into a new record.
+    fn seal_from(&mut self, typ: u8, content: &[u8]) -> io::Result<()> {
+        let n = content.len();
+        let header = Self::header(n + 1 + TAG);
+        let start = self.reserve_tx(HEADER + n + 1 + TAG);
+        self.tx_buf[start..start + HEADER].copy_from_slice(&header);
+        let (body, rest) =
+            self.tx_buf[start + HEADER..start + HEADER + n + 1 + TAG].split_at_mut(n);
+        self.tx
+            .key
+            .seal_out_of_place_scatter(
+                self.tx.nonce(),
+                Aad::from(header),
+                content,
+                body,
+                &[typ],
+                rest,
+            )
+            .map_err(|_| protocol("sealing a TLS record failed"))?;
         self.tx.seq += 1;
         Ok(())
     }
@@ -461,19 +521,18 @@ impl<S> TlsStream<S> {
 impl<S: AsyncWrite + Unpin> TlsStream<S> {
     /// Writes sealed records until at most `keep` bytes of them wait.
     fn poll_drain(&mut self, cx: &mut Context<'_>, keep: usize) -> Poll<io::Result<()>> {
-        while self.tx_buf.len() - self.tx_pos > keep {
-            let n = ready!(Pin::new(&mut self.io).poll_write(cx, &self.tx_buf[self.tx_pos..]))?;
+        while self.tx_end - self.tx_pos > keep {
+            let n = ready!(
+                Pin::new(&mut self.io).poll_write(cx, &self.tx_buf[self.tx_pos..self.tx_end])
+            )?;
             if n == 0 {
                 return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
             }
             self.tx_pos += n;
         }
-        if self.tx_pos == self.tx_buf.len() {
-            self.tx_buf.clear();
+        if self.tx_pos == self.tx_end {
             self.tx_pos = 0;
-        } else if self.tx_pos >= CHUNK / 2 {
-            self.tx_buf.drain(..self.tx_pos);
-            self.tx_pos = 0;
+            self.tx_end = 0;
         }
         Poll::Ready(Ok(()))
     }
@@ -494,7 +553,7 @@ impl<S: AsyncWrite + Unpin> TlsStream<S> {
                 "write after the TLS stream was shut down",
             )));
         }
-        let room = CHUNK - (self.tx_buf.len() - self.tx_pos);
+        let room = CHUNK - (self.tx_end - self.tx_pos);
         let n = self.seal_data(bufs, room)?;
         // Start sending now; what the socket does not take waits for the next write or flush.
         if let Poll::Ready(Err(e)) = self.poll_drain(cx, 0) {
