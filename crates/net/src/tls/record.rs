@@ -381,12 +381,13 @@ impl<S> TlsStream<S> {
         Ok(total)
     }
 
-    /// Opens the next complete record in `rx_buf`, if there is one. `Ok(false)`: more bytes are
-    /// needed.
-    fn open_next(&mut self) -> io::Result<bool> {
+    /// Opens the next complete record in `rx_buf`, if there is one: application data straight
+    /// into `out` when it has room for the whole record (one pass, no copy after), else in
+    /// place into `plain`. `Ok(None)`: more bytes are needed.
+    fn open_next(&mut self, out: &mut ReadBuf<'_>) -> io::Result<Option<usize>> {
         let avail = &self.rx_buf[self.rx_start..self.rx_end];
         if avail.len() < HEADER {
-            return Ok(false);
+            return Ok(None);
         }
         let header: [u8; HEADER] = avail[..HEADER].try_into().expect("5 bytes");
         let len = u16::from_be_bytes([header[3], header[4]]) as usize;
@@ -402,51 +403,66 @@ impl<S> TlsStream<S> {
             )));
         }
         if avail.len() < HEADER + len {
-            return Ok(false);
+            return Ok(None);
         }
         let body = self.rx_start + HEADER;
+        let sealed = len - TAG;
         self.rx_start = body + len;
+        let nonce = self.rx.nonce();
+        self.rx.seq += 1;
+        let bad_mac = |_| protocol("a TLS record failed authentication (bad_record_mac)");
+        if out.remaining() >= sealed {
+            // The content type and padding land in `out` too, past what is handed over.
+            let dst = &mut out.initialize_unfilled_to(sealed)[..sealed];
+            let (ciphertext, tag) = self.rx_buf[body..body + len].split_at(sealed);
+            self.rx
+                .key
+                .open_separate_gather(nonce, Aad::from(header), ciphertext, tag, dst)
+                .map_err(bad_mac)?;
+            let (typ, end) = content_type(dst)?;
+            if typ == APPLICATION_DATA {
+                out.advance(end);
+                return Ok(Some(end));
+            }
+            let content = dst[..end].to_vec();
+            self.control(typ, &content)?;
+            return Ok(Some(0));
+        }
         let opened = self
             .rx
             .key
-            .open_in_place(
-                self.rx.nonce(),
-                Aad::from(header),
-                &mut self.rx_buf[body..body + len],
-            )
-            .map_err(|_| protocol("a TLS record failed authentication (bad_record_mac)"))?;
-        self.rx.seq += 1;
-        // The content type is the last non-zero byte; zeroes after it are padding (5.4).
-        let Some(end) = opened.iter().rposition(|&b| b != 0) else {
-            return Err(protocol("a TLS record without a content type"));
-        };
-        let typ = opened[end];
-        let content = body..body + end;
+            .open_in_place(nonce, Aad::from(header), &mut self.rx_buf[body..body + len])
+            .map_err(bad_mac)?;
+        let (typ, end) = content_type(opened)?;
+        if typ == APPLICATION_DATA {
+            self.plain = body..body + end;
+        } else {
+            let content = self.rx_buf[body..body + end].to_vec();
+            self.control(typ, &content)?;
+        }
+        Ok(Some(0))
+    }
+
+    /// A record that is not application data: an alert or post-handshake messages.
+    fn control(&mut self, typ: u8, content: &[u8]) -> io::Result<()> {
         match typ {
-            APPLICATION_DATA if end > MAX_PLAIN => Err(protocol(format!(
-                "a TLS record of {end} bytes of plaintext (record_overflow)"
-            ))),
-            APPLICATION_DATA => {
-                self.plain = content;
-                Ok(true)
-            }
             ALERT => self.alert(content),
             HANDSHAKE => self.handshake_message(content),
             t => Err(protocol(format!("a TLS record of inner content type {t}"))),
         }
     }
 
-    fn alert(&mut self, content: Range<usize>) -> io::Result<bool> {
-        let [_level, desc] = self.rx_buf[content] else {
+    fn alert(&mut self, content: &[u8]) -> io::Result<()> {
+        let [_level, desc] = *content else {
             return Err(protocol("a malformed TLS alert"));
         };
         match AlertDescription::from(desc) {
             AlertDescription::CloseNotify => {
                 self.peer_closed = true;
-                Ok(true)
+                Ok(())
             }
             // A warning that a close_notify follows (6.1).
-            AlertDescription::UserCanceled => Ok(true),
+            AlertDescription::UserCanceled => Ok(()),
             d => Err(io::Error::new(
                 io::ErrorKind::ConnectionAborted,
                 format!("the TLS peer sent a fatal alert: {d:?}"),
@@ -455,12 +471,11 @@ impl<S> TlsStream<S> {
     }
 
     /// Post-handshake messages; one may span records.
-    fn handshake_message(&mut self, content: Range<usize>) -> io::Result<bool> {
+    fn handshake_message(&mut self, content: &[u8]) -> io::Result<()> {
         if self.partial_handshake.len() + content.len() > MAX_HANDSHAKE + 4 {
             return Err(protocol("a post-handshake TLS message over 64 KiB"));
         }
-        self.partial_handshake
-            .extend_from_slice(&self.rx_buf[content]);
+        self.partial_handshake.extend_from_slice(content);
         let msgs = std::mem::take(&mut self.partial_handshake);
         let mut rest = &msgs[..];
         while let [typ, a, b, c, body @ ..] = rest {
@@ -494,7 +509,7 @@ impl<S> TlsStream<S> {
             rest = next;
         }
         self.partial_handshake = rest.to_vec();
-        Ok(true)
+        Ok(())
     }
 
     /// Makes room after `rx_end` for a read, moving a partial record to the front or growing
@@ -585,8 +600,13 @@ impl<S: AsyncRead + Unpin> AsyncRead for TlsStream<S> {
                     out.put_slice(&this.rx_buf[this.plain.start..this.plain.start + n]);
                     this.plain.start += n;
                     copied = true;
-                } else if this.peer_closed || !this.open_next()? {
+                } else if this.peer_closed {
                     break;
+                } else {
+                    match this.open_next(out)? {
+                        None => break,
+                        Some(n) => copied |= n > 0,
+                    }
                 }
             }
             if copied || out.remaining() == 0 || this.peer_closed {
@@ -647,6 +667,20 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for TlsStream<S> {
         ready!(this.poll_drain(cx, 0))?;
         Pin::new(&mut this.io).poll_shutdown(cx)
     }
+}
+
+/// The content type of an opened `TLSInnerPlaintext` and where its content ends: the type is
+/// the last non-zero byte, the zeroes after it padding (RFC 8446 5.4).
+fn content_type(opened: &[u8]) -> io::Result<(u8, usize)> {
+    let Some(end) = opened.iter().rposition(|&b| b != 0) else {
+        return Err(protocol("a TLS record without a content type"));
+    };
+    if end > MAX_PLAIN {
+        return Err(protocol(format!(
+            "a TLS record of {end} bytes of plaintext (record_overflow)"
+        )));
+    }
+    Ok((opened[end], end))
 }
 
 fn protocol(what: impl Into<String>) -> io::Error {
