@@ -9,7 +9,7 @@
 #     by bench/nbd-write.py (libnbd; fio's nbd engine cannot present a client certificate: libnbd
 #     refuses it the URI's tls-certificates=DIR); throughput and server CPU per MiB.
 #
-#   bench/tls.sh [SECONDS] [ROUNDS]        (default 5 s per cell, 3 rounds)
+#   [RAW=FILE] bench/tls.sh [SECONDS] [ROUNDS]        (default 5 s per cell, 3 rounds)
 #
 # The certificates are made with the openssl commands of the README (so they are checked too).
 set -euo pipefail
@@ -98,11 +98,13 @@ for round in $(seq "$ROUNDS"); do
             # CPU, so that forwarding what fio wrote is counted whether or not it had left yet.
             case $cell in async-*) "$BIN" ctl --control "unix:$W/$cell-p.qmp" checkpoint >/dev/null ;; esac
             s1=$(cpu_secs "$srv") c1=$([ -n "$sec" ] && cpu_secs "$sec" || echo 0)
-            echo "$name|$cell|$iops|$bw|$(awk "BEGIN{print $s1 - $s0}")|$(awk "BEGIN{print $c1 - $c0}")" >>"$RESULTS"
+            echo "$name|$cell|$iops|$bw|$(awk "BEGIN{print $s1 - $s0}")|$(awk "BEGIN{print $c1 - $c0}")|$round" >>"$RESULTS"
         done
     done
     echo "round $round of $ROUNDS done" >&2
 done
+# RAW=FILE keeps every cell's figures (name|cell|iops|MiB/s|primary s|secondary s|round).
+[ -z "${RAW:-}" ] || cp "$RESULTS" "$RAW"
 python3 - "$RESULTS" "$SECS" <<'PY'
 import statistics, sys
 lines = [l.rstrip("\n").split("|") for l in open(sys.argv[1])]
@@ -117,13 +119,23 @@ unit = lambda row: "MiB/s" if row.startswith("1M") else "IOPS"
 cpu = lambda row, cell: med(row, cell, lambda l: (float(l[4]) + float(l[5])) / (float(l[3]) * secs)) * 1000
 print("Replica link, fio through a coloblk primary to a coloblk serve secondary over unix:")
 print()
-print("| workload | mode | plain | TLS | TLS/plain | CPU ms/MiB plain | CPU ms/MiB TLS | CPU +% |")
-print("|---|---|---|---|---|---|---|---|")
+# The plain and TLS cells of one round run back to back: the median of the per-round ratios
+# cancels the machine's drift between rounds, which the ratio of the medians does not.
+def per_mib(l):
+    return (float(l[4]) + float(l[5])) / (float(l[3]) * secs) * 1000
+def paired(row, mode):
+    by = {(l[1], l[6]): per_mib(l) for l in lines if l[0] == row}
+    rs = [by[(f"{mode}-tls", r)] / by[(f"{mode}-plain", r)] - 1
+          for (c, r) in by if c == f"{mode}-plain" and (f"{mode}-tls", r) in by]
+    return statistics.median(rs), min(rs), max(rs)
+print("| workload | mode | plain | TLS | TLS/plain | CPU ms/MiB plain | CPU ms/MiB TLS | CPU +% | CPU +% per round: median (min..max) |")
+print("|---|---|---|---|---|---|---|---|---|")
 for row in rows:
     for mode in ("async", "sync"):
         p, t = rate(row, f"{mode}-plain"), rate(row, f"{mode}-tls")
         cp, ct = cpu(row, f"{mode}-plain"), cpu(row, f"{mode}-tls")
-        print(f"| {row} | {mode} | {p:,.0f} {unit(row)} | {t:,.0f} {unit(row)} | {t / p:.0%} | {cp:.1f} | {ct:.1f} | {ct / cp - 1:+.0%} |")
+        m, lo, hi = paired(row, mode)
+        print(f"| {row} | {mode} | {p:,.0f} {unit(row)} | {t:,.0f} {unit(row)} | {t / p:.0%} | {cp:.1f} | {ct:.1f} | {ct / cp - 1:+.0%} | {m:+.0%} ({lo:+.0%}..{hi:+.0%}) |")
 print()
 print("NBD server over TCP on localhost, bench/nbd-write.py (libnbd, python: the client is the limit at 4 KiB), plain and TLS:")
 print()

@@ -45,6 +45,8 @@ const TAG: usize = 16;
 /// Ciphertext held for the socket before a writer waits; also the most read in one call. One
 /// large write or read per 16 records keeps the system calls off the profile.
 const CHUNK: usize = 256 * 1024;
+/// The send buffer grows to this at most: `CHUNK` waiting, plus the records one write seals.
+const TX_MAX: usize = CHUNK + 2 * (HEADER + MAX_CIPHERTEXT);
 /// The receive buffer starts at one record and doubles to `CHUNK` while reads fill it.
 const RX_MIN: usize = HEADER + MAX_CIPHERTEXT;
 /// Handshake messages after the handshake (tickets, KeyUpdate) held while they arrive in
@@ -246,8 +248,9 @@ impl<S> TlsStream<S> {
             self.tx_end -= self.tx_pos;
             self.tx_pos = 0;
             if self.tx_end + n > self.tx_buf.len() {
-                let len = (self.tx_end + n).max(2 * self.tx_buf.len());
-                self.tx_buf.resize(len.min(self.tx_end + n + CHUNK), 0);
+                let need = self.tx_end + n;
+                let len = (2 * self.tx_buf.len()).clamp(need, TX_MAX.max(need));
+                self.tx_buf.resize(len, 0);
             }
         }
         let at = self.tx_end;
