@@ -5,15 +5,16 @@
 //! the cipher needs (into a record vector on the way out; into a plaintext vector and out again
 //! on the way in) and read the socket 4 KiB at a time. Here a record is sealed from the
 //! caller's buffer straight into the buffer it is sent from (aws-lc seals out of place, the
-//! content type byte included), and opened in place where it was read; the socket is read and
-//! written in chunks of up to 256 KiB. What remains over a plain socket is the cipher and, on
-//! the way in, one cache-hot copy. A record gathered from several pieces (a vectored header and
-//! payload) is copied together first and sealed in place.
+//! content type byte included), and opened straight into the reader's buffer when it has room
+//! for the record (else in place where it was read, then copied); the socket is read and
+//! written in chunks of up to 256 KiB. What remains over a plain socket is the cipher. A record
+//! gathered from several pieces (a vectored header and payload) is copied together first and
+//! sealed in place.
 //!
 //! ```text
 //!  poll_write(plain) --seal out of place--> tx: [hdr|ciphertext|tag][hdr|...]  --write--> io
 //!  io --read up to 256 KiB--> rx: [hdr|ciphertext|tag][hdr|ciph... (partial)
-//!                                      `--open in place--> plaintext --copy--> poll_read(out)
+//!                                      `--open into poll_read(out) (or in place, then copy)
 //! ```
 //!
 //! Post-handshake messages: a KeyUpdate from the peer changes the read key (and, when it asks,
@@ -213,11 +214,6 @@ impl<S> TlsStream<S> {
         self.keys.suite().suite()
     }
 
-    /// The socket under the TLS.
-    pub fn get_ref(&self) -> &S {
-        &self.io
-    }
-
     /// Changes our key after this many records instead of at the suite's limit, so that tests
     /// can see key updates happen.
     #[doc(hidden)]
@@ -229,8 +225,8 @@ impl<S> TlsStream<S> {
     /// zeroes, as a peer that sends whatever it likes would: the fuzz target's other end.
     #[doc(hidden)]
     pub fn queue_raw_record(&mut self, typ: u8, payload: &[u8], padding: usize) -> io::Result<()> {
-        let pad = vec![0; padding.min(MAX_PLAIN - payload.len().min(MAX_PLAIN))];
-        self.seal_typed(typ, &[payload, &pad[..]])
+        let padding = padding.min(MAX_PLAIN - payload.len().min(MAX_PLAIN));
+        self.seal_copied(typ, &[payload], padding).map(drop)
     }
 
     /// Queues bytes for the socket as they are, outside any record.
@@ -261,13 +257,21 @@ impl<S> TlsStream<S> {
     /// Appends one record of content type `typ` holding the concatenation of `parts`, at most
     /// `MAX_PLAIN` bytes; returns how many bytes it took.
     fn seal(&mut self, typ: u8, parts: &[&[u8]]) -> io::Result<usize> {
-        let taken = parts.iter().map(|p| p.len()).sum::<usize>().min(MAX_PLAIN);
         if let [one] = parts {
             // One piece: sealed from where it is into the record, no copy first.
+            let taken = one.len().min(MAX_PLAIN);
             self.seal_from(typ, &one[..taken])?;
             return Ok(taken);
         }
-        let start = self.reserve_tx(HEADER + taken + 1 + TAG);
+        self.seal_copied(typ, parts, 0)
+    }
+
+    /// A record laid out as `TLSInnerPlaintext` allows, gathered into the send buffer and
+    /// sealed there: the concatenation of `parts` (at most `MAX_PLAIN`), the content type, then
+    /// `padding` zeroes. Returns how many bytes of `parts` it took.
+    fn seal_copied(&mut self, typ: u8, parts: &[&[u8]], padding: usize) -> io::Result<usize> {
+        let taken = parts.iter().map(|p| p.len()).sum::<usize>().min(MAX_PLAIN);
+        let start = self.reserve_tx(HEADER + taken + 1 + padding + TAG);
         let mut at = start + HEADER;
         let mut left = taken;
         for p in parts {
@@ -277,21 +281,9 @@ impl<S> TlsStream<S> {
             left -= n;
         }
         self.tx_buf[at] = typ;
-        self.seal_at(start, taken + 1)?;
+        self.tx_buf[at + 1..at + 1 + padding].fill(0);
+        self.seal_at(start, taken + 1 + padding)?;
         Ok(taken)
-    }
-
-    /// A record laid out as `TLSInnerPlaintext` allows: `parts[0]` (the content), the content
-    /// type, then `parts[1]` (zero padding).
-    fn seal_typed(&mut self, typ: u8, parts: &[&[u8]; 2]) -> io::Result<()> {
-        let n = parts[0].len().min(MAX_PLAIN);
-        let pad = parts[1].len();
-        let start = self.reserve_tx(HEADER + n + 1 + pad + TAG);
-        let body = start + HEADER;
-        self.tx_buf[body..body + n].copy_from_slice(&parts[0][..n]);
-        self.tx_buf[body + n] = typ;
-        self.tx_buf[body + n + 1..body + n + 1 + pad].copy_from_slice(parts[1]);
-        self.seal_at(start, n + 1 + pad)
     }
 
     fn header(len: usize) -> [u8; HEADER] {
@@ -376,7 +368,7 @@ impl<S> TlsStream<S> {
                 break;
             }
             self.key_update_if_due()?;
-            // `parts` borrows `bufs`, not `self`; seal copies them into the record.
+            // `parts` borrows `bufs`, not `self`.
             let taken = self.seal(APPLICATION_DATA, &parts)?;
             debug_assert_eq!(taken, n);
             total += n;
