@@ -12,7 +12,7 @@
 //! ([`tls`]: credentials, mutual x509 authentication, the peer's name) sits here, between the
 //! accepted stream and the protocol.
 
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod accept;

@@ -33,6 +33,8 @@ use rustls::{CertificateError, DigitallySignedStruct, RootCertStore, SignatureSc
 use tokio::io::{AsyncRead, AsyncWrite};
 
 mod handshake;
+#[allow(unsafe_code)]
+mod open;
 mod record;
 
 pub use record::TlsStream;

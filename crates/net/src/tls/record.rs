@@ -6,7 +6,8 @@
 //! on the way in) and read the socket 4 KiB at a time. Here a record is sealed from the
 //! caller's buffer straight into the buffer it is sent from (aws-lc seals out of place, the
 //! content type byte included), and opened straight into the reader's buffer when it has room
-//! for the record (else in place where it was read, then copied); the socket is read and
+//! for the record, uninitialised or not ([`super::open`]; else in place where it was read, then
+//! copied); the socket is read and
 //! written in chunks of up to 256 KiB. What remains over a plain socket is the cipher. A record
 //! gathered from several pieces (a vectored header and payload) is copied together first and
 //! sealed in place.
@@ -37,12 +38,13 @@ use rustls::server::ServerConnectionData;
 use rustls::{AlertDescription, ConnectionTrafficSecrets, ExtractedSecrets, SupportedCipherSuite};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+use super::open::{Aead, NONCE, OpeningKey, TAG};
+
 /// The most plaintext a record carries (RFC 8446 5.1).
 const MAX_PLAIN: usize = 1 << 14;
 /// The largest ciphertext a peer may send: plaintext, content type, padding and tag (5.2).
 const MAX_CIPHERTEXT: usize = MAX_PLAIN + 256;
 const HEADER: usize = 5;
-const TAG: usize = 16;
 /// Ciphertext held for the socket before a writer waits; also the most read in one call. One
 /// large write or read per 16 records keeps the system calls off the profile.
 const CHUNK: usize = 256 * 1024;
@@ -60,45 +62,72 @@ const HANDSHAKE: u8 = 22;
 const KEY_UPDATE: u8 = 24;
 const NEW_SESSION_TICKET: u8 = 4;
 
-/// One direction's key, IV and record sequence number.
-struct Direction {
-    key: LessSafeKey,
-    iv: [u8; 12],
+/// One direction's key, IV and record sequence number: aws-lc-rs's key for sealing, ours for
+/// opening (it opens into memory the reader has not initialised, see [`super::open`]).
+struct Direction<K> {
+    key: K,
+    iv: [u8; NONCE],
     seq: u64,
 }
 
-impl Direction {
-    fn new((seq, secrets): (u64, ConnectionTrafficSecrets)) -> io::Result<Direction> {
-        let (alg, key, iv) = match &secrets {
-            ConnectionTrafficSecrets::Aes128Gcm { key, iv } => (&AES_128_GCM, key, iv),
-            ConnectionTrafficSecrets::Aes256Gcm { key, iv } => (&AES_256_GCM, key, iv),
-            ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv } => (&CHACHA20_POLY1305, key, iv),
+/// A key made from a traffic secret.
+trait RecordKey: Sized {
+    fn new(aead: Aead, key: &[u8]) -> Option<Self>;
+}
+
+impl RecordKey for LessSafeKey {
+    fn new(aead: Aead, key: &[u8]) -> Option<Self> {
+        let alg = match aead {
+            Aead::Aes128Gcm => &AES_128_GCM,
+            Aead::Aes256Gcm => &AES_256_GCM,
+            Aead::Chacha20Poly1305 => &CHACHA20_POLY1305,
+        };
+        UnboundKey::new(alg, key).ok().map(LessSafeKey::new)
+    }
+}
+
+impl RecordKey for OpeningKey {
+    fn new(aead: Aead, key: &[u8]) -> Option<Self> {
+        OpeningKey::new(aead, key)
+    }
+}
+
+impl<K: RecordKey> Direction<K> {
+    fn new((seq, secrets): (u64, ConnectionTrafficSecrets)) -> io::Result<Direction<K>> {
+        let (aead, key, iv) = match &secrets {
+            ConnectionTrafficSecrets::Aes128Gcm { key, iv } => (Aead::Aes128Gcm, key, iv),
+            ConnectionTrafficSecrets::Aes256Gcm { key, iv } => (Aead::Aes256Gcm, key, iv),
+            ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv } => {
+                (Aead::Chacha20Poly1305, key, iv)
+            }
             _ => {
                 return Err(protocol(
                     "the negotiated cipher suite has no record layer here",
                 ));
             }
         };
-        let key = UnboundKey::new(alg, key.as_ref())
-            .map_err(|_| protocol("the negotiated traffic key does not fit its cipher"))?;
+        let key = K::new(aead, key.as_ref())
+            .ok_or_else(|| protocol("the negotiated traffic key does not fit its cipher"))?;
         let iv = iv
             .as_ref()
             .try_into()
             .map_err(|_| protocol("the negotiated IV is not 12 bytes"))?;
-        Ok(Direction {
-            key: LessSafeKey::new(key),
-            iv,
-            seq,
-        })
+        Ok(Direction { key, iv, seq })
     }
 
     /// The per-record nonce: the IV with the sequence number xored into its last 8 bytes (5.3).
-    fn nonce(&self) -> Nonce {
+    fn nonce_bytes(&self) -> [u8; NONCE] {
         let mut n = self.iv;
         for (b, s) in n[4..].iter_mut().zip(self.seq.to_be_bytes()) {
             *b ^= s;
         }
-        Nonce::assume_unique_for_key(n)
+        n
+    }
+}
+
+impl Direction<LessSafeKey> {
+    fn nonce(&self) -> Nonce {
+        Nonce::assume_unique_for_key(self.nonce_bytes())
     }
 }
 
@@ -116,7 +145,7 @@ impl Keys {
         }
     }
 
-    fn next_tx(&mut self) -> io::Result<Direction> {
+    fn next_tx(&mut self) -> io::Result<Direction<LessSafeKey>> {
         let next = match self {
             Keys::Client(k) => k.update_tx_secret(),
             Keys::Server(k) => k.update_tx_secret(),
@@ -124,7 +153,7 @@ impl Keys {
         Direction::new(next.map_err(|e| protocol(format!("TLS key update: {e}")))?)
     }
 
-    fn next_rx(&mut self) -> io::Result<Direction> {
+    fn next_rx(&mut self) -> io::Result<Direction<OpeningKey>> {
         let next = match self {
             Keys::Client(k) => k.update_rx_secret(),
             Keys::Server(k) => k.update_rx_secret(),
@@ -146,7 +175,7 @@ impl Keys {
 pub struct TlsStream<S> {
     io: S,
     keys: Keys,
-    tx: Direction,
+    tx: Direction<LessSafeKey>,
     /// Sealed records not yet taken by the socket: `tx_buf[tx_pos..tx_end]`. The buffer keeps
     /// its length (zeroed once) so that records are sealed into it without zeroing it again.
     tx_buf: Vec<u8>,
@@ -157,7 +186,7 @@ pub struct TlsStream<S> {
     /// Our records under one key before we change it: the suite's confidentiality limit.
     key_update_after: u64,
     closed_tx: bool,
-    rx: Direction,
+    rx: Direction<OpeningKey>,
     /// Bytes read: `rx_buf[rx_start..rx_end]` is not yet opened.
     rx_buf: Vec<u8>,
     rx_start: usize,
@@ -403,16 +432,17 @@ impl<S> TlsStream<S> {
         let body = self.rx_start + HEADER;
         let sealed = len - TAG;
         self.rx_start = body + len;
-        let nonce = self.rx.nonce();
+        let nonce = self.rx.nonce_bytes();
         self.rx.seq += 1;
         let bad_mac = |_| protocol("a TLS record failed authentication (bad_record_mac)");
         if out.remaining() >= sealed {
             // The content type and padding land in `out` too, past what is handed over.
-            let dst = &mut out.initialize_unfilled_to(sealed)[..sealed];
             let (ciphertext, tag) = self.rx_buf[body..body + len].split_at(sealed);
-            self.rx
+            let tag = tag.try_into().expect("TAG bytes");
+            let dst = self
+                .rx
                 .key
-                .open_separate_gather(nonce, Aad::from(header), ciphertext, tag, dst)
+                .open_into(&nonce, &header, ciphertext, tag, out)
                 .map_err(bad_mac)?;
             let (typ, end) = content_type(dst)?;
             if typ == APPLICATION_DATA {
@@ -426,7 +456,7 @@ impl<S> TlsStream<S> {
         let opened = self
             .rx
             .key
-            .open_in_place(nonce, Aad::from(header), &mut self.rx_buf[body..body + len])
+            .open_in_place(&nonce, &header, &mut self.rx_buf[body..body + len])
             .map_err(bad_mac)?;
         let (typ, end) = content_type(opened)?;
         if typ == APPLICATION_DATA {
