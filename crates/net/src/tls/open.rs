@@ -4,8 +4,8 @@
 //! aws-lc-rs opens only into `&mut [u8]`, which must be initialised memory. The NBD server
 //! reads a write's payload into a fresh buffer's spare capacity, so opening a record there
 //! through aws-lc-rs first needs a zeroing pass over every byte (tokio's
-//! `ReadBuf::initialize_unfilled_to`), which the cipher then overwrites: about a seventh of
-//! what TLS cost a replicated 1 MiB write besides the cipher itself. Here aws-lc's
+//! `ReadBuf::initialize_unfilled_to`), which the cipher then overwrites: on the replica link,
+//! the largest cost TLS had besides the cipher (docs/BENCHMARKS.md). Here aws-lc's
 //! `EVP_AEAD_CTX_open_gather` writes the plaintext through a raw pointer instead, and the bytes
 //! count as initialised only once it has written all of them.
 

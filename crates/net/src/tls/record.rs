@@ -7,8 +7,8 @@
 //! caller's buffer straight into the buffer it is sent from (aws-lc seals out of place, the
 //! content type byte included), and opened straight into the reader's buffer when it has room
 //! for the record, uninitialised or not ([`super::open`]; else in place where it was read, then
-//! copied); the socket is read and
-//! written in chunks of up to 256 KiB. What remains over a plain socket is the cipher. A record
+//! copied); the socket is read and written in chunks of up to 256 KiB. What remains over a
+//! plain socket is the cipher. A record
 //! gathered from several pieces (a vectored header and payload) is copied together first and
 //! sealed in place.
 //!
